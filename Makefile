@@ -1,0 +1,41 @@
+# Developer entry points. `make install fit` trains the default CNN; `make test` is what CI runs.
+PYTHON ?= python3
+# Pinned for this project's CI machines; on your own machine any torch >= 2.4 with its torchvision works.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: install fit smoke test test-fast lint format tensorboard bench wheel clean
+
+install:  ## install torch, then cnntrain (editable) with the dev tools
+	$(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -e '.[dev]'
+
+fit:  ## train with the default config (add overrides with ARGS="model=resnet8 trainer.epochs=20")
+	cnntrain fit $(ARGS)
+
+smoke:  ## a tiny end-to-end run (seconds)
+	cnntrain fit experiment=smoke $(ARGS)
+
+test:  ## the whole suite, slow tests included (this is what CI runs)
+	$(PYTHON) -m pytest -q
+
+test-fast:  ## skip the slow tests
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint:  ## ruff
+	$(PYTHON) -m ruff check cnntrain tests benchmarks scripts
+
+format:
+	$(PYTHON) -m ruff format cnntrain tests benchmarks scripts
+
+tensorboard:  ## browse every run under runs/
+	tensorboard --logdir runs
+
+bench:  ## throughput benchmarks (see benchmarks/README.md)
+	$(PYTHON) benchmarks/run.py
+
+wheel:  ## build the wheel into dist/
+	$(PYTHON) -m pip wheel --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

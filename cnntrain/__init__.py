@@ -1,0 +1,3 @@
+"""cnntrain: train convolutional networks for image classification from Hydra configs."""
+
+__version__ = "0.1.0"

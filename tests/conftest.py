@@ -1,0 +1,42 @@
+"""Shared helpers: run the real `cnntrain` CLI in a subprocess, in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None):
+    """`python -m cnntrain ARGS` in cwd; returns the CompletedProcess (text mode)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "cnntrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=full_env,
+    )
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Run directories (those holding .hydra/) under root/runs, oldest first."""
+    return sorted((p.parent for p in (root / "runs").rglob(".hydra")), key=lambda p: p.stat().st_mtime)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One real `cnntrain fit experiment=smoke` run shared by the tests that only read its outputs."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    proc = run_cli(["fit", "experiment=smoke"], cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = run_dirs(cwd)
+    return run_dir
