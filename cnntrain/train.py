@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cnntrain import checkpoint as ckpt
+from cnntrain import explain, figures
 from cnntrain.augment import build_augment
 from cnntrain.config import validate
 from cnntrain.console import make_reporter
@@ -41,6 +42,7 @@ from cnntrain.logs import RunLog, write_json
 from cnntrain.models import build_model, count_parameters, set_backbone_trainable
 from cnntrain.optim import build_optimizer, build_scheduler
 from cnntrain.provenance import provenance
+from cnntrain.sweep import apply_launcher_resources
 
 
 class TrainingDiverged(UserError):
@@ -121,21 +123,23 @@ def evaluate(
     model.eval()
     device = x_all.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    preds = []
+    preds, confs = [], []
     for start in range(0, len(x_all), batch_size):
         if stop:
             model.train(was_training)
-            return {"loss": None, "acc": None, "pred": None}
+            return {"loss": None, "acc": None, "pred": None, "conf": None}
         x = _to_input(x_all[start : start + batch_size].float().div_(255), norm, channels_last)
         y = y_all[start : start + batch_size]
         with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         preds.append(logits.argmax(1))
+        confs.append(logits.float().softmax(1).amax(1))  # top-1 probability, stays on the device
     model.train(was_training)
     pred = torch.cat(preds)
     n = max(1, len(y_all))
-    return {"loss": loss_sum.item() / n, "acc": (pred == y_all).sum().item() / n, "pred": pred}
+    return {"loss": loss_sum.item() / n, "acc": (pred == y_all).sum().item() / n, "pred": pred,
+            "conf": torch.cat(confs)}
 
 
 def _flat(cfg: DictConfig) -> dict[str, Any]:
@@ -197,6 +201,7 @@ class Run:
 
 def _setup(cfg: DictConfig, run_dir: Path) -> Run:
     validate(cfg)
+    apply_launcher_resources(cfg)  # sweep jobs: threads that share the cores, one GPU each (cnntrain/sweep.py)
     t = cfg.trainer
     device = resolve_device(t.device)
     precision = resolve_precision(str(t.precision), device)
@@ -352,12 +357,14 @@ def _train(run: Run) -> float:
                 set_backbone_trainable(model, True)
             if p.step_in_epoch == 0:
                 p.sums = {k: torch.zeros((), device=device, dtype=torch.float64) for k in ("loss", "correct", "seen")}
-                p.times = {"data": 0.0, "compute": 0.0}
+                p.times = {"data": 0.0, "compute": 0.0, "wall": 0.0}
             sums = p.sums
             order = _order(n, t.seed, epoch, device)
             reporter.epoch_begin(epoch, t.epochs, steps, p.step_in_epoch)
             model.train()
             last_refresh = time.monotonic()
+            # Wall time of the training steps, logging and display included: the honest images/s.
+            t_epoch, wall_before = time.perf_counter(), p.times["wall"]
             for i in range(p.step_in_epoch, steps):
                 if stop:
                     break
@@ -408,11 +415,13 @@ def _train(run: Run) -> float:
                     _check_finite(sums["loss"].item(), epoch, p.global_step, cfg)
                 if t.checkpoint_every_n_steps and p.global_step % t.checkpoint_every_n_steps == 0 and i + 1 < steps:
                     _check_finite(sums["loss"].item(), epoch, p.global_step, cfg)
+                    p.times["wall"] = wall_before + time.perf_counter() - t_epoch
                     _save(run, ckpt.LAST)
+            p.times["wall"] = wall_before + time.perf_counter() - t_epoch
             if stop:
                 reporter.epoch_end(f"epoch {epoch}/{t.epochs} interrupted at step {p.step_in_epoch}/{steps}")
                 break
-            train_time = p.times["data"] + p.times["compute"]
+            train_time = p.times["wall"]
             seen = max(1.0, sums["seen"].item())
             train_loss, train_acc = sums["loss"].item() / seen, sums["correct"].item() / seen
             _check_finite(train_loss, epoch, p.global_step, cfg)
@@ -498,6 +507,8 @@ def _finish(run: Run, log: RunLog, summary: dict[str, Any], elapsed: float) -> f
     write_json(run.run_dir / "summary.json", summary)
     log.hparams(_flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
                                  "hparam/test_loss": test["loss"]})
+    figures.fit_figures(run, log, test)  # run_dir/figures/*.png and the same in TensorBoard
+    explain.fit_model_images(run, log)  # first-layer filters and feature maps, TensorBoard only
     run.reporter.final("done", [
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
         ("test acc", f"{test['acc']:.4f}"),
