@@ -306,14 +306,26 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> N
         conv.groups, conv.bias is not None, conv.padding_mode,
     )
     if pretrained:
-        # Average the RGB kernels and rescale, so an image with equal channels gives the
-        # same response as before (for one channel this is the sum of the RGB kernels).
         with torch.no_grad():
-            mean = conv.weight.mean(dim=1, keepdim=True)
-            new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (conv.in_channels / in_channels))
+            new.weight.copy_(_rechannel(conv.weight, in_channels))
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
     _set_submodule(model, name, new)
+
+
+def _rechannel(kernel: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first-conv kernel for another input channel count.
+
+    Averages over the old input channels and rescales, so an image whose channels are all
+    equal gives the same response as before (for one channel: the sum of the RGB kernels).
+    """
+    mean = kernel.mean(dim=1, keepdim=True)
+    return mean.repeat(1, in_channels, 1, 1) * (kernel.shape[1] / in_channels)
+
+
+def _first_conv_key(model: nn.Module) -> str | None:
+    name = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    return None if name is None else f"{name}.weight"
 
 
 def _replace_head(model: nn.Module, label: str, num_classes: int, dropout: float) -> str:
@@ -336,7 +348,7 @@ def build_torchvision(cfg: ModelConfig, in_channels: int, image_size: tuple[int,
     """Any torchvision classifier, named by model.arch, adapted to the dataset's channels and classes."""
     from torchvision.models import get_model
 
-    arch = getattr(cfg, "arch", None)
+    arch = cfg.arch
     names = torchvision_names()
     if not arch:
         raise UserError("model.name=torchvision needs model.arch, the torchvision architecture (e.g. model.arch=resnet18)")
@@ -347,8 +359,6 @@ def build_torchvision(cfg: ModelConfig, in_channels: int, image_size: tuple[int,
         log.warning("model.width is ignored for torchvision models (%s)", arch)
     kwargs: dict[str, Any] = {}
     if arch in ("googlenet", "inception_v3"):
-        # Auxiliary heads make forward return a tuple in train mode; the loop expects logits.
-        kwargs["aux_logits"] = False
         if in_channels != 3:
             kwargs["transform_input"] = False  # it assumes RGB channels
         if not cfg.pretrained:
@@ -371,6 +381,13 @@ def build_torchvision(cfg: ModelConfig, in_channels: int, image_size: tuple[int,
     except (AssertionError, ValueError, TypeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"model {label} cannot be built for {h}x{w} images: {first}") from None
+    if getattr(model, "aux_logits", False):
+        # Auxiliary heads make forward return a tuple in train mode; the loop expects logits.
+        # Dropped here because torchvision refuses aux_logits=False together with weights.
+        model.aux_logits = False
+        for aux in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
     _adapt_first_conv(model, in_channels, cfg.pretrained)
     model.head_name = _replace_head(model, label, num_classes, cfg.dropout)
     model.cnntrain_label = label
@@ -509,7 +526,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"model.weights={path}: no such file")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors all mean "unreadable"
+    except Exception as err:  # pickle, zip and torch errors all mean "unreadable"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"model.weights={path}: cannot read it as a torch state_dict ({first})") from None
     if isinstance(obj, Mapping):
@@ -534,6 +551,14 @@ def load_weights(model: nn.Module, path: str, label: str) -> list[str]:
 
     def is_head(key: str) -> bool:
         return key.startswith(prefix)
+
+    conv = _first_conv_key(_unwrap(model))
+    if conv in state and conv in target:
+        have, want = state[conv].shape, target[conv].shape
+        if have[1] != want[1] and have[:1] + have[2:] == want[:1] + want[2:]:
+            # e.g. ImageNet RGB weights for grayscale data, as with model.pretrained.
+            log.info("model.weights=%s: %s adapted from %d to %d input channels", path, conv, have[1], want[1])
+            state[conv] = _rechannel(state[conv].float(), want[1]).to(state[conv].dtype)
 
     skipped, problems, load = [], [], {}
     for key, value in state.items():

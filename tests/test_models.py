@@ -13,7 +13,6 @@ from cnntrain.config import ModelConfig
 from cnntrain.errors import UserError
 from cnntrain.models import (
     MODELS,
-    _adapt_first_conv,
     backbone_parameters,
     build_model,
     count_parameters,
@@ -25,11 +24,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
 
 def cfg_for(name: str, **kw) -> ModelConfig:
-    arch = kw.pop("arch", "resnet18" if name == "torchvision" else None)
-    cfg = ModelConfig(name=name, **kw)
-    if arch is not None:
-        cfg.arch = arch  # until ModelConfig declares `arch`
-    return cfg
+    if name == "torchvision":
+        kw.setdefault("arch", "resnet18")
+    return ModelConfig(name=name, **kw)
 
 
 def eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,15 +103,31 @@ def test_torchvision_resnet18_adapts_to_grayscale_and_class_count():
     assert eval_out(model, torch.rand(2, 1, 32, 32)).shape == (2, 7)
 
 
-def test_pretrained_first_conv_sums_rgb_kernels_for_grayscale():
+def test_pretrained_loads_published_weights_and_sums_rgb_kernels_for_grayscale(monkeypatch):
     import torchvision
 
-    model = torchvision.models.resnet18()
-    old = model.conv1
-    _adapt_first_conv(model, 1, pretrained=True)
+    published = torchvision.models.resnet18()
+    # Stand in for the download so the real pretrained path runs offline.
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: published.state_dict())
+    model = build_model(cfg_for("torchvision", arch="resnet18", pretrained=True), 1, (32, 32), 7)
+    assert torch.allclose(model.conv1.weight, published.conv1.weight.sum(dim=1, keepdim=True), atol=1e-6)
+    assert torch.equal(model.layer4[1].conv2.weight, published.layer4[1].conv2.weight)
+    assert model.fc.out_features == 7
     gray = torch.rand(1, 1, 16, 16)
-    # A gray image seen as RGB gives the same response as before.
-    assert torch.allclose(model.conv1(gray), old(gray.expand(1, 3, 16, 16)), atol=1e-5)
+    # A gray image gives the same first-layer response as the same image in RGB did before.
+    assert torch.allclose(model.conv1(gray), published.conv1(gray.expand(1, 3, 16, 16)), atol=1e-5)
+
+
+def test_local_imagenet_style_weights_adapt_like_pretrained(tmp_path, caplog):
+    import torchvision
+
+    published = torchvision.models.resnet18()  # 3 channels, 1000 classes, as downloaded
+    path = save_model(tmp_path, published)
+    with caplog.at_level(logging.WARNING, logger="cnntrain.models"):
+        model = build_model(cfg_for("torchvision", arch="resnet18", weights=str(path)), 1, (32, 32), 7)
+    assert torch.allclose(model.conv1.weight, published.conv1.weight.sum(dim=1, keepdim=True), atol=1e-6)
+    assert torch.equal(model.layer1[0].conv1.weight, published.layer1[0].conv1.weight)
+    assert "fc.weight" in caplog.text and model.fc.out_features == 7
 
 
 def save_model(tmp_path: Path, model: nn.Module, wrap: bool = False) -> Path:

@@ -1,0 +1,123 @@
+"""Plumbing shared by the after-training commands: `key=value` arguments parsed into typed
+dataclasses, help, and the console their tables go to.
+
+The commands read their arguments the way `fit` reads Hydra overrides, so an unknown key or a
+value of the wrong type gives the same kind of one-line error. String fields (paths, globs,
+class names) keep the text exactly as typed: YAML would turn `inputs=007` into 7 and
+`target=yes` into True.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, TypeVar
+
+from cnntrain.errors import UserError, did_you_mean
+
+T = TypeVar("T")
+
+HELP_FLAGS = ("-h", "--help", "help")
+
+
+def wants_help(args: list[str]) -> bool:
+    return any(a in HELP_FLAGS for a in args)
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_type(schema: type, dotted: str) -> Any:
+    """The annotation of a (possibly nested) field, or None if the key does not exist."""
+    node: Any = schema
+    for part in dotted.split("."):
+        if not _is_dataclass_type(node):
+            return None
+        node = _hints(node).get(part)
+        if node is None:
+            return None
+    return node
+
+
+def _is_str_field(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return str in typing.get_args(tp)
+    return False
+
+
+def _keys(schema: type, prefix: str = "") -> list[str]:
+    return [f"{prefix}{f.name}" for f in dataclasses.fields(schema)]
+
+
+def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, Any] | None = None) -> T:
+    """`key=value` strings -> an instance of `schema` (merged onto `base`), or a one-line UserError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    cfg = OmegaConf.structured(schema)
+    try:
+        if base:
+            cfg = OmegaConf.merge(cfg, base)
+        for arg in args:
+            key, eq, value = arg.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise UserError(f"cannot read argument '{arg}': write it as key=value "
+                                f"(see `cnntrain {command} --help`)")
+            tp = _field_type(schema, key)
+            if tp is None:
+                parent, _, leaf = key.rpartition(".")
+                parent_type = _field_type(schema, parent) if parent else schema
+                known = _keys(parent_type, f"{parent}." if parent else "") if _is_dataclass_type(parent_type) else []
+                raise UserError(f"unknown key '{key}' for cnntrain {command}"
+                                f"{did_you_mean(key, known)}; known keys: {', '.join(known)}")
+            if _is_str_field(tp) and value not in ("null", "None", "~"):
+                OmegaConf.update(cfg, key, value, merge=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+        return typing.cast(T, OmegaConf.to_object(cfg))
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise UserError(f"cnntrain {command} needs {key}=...; see `cnntrain {command} --help`") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+        raise UserError(f"{key}: {msg}" if key else msg) from None
+
+
+def print_help(text: str) -> None:
+    sys.stdout.write(text.rstrip() + "\n")
+
+
+def check_choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise UserError(f"{key}={value} is not valid{did_you_mean(value, options)}; use one of: {', '.join(options)}")
+
+
+def console() -> Any:
+    """Rich console: colours on a terminal; plain and wide in pipes and logs, so tables do not wrap."""
+    from rich.console import Console
+
+    # markup=False: file and class names with [brackets] are printed as they are.
+    if sys.stdout.isatty():
+        return Console(highlight=False, markup=False)
+    return Console(no_color=True, highlight=False, markup=False, force_terminal=False, width=160, soft_wrap=True)
+
+
+def plain_warnings() -> None:
+    """Warnings (e.g. from a dataset loader) as one `cnntrain: warning:` line, not a source excerpt."""
+    import warnings
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"cnntrain: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
