@@ -1,29 +1,35 @@
 """Checkpoints: written atomically, read back without running pickled code.
 
 Everything stored is tensors or plain Python values, so the whole trainer state loads
-with ``torch.load(weights_only=True)``; there is deliberately no unsafe fallback.
+with ``torch.load(weights_only=True)``; there is deliberately no unsafe fallback. Before
+unpickling, the zip container's CRC-32 of every record is checked, because torch itself
+reads a file with a damaged tensor without complaint.
+
+torch is imported inside the functions: `cnntrain fit resume=<typo>` then fails in a
+fraction of a second instead of after the torch import.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from cnntrain.errors import UserError
 
 LAST = "last.pt"
 BEST = "best.pt"
 FORMAT_VERSION = 1
+# What a trainer checkpoint (last.pt) must hold besides the model, to continue a run exactly.
+TRAINER_KEYS = ("optimizer", "scheduler", "scaler", "progress", "rng")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` so that a crash at any moment leaves the old file or the new one, whole."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,6 +47,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    # Temp files of writes that were killed (SIGKILL, power loss) before their rename.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -55,18 +64,50 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint safely; any problem becomes a UserError naming the file."""
+    """Read a checkpoint safely; any problem becomes a UserError naming the file and what is wrong."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    _check_container(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, refused global...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a cnntrain checkpoint ({first[:160]})") from None
+    except Exception as e:  # refused global, damaged pickle...
+        text = str(e)
+        refused = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), None)
+        if refused is not None:
+            raise UserError(f"refusing to load {path}: it holds pickled objects that could run code when loaded "
+                            f"({refused.rstrip('.')}); cnntrain checkpoints hold only tensors and plain values, "
+                            "so this file was not written by cnntrain") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: it is corrupt or not a cnntrain checkpoint "
+                        f"({first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise UserError(f"{path} is not a cnntrain checkpoint (no model state in it)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {state['format_version']}; this cnntrain reads format "
+                        f"{FORMAT_VERSION}")
+    if "optimizer" in state:
+        missing = [k for k in TRAINER_KEYS if k not in state]
+        if missing:
+            raise UserError(f"{path} is an incomplete trainer checkpoint (no {', '.join(missing)}); "
+                            "it cannot continue a run")
     return state
+
+
+def _check_container(path: Path) -> None:
+    """A torch checkpoint is a zip archive: refuse a cut-off one, and one whose bytes changed after writing."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()  # reads every record and compares its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        size = path.stat().st_size
+        raise UserError(f"cannot read checkpoint {path} ({size:,} bytes): it is truncated or not a torch "
+                        f"checkpoint ({' '.join(str(e).split())[:120]})") from None
+    if damaged is not None:
+        raise UserError(f"checkpoint {path} is corrupt: the checksum of its record '{damaged}' does not match "
+                        "(the file changed after it was written); use another checkpoint, e.g. best.pt")
 
 
 def find_checkpoint(spec: str) -> Path:
@@ -84,6 +125,11 @@ def find_checkpoint(spec: str) -> Path:
 
 def capture_rng() -> dict[str, Any]:
     """Every global random stream, as tensors and plain values (weights_only-safe)."""
+    import random
+
+    import numpy as np
+    import torch
+
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -98,6 +144,11 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]

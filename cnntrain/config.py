@@ -151,6 +151,12 @@ class TrainerConfig:
     progress: str = "auto"
     # Build everything, push one batch through, and stop.
     dry_run: bool = False
+    # Exponential moving average of the weights (e.g. 0.999); None disables. When on, validation,
+    # the best checkpoint and the test use the averaged weights.
+    ema_decay: float | None = None
+    # Stop when trainer.monitor has not improved by more than min_delta for this many epochs.
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
 
 
 @dataclass
@@ -193,8 +199,34 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+def check_known_keys(cfg: Any, prefix: str = "") -> None:
+    """Refuse keys the schema does not declare.
+
+    Hydra opens the config to apply `+key=value`, so `+trainer.epoch=3` would otherwise be
+    composed in and silently ignored.
+    """
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg:
+        if key not in known:
+            where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+            raise UserError(f"unknown key '{prefix}{key}'{where}{did_you_mean(str(key), known)}; "
+                            f"known keys: {', '.join(known)}")
+    for key in known:
+        check_known_keys(cfg._get_node(key), f"{prefix}{key}.")
+
+
 def validate(cfg: Any) -> None:
     """Reject values that are well-typed but impossible, naming the key and the fix."""
+    check_known_keys(cfg)
     for key, options in CHOICES.items():
         value = str(_get(cfg, key))
         if value not in options:
@@ -210,6 +242,10 @@ def validate(cfg: Any) -> None:
         (t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", t.num_threads, "must be at least 1"),
         (t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0 (or null to disable)"),
         (0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
+        (t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "must be in (0, 1) or null"),
+        (t.early_stopping_patience is None or t.early_stopping_patience >= 1, "trainer.early_stopping_patience",
+         t.early_stopping_patience, "must be at least 1 or null"),
+        (t.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", t.early_stopping_min_delta, "must be >= 0"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be at least 1"),
         (t.checkpoint_every_n_steps >= 0, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 0"),
         (0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)"),
@@ -237,6 +273,10 @@ def validate(cfg: Any) -> None:
         (a.crop_padding >= 0, "augment.crop_padding", a.crop_padding, "must be >= 0"),
         (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", (a.mixup_alpha, a.cutmix_alpha), "must be >= 0"),
     ]
+    # name is the run's folder under runs/: a path there would put the run somewhere else.
+    name = str(cfg.name)
+    checks.append((bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
+                   "name", name, "must be a plain folder name (no '/'; it becomes runs/<name>/)"))
     for ok, key, value, what in checks:
         if not ok:
             raise UserError(f"{key}={value} {what}")

@@ -563,10 +563,11 @@ def load_imagefolder(cfg: DatasetConfig) -> ImageData:
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while reading and decoding
         probes = list(pool.map(_probe, files))
         bad = [(p, r) for p, r in zip(files, probes, strict=True) if isinstance(r, str)]
-        _corrupt(bad, cfg)
         ok = [i for i, r in enumerate(probes) if not isinstance(r, str)]
-        if not ok:
-            raise UserError(f"no image under {root} could be decoded")
+        if not ok:  # one error rather than a warning about every file first
+            raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: "
+                            f"{bad[0][1]})")
+        _corrupt(bad, cfg)
 
         channels = cfg.channels or (1 if all(probes[i][0] for i in ok) else 3)
         if cfg.image_size is not None:

@@ -91,7 +91,18 @@ class RunLog:
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, 0)
 
+    def flush(self) -> None:
+        """Put every event logged so far on disk: done before a checkpoint, so a crash after it loses none."""
+        self.tb.flush()
+
     def close(self) -> None:
         self.tb.close()
         if not self._csv_file.closed:
             self._csv_file.close()
+
+
+class NullLog:
+    """What ranks other than 0 get under torchrun: every logging call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None

@@ -1,0 +1,252 @@
+"""The catalogue of bad input: one row per mistake a user can make, each through the real CLI.
+
+Every row must end with a non-zero exit, exactly one `cnntrain: error:` line that names the offending
+key or file (the fragments in `expect`), nothing else on stderr, no traceback, and no run directory
+left under runs/ (a resumed run's recorded config is left as it was). The rows run a few at a time:
+most fail before torch is imported (well under a second), the rest after loading data or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+ROOT = os.geteuid() == 0  # root writes into read-only directories anyway
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    expect: list[str]  # fragments of the error line; {data} and {run} are filled in
+    damage: str | None = None  # resume rows: how their copy of a finished run is broken (see _damage)
+    marks: list = field(default_factory=list)
+
+
+CASES = [
+    # Config composition and schema: refused before torch is imported.
+    Case("unknown-group-option", ["model=resnt8"], ["unknown model 'resnt8' (did you mean 'resnet8'?)"]),
+    Case("unknown-optimizer", ["optimizer=adan"], ["unknown optimizer 'adan' (did you mean 'adam'?)"]),
+    Case("unknown-experiment", ["experiment=smok"], ["unknown experiment 'smok' (did you mean 'smoke'?)"]),
+    Case("misspelt-group", ["optimiser=adam"], ["unknown key 'optimiser' (did you mean 'optimizer'?)"]),
+    Case("misspelt-key", ["trainer.epoch=3"], ["unknown key 'trainer.epoch'", "(did you mean 'epochs'?)"]),
+    Case("added-unknown-key", ["+trainer.epoch=3"], ["unknown key 'trainer.epoch'", "(did you mean 'epochs'?)"]),
+    Case("wrong-type-int", ["trainer.epochs=abc"], ["trainer.epochs", "'abc'"]),
+    Case("wrong-type-float", ["optimizer.lr=fast"], ["optimizer.lr", "'fast'"]),
+    Case("wrong-type-bool", ["trainer.deterministic=maybe"], ["trainer.deterministic", "'maybe'"]),
+    Case("bad-override-syntax", ["trainer.epochs=[1"], ["cannot parse the override 'trainer.epochs=[1'"]),
+    Case("override-without-value", ["trainer.epochs"], ["cannot parse the override", "'trainer.epochs'"]),
+    Case("batch-size-zero", ["trainer.batch_size=0"], ["trainer.batch_size=0 must be at least 1"]),
+    Case("epochs-zero", ["trainer.epochs=0"], ["trainer.epochs=0 must be at least 1"]),
+    Case("lr-negative", ["optimizer.lr=-1"], ["optimizer.lr=-1.0 must be > 0"]),
+    Case("lr-zero", ["optimizer.lr=0"], ["optimizer.lr=0.0 must be > 0"]),
+    Case("val-fraction-above-one", ["dataset.val_fraction=1.5"], ["dataset.val_fraction=1.5 must be between 0 and 1"]),
+    Case("val-fraction-zero", ["dataset.val_fraction=0"], ["dataset.val_fraction=0.0 must be between 0 and 1"]),
+    Case("unknown-precision", ["trainer.precision=fp8"], ["trainer.precision=fp8 is not a valid choice"]),
+    Case("misspelt-choice", ["trainer.monitor=val/accuracy"], ["trainer.monitor=val/accuracy", "did you mean 'val/acc'"]),
+    Case("name-is-a-path", ["name=../elsewhere"], ["name=../elsewhere must be a plain folder name"]),
+    Case("run-dir-under-a-file", ["hydra.run.dir={data}/a_file/run"],
+         ["cannot create the run directory {data}/a_file/run", "hydra.run.dir"]),
+    Case("run-dir-read-only", ["hydra.run.dir={data}/read_only/run"],
+         ["cannot create the run directory {data}/read_only/run", "Permission denied"],
+         marks=[pytest.mark.skipif(ROOT, reason="root writes into read-only directories")]),
+    # Device and precision: need torch.
+    Case("cuda-without-cuda", ["trainer.device=cuda"], ["trainer.device=cuda but no CUDA GPU is available"]),
+    Case("fp16-on-cpu", ["trainer.precision=fp16", "trainer.device=cpu"], ["trainer.precision=fp16 needs a GPU"]),
+    Case("unknown-device", ["trainer.device=tpu"], ["trainer.device=tpu is not a device"]),
+    # Data.
+    Case("unknown-dataset", ["dataset.name=cifar11"], ["unknown dataset 'cifar11' (did you mean 'cifar10'?)"]),
+    Case("imagefolder-without-root", ["dataset=imagefolder"], ["dataset=imagefolder needs dataset.root"]),
+    Case("missing-data-dir", ["dataset=imagefolder", "dataset.root={data}/nowhere"],
+         ["dataset.root={data}/nowhere does not exist"]),
+    Case("missing-idx-dir", ["dataset=fashion_mnist", "dataset.root={data}/nowhere"],
+         ["Fashion-MNIST not found", "in {data}/nowhere,", "dataset.root"]),
+    Case("empty-data-dir", ["dataset=imagefolder", "dataset.root={data}/empty"], ["{data}/empty has no class folders"]),
+    Case("empty-idx-dir", ["dataset=fashion_mnist", "dataset.root={data}/empty"], ["Fashion-MNIST not found", "{data}/empty"]),
+    Case("non-image-files", ["dataset=imagefolder", "dataset.root={data}/not_images"],
+         ["no image under {data}/not_images could be decoded", "{data}/not_images/a/0.png"]),
+    Case("no-image-files", ["dataset=imagefolder", "dataset.root={data}/text_files"],
+         ["class folder {data}/text_files/a has no images"]),
+    Case("mixed-sizes-without-image-size", ["dataset=imagefolder", "dataset.root={data}/mixed_sizes"],
+         ["images under {data}/mixed_sizes differ in size", "dataset.image_size=N"]),
+    Case("truncated-idx", ["dataset=fashion_mnist", "dataset.root={data}/truncated_idx"],
+         ["{data}/truncated_idx/train-images-idx3-ubyte: truncated idx file"]),
+    Case("labels-images-mismatch", ["dataset=fashion_mnist", "dataset.root={data}/mismatched_idx"],
+         ["{data}/mismatched_idx/train-images-idx3-ubyte has 60 images", "train-labels-idx1-ubyte has 50 labels"]),
+    Case("model-too-big-for-images", ["dataset=imagefolder", "dataset.root={data}/tiny_images", "model=simple_cnn"],
+         ["model simple_cnn needs images of at least 18x18 pixels", "4x4"]),
+    # Resume.
+    Case("resume-missing", ["resume={data}/nowhere"], ["checkpoint or run directory not found: {data}/nowhere"]),
+    Case("resume-not-a-run", ["resume={data}/a_file"], ["{data} is not a cnntrain run directory"]),
+    Case("resume-no-checkpoint", ["resume={run}"], ["no checkpoint in run directory {run}"], damage="remove"),
+    Case("resume-truncated", ["resume={run}"], ["cannot read checkpoint {run}/checkpoints/last.pt", "truncated"],
+         damage="truncate"),
+    Case("resume-corrupt", ["resume={run}"], ["checkpoint {run}/checkpoints/last.pt is corrupt", "checksum"],
+         damage="flip"),
+    Case("resume-pickled-code", ["resume={run}"], ["refusing to load {run}/checkpoints/last.pt", "posix.system"],
+         damage="booby-trap"),
+    Case("resume-other-architecture", ["resume={run}", "model=resnet8"],
+         ["checkpoint {run}/checkpoints/last.pt holds a tiny_cnn model", "asks for resnet8"], damage="none"),
+    Case("resume-other-class-count", ["resume={run}"],
+         ["checkpoint {run}/checkpoints/last.pt was trained for 5 classes", "the dataset has 10"], damage="classes"),
+    Case("resume-weights-only", ["resume={run}/checkpoints/best.pt"], ["{run}/checkpoints/best.pt holds model weights only"],
+         damage="none"),
+    Case("resume-finished-run", ["resume={run}"], ["already finished 3 epochs", "trainer.epochs=N"], damage="none"),
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _idx(path: Path, array: np.ndarray, cut: int = 0) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(data[: len(data) - cut])
+
+
+def _idx_set(folder: Path, n_train: int, n_train_labels: int, cut: int = 0) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    _idx(folder / "train-images-idx3-ubyte", rng.integers(0, 255, (n_train, 28, 28)), cut)
+    _idx(folder / "train-labels-idx1-ubyte", np.arange(n_train_labels) % 10)
+    _idx(folder / "t10k-images-idx3-ubyte", rng.integers(0, 255, (20, 28, 28)))
+    _idx(folder / "t10k-labels-idx1-ubyte", np.arange(20) % 10)
+
+
+def _images(folder: Path, sizes: list[int]) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i, size in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+
+
+def _make_data(data: Path) -> None:
+    (data / "a_file").write_text("a regular file, not a directory\n")
+    (data / "empty").mkdir()
+    for cls in ("a", "b"):
+        for name, suffix in (("not_images", ".png"), ("text_files", ".txt")):
+            (data / name / cls).mkdir(parents=True)
+            for i in range(5):
+                (data / name / cls / f"{i}{suffix}").write_text("hello")
+    _images(data / "mixed_sizes", [10, 8] * 3)
+    _images(data / "tiny_images", [4] * 10)
+    _idx_set(data / "truncated_idx", 60, 60, cut=100)
+    _idx_set(data / "mismatched_idx", 60, 50)
+    (data / "read_only").mkdir()
+    (data / "read_only").chmod(0o555)
+
+
+def _damage(run: Path, how: str, marker: Path) -> None:
+    import zipfile
+
+    import torch
+
+    last = run / "checkpoints" / "last.pt"
+    if how == "remove":
+        shutil.rmtree(run / "checkpoints")
+    elif how == "truncate":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif how == "flip":
+        with zipfile.ZipFile(last) as z:
+            info = max(z.infolist(), key=lambda i: i.file_size)
+            offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 10
+        raw = bytearray(last.read_bytes())
+        raw[offset] ^= 0x40
+        last.write_bytes(bytes(raw))
+    elif how == "booby-trap":
+
+        class Trap:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        state = torch.load(last, weights_only=True)
+        state["meta"] = Trap()
+        torch.save(state, last)
+    elif how == "classes":
+        state = torch.load(last, weights_only=True)
+        state["meta"]["classes"] = state["meta"]["classes"][:5]
+        torch.save(state, last)
+
+
+@dataclass
+class Outcome:
+    proc: subprocess.CompletedProcess
+    cwd: Path
+    data: Path
+    run: Path | None
+    recorded: dict[str, bytes] | None  # the resumed run's .hydra/*.yaml before the attempt
+
+
+def _fill(text: str, data: Path, run: Path | None) -> str:
+    return text.replace("{data}", str(data)).replace("{run}", str(run))
+
+
+def _attempt(case: Case, base: Path, data: Path, finished_run: Path) -> Outcome:
+    cwd = base / case.id
+    cwd.mkdir()
+    run = recorded = None
+    if case.damage is not None:
+        run = base / "resumable" / case.id / finished_run.name
+        shutil.copytree(finished_run, run)
+        _damage(run, case.damage, data / "pwned")
+        recorded = {p.name: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [_fill(a, data, run) for a in case.args]
+    proc = subprocess.run([sys.executable, "-m", "cnntrain", "fit", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+    return Outcome(proc, cwd, data, run, recorded)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, smoke_run) -> dict[str, Outcome]:
+    """Every row, run three at a time (most of a row is interpreter start-up and imports)."""
+    base = tmp_path_factory.mktemp("bad_input")
+    data = base / "data"
+    data.mkdir()
+    _make_data(data)
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futures = {c.id: pool.submit(_attempt, c, base, data, smoke_run) for c in CASES}
+            return {key: f.result() for key, f in futures.items()}
+    finally:
+        (data / "read_only").chmod(0o755)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_is_refused_with_one_line(outcomes, case):
+    out = outcomes[case.id]
+    proc = out.proc
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cnntrain: error: "), proc.stderr
+    for fragment in case.expect:
+        assert _fill(fragment, out.data, out.run) in lines[0]
+    # No clutter: a failed start leaves no run directory, a failed resume leaves the run as it was.
+    runs = out.cwd / "runs"
+    assert not runs.exists() or not [p for p in runs.rglob("*") if p.is_file()], "a failed start left files in runs/"
+    if out.run is not None and (out.run / ".hydra").exists():
+        assert {p.name: p.read_bytes() for p in (out.run / ".hydra").glob("*.yaml")} == out.recorded
+    assert not (out.data / "pwned").exists(), "a checkpoint ran code while loading"
+
+
+def test_catalogue_covers_every_kind_of_mistake():
+    assert len(CASES) >= 25
+    assert len({c.id for c in CASES}) == len(CASES)
