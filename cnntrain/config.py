@@ -37,6 +37,10 @@ class DatasetConfig:
     channels: int | None = None
     # Image folders: what to do with a file that cannot be decoded: skip | error.
     on_corrupt: str = "skip"
+    # Image folders: decode everything into memory (true), stream files through DataLoader
+    # workers (false), or decide by size (auto: in memory below memory_limit_mb of uint8 pixels).
+    in_memory: str = "auto"
+    memory_limit_mb: int = 4096
 
 
 @dataclass
@@ -190,6 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler.name": ("none", "cosine", "onecycle", "step"),
     "augment.policy": ("none", "randaugment", "trivialaugment"),
     "dataset.on_corrupt": ("skip", "error"),
+    "dataset.in_memory": ("auto", "true", "false"),
 }
 
 
@@ -229,7 +234,7 @@ def validate(cfg: Any) -> None:
     check_known_keys(cfg)
     for key, options in CHOICES.items():
         value = str(_get(cfg, key))
-        if value not in options:
+        if value.lower() not in options:  # `true`/`false` on the command line arrive as booleans
             raise UserError(
                 f"{key}={value} is not a valid choice; use one of: {', '.join(options)}"
                 + did_you_mean(value, options)

@@ -9,6 +9,7 @@ compared on the same validation and test images.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 import zlib
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnntrain.batches import FileImages
 from cnntrain.config import DatasetConfig
 from cnntrain.errors import UserError, unknown_choice
 
@@ -75,7 +77,7 @@ class ImageData:
         h = hashlib.sha256(repr(self.classes).encode())
         for t in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y):
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.contiguous().numpy().data)
+            h.update(t.digest() if isinstance(t, FileImages) else t.contiguous().numpy().data)
         return h.hexdigest()
 
     def summary(self) -> str:
@@ -140,6 +142,8 @@ def stratified_split(labels: np.ndarray, sizes: Sequence[int], seed: Any) -> lis
 
 def _take(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     i = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    if isinstance(x, FileImages):  # streamed folders select files, not pixels
+        return x.subset(idx), y[i].contiguous()
     return x[i].contiguous(), y[i].contiguous()
 
 
@@ -168,6 +172,8 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
     Exact and memory-light: a 256-bin histogram per channel, moments summed in float64.
     """
+    if isinstance(x, FileImages):  # streamed folders: estimate from an even sample of up to 2,048 images
+        x = x[torch.linspace(0, len(x) - 1, min(len(x), 2048)).long()]
     values = np.arange(256, dtype=np.float64)
     means, stds = [], []
     for c in range(x.shape[1]):
@@ -580,14 +586,24 @@ def load_imagefolder(cfg: DatasetConfig) -> ImageData:
                                 f"...); set dataset.image_size=N to resize all of them to NxN")
             w, h = next(iter(sizes))
 
-        out = np.empty((len(ok), channels, h, w), dtype=np.uint8)
-        fails = list(pool.map(lambda j: _decode_into(out, j, files[ok[j]], channels), range(len(ok))))
-    bad = [(files[ok[j]], why) for j, why in enumerate(fails) if why is not None]
-    _corrupt(bad, cfg)
-    good = np.array([j for j, why in enumerate(fails) if why is None], dtype=np.int64)
-    if len(good) == 0:
-        raise UserError(f"no image under {root} could be decoded")
-    x = torch.from_numpy(out if len(good) == len(ok) else out[good])
+        nbytes = len(ok) * channels * h * w
+        mode = str(cfg.in_memory).lower()
+        stream = mode == "false" or (mode == "auto" and nbytes > cfg.memory_limit_mb * 2**20)
+        if stream:
+            logging.getLogger(__name__).info("streaming %d images (%.0f MB decoded) through DataLoader workers",
+                                             len(ok), nbytes / 2**20)
+            x = FileImages([files[i] for i in ok], channels, (h, w), cfg.on_corrupt)
+            good = np.arange(len(ok))
+        else:
+            out = np.empty((len(ok), channels, h, w), dtype=np.uint8)
+            fails = list(pool.map(lambda j: _decode_into(out, j, files[ok[j]], channels), range(len(ok))))
+    if not stream:
+        bad = [(files[ok[j]], why) for j, why in enumerate(fails) if why is not None]
+        _corrupt(bad, cfg)
+        good = np.array([j for j, why in enumerate(fails) if why is None], dtype=np.int64)
+        if len(good) == 0:
+            raise UserError(f"no image under {root} could be decoded")
+        x = torch.from_numpy(out if len(good) == len(ok) else out[good])
     kept = np.asarray(ok, dtype=np.int64)[good]
     y, which = torch.from_numpy(labels[kept]), which[kept]
 

@@ -93,6 +93,7 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
 
 def resolve_channels_last(spec: str, device: torch.device, precision: Precision) -> bool:
     """channels_last pays on GPUs with tensor cores and on CPUs running bf16 (oneDNN's native layout)."""
+    spec = spec.lower()  # a command-line true/false arrives as a boolean
     if spec in ("true", "false"):
         return spec == "true"
     return precision.dtype is not None and device.type in ("cuda", "cpu")

@@ -318,7 +318,7 @@ def fit_model_images(run: Any, log_: Any) -> None:
         filters = first_layer_filters(run.model)
         if filters is not None:
             writer.add_image("model/first_layer_filters", filters, step)
-        x = run.tensors["test_x"][:1]
+        x = run.tensors["test_x"][:1].to(run.norm[0].device)
         shown = F.interpolate(x.float().cpu() / 255, size=_display_size(tuple(x.shape[2:])), mode="nearest")
         writer.add_image("model/feature_maps/0_input", shown[0], step)
         inp = (x.float() / 255 - run.norm[0]) / run.norm[1]

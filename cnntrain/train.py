@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from cnntrain import batches, distributed, explain, figures
 from cnntrain import checkpoint as ckpt
-from cnntrain import distributed, explain, figures
 from cnntrain.augment import build_augment
 from cnntrain.config import validate
 from cnntrain.console import make_reporter
@@ -43,7 +43,7 @@ from cnntrain.device import (
 )
 from cnntrain.errors import UserError
 from cnntrain.logs import NullLog, RunLog, write_json
-from cnntrain.models import build_model, count_parameters, set_backbone_trainable
+from cnntrain.models import build_model, count_parameters, freeze_norm_stats, set_backbone_trainable
 from cnntrain.optim import build_optimizer, build_scheduler
 from cnntrain.provenance import provenance
 from cnntrain.sweep import apply_launcher_resources
@@ -134,18 +134,17 @@ def evaluate(
     gets the metrics of the whole split (predictions stay per rank).
     """
     if dist is not None and dist.enabled:
-        x_all, y_all = x_all[dist.rank :: dist.world], y_all[dist.rank :: dist.world]
+        x_all, y_all = batches.shard(x_all, dist.rank, dist.world), y_all[dist.rank :: dist.world]
     was_training = model.training
     model.eval()
-    device = x_all.device
+    device = y_all.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     preds, confs = [], []
-    for start in range(0, len(x_all), batch_size):
+    for x_u8, y in batches.sequential(x_all, y_all, batch_size, device):
         if stop:
             model.train(was_training)
             return {"loss": None, "acc": None, "pred": None, "conf": None}
-        x = _to_input(x_all[start : start + batch_size].float().div_(255), norm, channels_last)
-        y = y_all[start : start + batch_size]
+        x = _to_input(x_u8.float().div_(255), norm, channels_last)
         with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -423,20 +422,22 @@ def _train(run: Run) -> float:
             order = _order(n, t.seed, epoch, device)
             reporter.epoch_begin(epoch, t.epochs, steps, p.step_in_epoch)
             model.train()
+            freeze_norm_stats(model)  # a frozen backbone keeps its BatchNorm statistics too
             last_refresh = time.monotonic()
             # Wall time of the training steps, logging and display included: the honest images/s.
             t_epoch, wall_before = time.perf_counter(), p.times["wall"]
+            chunks = [order[i * bs : (i + 1) * bs] for i in range(p.step_in_epoch, steps)]
+            if d.enabled:
+                chunks = [c[d.rank :: d.world] for c in chunks]  # each rank its share of the same global batch
+            batch_iter = batches.iterate(x_train, y_train, chunks, device)
             for i in range(p.step_in_epoch, steps):
                 # Ranks agree on stopping every few steps, so they all stop at the same one.
                 if (i % 16 == 0 and distributed.any_rank(d, bool(stop), device)) if d.enabled else stop:
                     stopping = True
                     break
                 t0 = time.perf_counter()
-                idx = order[i * bs : (i + 1) * bs]
-                if d.enabled:
-                    idx = idx[d.rank :: d.world]  # each rank its share of the same global batch
-                x = x_train.index_select(0, idx).float().div_(255)
-                y = y_train.index_select(0, idx)
+                x_u8, y = next(batch_iter)  # resident: one gather; streamed: the DataLoader's next batch
+                x = x_u8.float().div_(255)
                 target = y
                 if run.augment is not None:
                     # Seeded by the step: augmentation is reproducible from the position alone.
