@@ -25,11 +25,12 @@ COMMANDS = {
     "export": "write the model as TorchScript, ONNX or a state_dict, checked against the eager model",
     "list": "the options of every config group, with descriptions",
     "report": "one table of a sweep's jobs (overrides, best metric, test, time, status, errors), plus a CSV",
+    "lr-find": "learning-rate range test: loss against an exponentially growing lr, plot and suggested lr",
 }
 
 # After-training commands: each module has main(args); imported only when its command runs.
 _COMMAND_MODULES = {"evaluate": "evaluate", "predict": "predict", "explain": "explain", "export": "export",
-                    "list": "catalog", "report": "report"}
+                    "list": "catalog", "report": "report", "lr-find": "lr_find"}
 
 USAGE = """\
 usage: cnntrain <command> [options and Hydra overrides]

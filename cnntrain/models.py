@@ -504,6 +504,33 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
         p.requires_grad_(True)
 
 
+def freeze_norm_stats(model: nn.Module) -> int:
+    """Put the norm layers of a frozen backbone in eval mode; returns how many. Call after model.train().
+
+    A frozen BatchNorm in train mode still normalises with batch statistics and updates its running
+    mean and variance, so the "frozen" backbone would drift towards the new data. A norm layer counts
+    as frozen when its own parameters are (or, without affine parameters, when the whole backbone is).
+    """
+    model = _unwrap(model)
+    head = {id(m) for m in head_module(model).modules()}
+    backbone_frozen: bool | None = None
+    count = 0
+    for m in model.modules():
+        if not isinstance(m, nn.modules.batchnorm._NormBase) or id(m) in head:
+            continue
+        params = list(m.parameters(recurse=False))
+        if params:
+            frozen = not any(p.requires_grad for p in params)
+        else:
+            if backbone_frozen is None:
+                backbone_frozen = not any(p.requires_grad for p in backbone_parameters(model))
+            frozen = backbone_frozen
+        if frozen:
+            m.eval()
+            count += 1
+    return count
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters, trainable and frozen."""
     return sum(p.numel() for p in model.parameters())
