@@ -3,12 +3,14 @@ PYTHON ?= python3
 # Pinned for this project's CI machines; on your own machine any torch >= 2.4 with its torchvision works.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
+# Optional extras to install with cnntrain (CI adds onnx,optuna,joblib,slurm to test those paths too).
+EXTRAS ?= dev
 
 .PHONY: install fit smoke test test-fast lint format tensorboard bench wheel clean
 
-install:  ## install torch, then cnntrain (editable) with the dev tools
+install:  ## install torch, then cnntrain (editable) with the dev tools (EXTRAS=dev,onnx,...)
 	$(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -e '.[dev]'
+	$(PYTHON) -m pip install -e '.[$(EXTRAS)]'
 
 fit:  ## train with the default config (add overrides with ARGS="model=resnet8 trainer.epochs=20")
 	cnntrain fit $(ARGS)

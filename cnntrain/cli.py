@@ -153,6 +153,7 @@ def _run_hydra_app(name: str, args: list[str]) -> None:
             raise
 
     saved_argv = sys.argv
+    scratch = None
     try:
         if name == "fit":
             args = expand_resume(args)
@@ -184,6 +185,10 @@ def _run_hydra_app(name: str, args: list[str]) -> None:
         raise UserError(message) from None
     finally:
         sys.argv = saved_argv
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _JobState:
@@ -252,6 +257,13 @@ def _guard_single_run(job: _JobState) -> Callable:
                 if cfg.resume is None:
                     _discard_failed_start(run_dir)
                 return None
+            except RuntimeError as e:
+                op = nondeterministic_op(e)
+                if op is None:
+                    raise
+                job.failure = UserError(f"trainer.deterministic=true, but {op} has no deterministic implementation on "
+                                        "this device; set trainer.deterministic=false or pick a model without it")
+                return None
             except KeyboardInterrupt:
                 if cfg.resume is None:
                     _discard_failed_start(run_dir)
@@ -260,6 +272,15 @@ def _guard_single_run(job: _JobState) -> Callable:
         return guarded
 
     return wrap
+
+
+def nondeterministic_op(e: BaseException) -> str | None:
+    """The op torch names when trainer.deterministic=true meets one without a deterministic kernel
+    (e.g. adaptive_avg_pool2d_backward_cuda in the ResNets on a GPU), else None."""
+    import re
+
+    m = re.match(r"(\S+) does not have a deterministic implementation", str(e))
+    return m.group(1) if m else None
 
 
 def _discard_failed_start(run_dir: Path) -> None:

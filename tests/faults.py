@@ -19,11 +19,42 @@ the loop calls GradScaler.update (once per optimizer step; skipped steps do not 
 
 from __future__ import annotations
 
+import csv
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TIMING = {"images_per_s", "epoch_s", "data_s", "compute_s", "eval_s"}  # metrics.csv columns that vary by run
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_faulty(faults: list[str], args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`cnntrain ARGS` under these faults, to the end; a SIGKILLed run returns -9."""
+    return subprocess.run([sys.executable, __file__, *faults, "--", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+def start_faulty(faults: list[str], args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """The same, started in the background (to send it signals); new_session: in its own process group,
+    so that os.killpg reaches it and its workers together, as Ctrl-C in a terminal does."""
+    return subprocess.Popen([sys.executable, __file__, *faults, "--", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=new_session)
+
+
+def csv_rows(run_dir: Path, drop: set[str] = TIMING) -> list[dict[str, str]]:
+    """metrics.csv without the timing columns."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
 def _kill() -> None:

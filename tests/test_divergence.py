@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cnntrain.checkpoint import load_checkpoint
-from tests.conftest import REPO, run_cli, run_dirs, summary
-from tests.test_resume import csv_rows, run_faulty
+from tests.conftest import run_cli, run_dirs, summary
+from tests.faults import REPO, csv_rows, run_faulty
 
 # 32 steps per epoch; the loss reaches the host every 5 steps (trainer.log_every_n_steps).
 SMOKE = ["fit", "experiment=smoke", "trainer.precision=32", "trainer.log_every_n_steps=5"]

@@ -6,13 +6,9 @@ Every run is CPU, `trainer.deterministic=true`, so "the same" means bit for bit.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,29 +17,15 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnntrain.checkpoint import load_checkpoint
-from tests.conftest import REPO, run_cli, run_dirs, summary
+from tests.conftest import run_cli, run_dirs, summary
+from tests.faults import REPO, csv_rows, run_faulty
 
-FAULTS = Path(__file__).with_name("faults.py")
 # 1,000 digits in batches of 32: 32 steps per epoch (ends at 32, 64, 96); last.pt every 10 steps.
 COMMON = ["experiment=smoke", "trainer.deterministic=true", "trainer.precision=32", "augment=digits",
           "model.dropout=0.2", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=10",
           "trainer.log_every_n_steps=5"]
-TIMING = {"images_per_s", "epoch_s", "data_s", "compute_s", "eval_s"}
 CURVES = ("train/loss_step", "lr_step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "test/acc",
           "test/loss")
-
-
-def run_faulty(faults: list[str], args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The CLI under tests/faults.py; a SIGKILLed run returns -9."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(FAULTS), *faults, "--", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
-def csv_rows(run_dir: Path, drop: set[str] = TIMING) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

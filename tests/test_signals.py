@@ -7,24 +7,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from cnntrain.checkpoint import load_checkpoint
-from tests.conftest import REPO, run_cli, run_dirs, summary
-from tests.test_resume import FAULTS, csv_rows, run_faulty
+from tests.conftest import run_cli, run_dirs, summary
+from tests.faults import REPO, csv_rows, run_faulty, start_faulty
 
 ENV = {"PYTHONPATH": str(REPO)}
 
 
-def start(faults: list[str], args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ENV}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([sys.executable, str(FAULTS), "report-steps", *faults, "--", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def start(faults: list[str], args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    return start_faulty(["report-steps", *faults], args, cwd, new_session)
 
 
 def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 120) -> list[str]:
@@ -114,6 +110,36 @@ def test_sigterm_during_the_test_exits_143_and_resume_runs_the_test(tmp_path):
     s = summary(run_dir)
     assert s["status"] == "interrupted" and "test_acc" not in s
     resume_finishes(run_dir, tmp_path, epochs=1)
+
+
+def _image_folder(root: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    with np.load(REPO / "cnntrain" / "data" / "mnist5k.npz") as z:
+        x, y = z["images"][::8][:600], z["labels"][::8][:600]
+    for i in range(len(y)):
+        split = ("train", "train", "train", "train", "val", "test")[i % 6]
+        (root / split / str(y[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(root / split / str(y[i]) / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_streaming_workers(tmp_path):
+    # Images streamed by DataLoader worker processes; a terminal's Ctrl-C reaches them too. They leave
+    # the decision to the main process, which stops as usual, and nothing prints a traceback.
+    _image_folder(tmp_path / "images")
+    args = ["fit", "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "dataset.in_memory=false",
+            "model=tiny_cnn", "trainer.epochs=20", "trainer.precision=32"]
+    proc = start(["slow-steps=0.2"], args, tmp_path, new_session=True)
+    wait_for_step(proc, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume=" in out
+    (run_dir,) = run_dirs(tmp_path)
+    assert 3 <= load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["global_step"] <= 5
+    resume_finishes(run_dir, tmp_path, 1)
 
 
 def test_handler_only_sets_a_flag_and_ignores_forked_workers():

@@ -1,0 +1,20 @@
+"""The benchmark suite runs (figures themselves are measured by `make bench`, never asserted in tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_benchmark_suite_runs_in_quick_mode(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", "peers",
+                           "--only", "startup", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cnntrain fit experiment=fashion_fast" in proc.stdout and "tutorial loop" in proc.stdout
+    assert "cnntrain --help" in proc.stdout
