@@ -32,7 +32,7 @@ trainer.batch_size=..., experiment=...); the scheduler is ignored. Keys of lr-fi
   lr_min=1e-7       first learning rate
   lr_max=10         last learning rate (reached only if the loss has not exploded by then)
   steps=100         number of steps (training batches) from lr_min to lr_max
-  smoothing=0.9     weight of the past in the loss's moving average (0: raw losses)
+  smoothing=0.8     weight of the past in the loss's moving average (0: raw losses)
   diverge=4         stop when the smoothed loss exceeds this many times its lowest value
   suggest=steepest  steepest (where the smoothed loss falls fastest) | min10 (lowest loss / 10)
   out=DIR           where to write (default: runs/lr_find/<date>_<time>_<tag>)
@@ -53,7 +53,7 @@ class LrFindArgs:
     lr_min: float = 1e-7
     lr_max: float = 10.0
     steps: int = 100
-    smoothing: float = 0.9
+    smoothing: float = 0.8
     diverge: float = 4.0
     suggest: str = "steepest"
     out: str | None = None
@@ -63,7 +63,8 @@ class LrFindArgs:
 class Result:
     lrs: list[float]
     losses: list[float]
-    smoothed: list[float]
+    smoothed: list[float]  # running average (what the stopping rule sees)
+    curve: list[float]  # zero-phase smoothing (what the suggestion and the plot use)
     suggestion: float
     steepest: float | None
     min10: float
@@ -157,20 +158,37 @@ def lr_at(step: int, steps: int, lr_min: float, lr_max: float) -> float:
     return lr_min * (lr_max / lr_min) ** (step / max(1, steps - 1))
 
 
-def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float]:
-    """(steepest, min10): where the smoothed loss falls fastest per decade of lr, and the lr of
-    the lowest smoothed loss divided by 10. steepest is None when the curve is too short to tell."""
+def centred(losses: list[float], smoothing: float) -> list[float]:
+    """Zero-phase smoothing: a bias-corrected moving average run forwards, then backwards over the result.
+
+    The running average the stopping rule uses lags behind the raw losses (by about 1/(1-smoothing)
+    steps, most of a decade of lr), which would put the steepest point too far right.
+    """
+
+    def ema(values: list[float]) -> list[float]:
+        out, avg = [], 0.0
+        for i, v in enumerate(values):
+            avg = smoothing * avg + (1 - smoothing) * v
+            out.append(avg / (1 - smoothing ** (i + 1)))
+        return out
+
+    # Losses above the starting level belong to the blow-up; capped, they cannot leak backwards.
+    cap = max(ema(losses[: max(1, len(losses) // 10)]))
+    return ema(ema([min(v, cap) for v in losses])[::-1])[::-1]
+
+
+def suggest(lrs: list[float], curve: list[float]) -> tuple[float | None, float]:
+    """(steepest, min10) of a smoothed loss curve: the lr where it falls fastest per decade of lr,
+    and the lr of its lowest point divided by 10. steepest is None when the curve is too short."""
     import numpy as np
 
-    lr, loss = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
+    lr, loss = np.asarray(lrs, dtype=float), np.asarray(curve, dtype=float)
     best = int(np.nanargmin(loss))
     min10 = float(lr[best] / 10)
-    # The first few points of a bias-corrected average are mostly noise; look between them and the minimum.
-    start = min(max(1, len(lr) // 20), best)
-    if best - start < 3:
+    if best < 4:
         return None, min10
-    slope = np.gradient(loss[start : best + 1], np.log10(lr[start : best + 1]))
-    return float(lr[start + int(np.argmin(slope))]), min10
+    slope = np.gradient(loss[: best + 1], np.log10(lr[: best + 1]))
+    return float(lr[int(np.argmin(slope))]), min10
 
 
 def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = None) -> Result:
@@ -252,18 +270,19 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     if len(lrs) < 5:
         raise UserError(f"the loss exploded within {len(lrs)} steps, already at lr {lrs[-1] if lrs else args.lr_min:.2g}; "
                         f"lower lr_min (now {args.lr_min:g})")
-    steepest, min10 = suggest(lrs, smoothed)
+    curve = centred(losses, args.smoothing)
+    steepest, min10 = suggest(lrs, curve)
     chosen = steepest if args.suggest == "steepest" and steepest is not None else min10
     how = ("steepest descent of the smoothed loss" if chosen == steepest and args.suggest == "steepest"
            else "lowest smoothed loss / 10")
-    result = Result(lrs, losses, smoothed, chosen, steepest, min10, stopped_early)
+    result = Result(lrs, losses, smoothed, curve, chosen, steepest, min10, stopped_early)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "lr_find.csv", result)
     _write_json(out / "lr_find.json", result, how, cfg, overrides or [])
     _plot(out / "lr_find.png", result, how, f"{cfg.model.name}{'/' + cfg.model.arch if cfg.model.arch else ''}",
           built.data.name, cfg.optimizer.name, bs)
-    command = " ".join(["cnntrain fit", *[o for o in (overrides or []) if not o.startswith("optimizer.lr=")],
-                        f"optimizer.lr={chosen:.2g}"])
+    keep = [o for o in (overrides or []) if not o.startswith(("optimizer.lr=", "trainer.progress="))]
+    command = " ".join(["cnntrain fit", *keep, f"optimizer.lr={chosen:.2g}"])
     reporter.final("lr-find done", [
         ("suggested", f"optimizer.lr={chosen:.2g} ({how})"),
         ("steepest", "n/a (curve too short)" if steepest is None else f"{steepest:.2g}"),
@@ -279,16 +298,16 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
 def _write_csv(path: Path, r: Result) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "lr", "loss", "smoothed_loss"])
-        for i, (lr, loss, sm) in enumerate(zip(r.lrs, r.losses, r.smoothed, strict=True)):
-            w.writerow([i + 1, f"{lr:.6g}", f"{loss:.6f}", f"{sm:.6f}"])
+        w.writerow(["step", "lr", "loss", "running_avg_loss", "smoothed_loss"])
+        for i, row in enumerate(zip(r.lrs, r.losses, r.smoothed, r.curve, strict=True)):
+            w.writerow([i + 1, f"{row[0]:.6g}", *(f"{v:.6f}" for v in row[1:])])
 
 
 def _write_json(path: Path, r: Result, how: str, cfg: Any, overrides: list[str]) -> None:
     from cnntrain.logs import write_json
 
     write_json(path, {"suggested_lr": r.suggestion, "method": how, "steepest_lr": r.steepest, "min10_lr": r.min10,
-                      "lowest_smoothed_loss": min(r.smoothed), "steps_done": len(r.lrs),
+                      "lowest_smoothed_loss": min(r.curve), "steps_done": len(r.lrs),
                       "lr_range": [r.lrs[0], r.lrs[-1]], "stopped_early": r.stopped_early,
                       "overrides": overrides, "model": cfg.model.name, "optimizer": cfg.optimizer.name})
 
@@ -301,20 +320,25 @@ def _plot(path: Path, r: Result, how: str, model: str, dataset: str, optimizer: 
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     ax.plot(r.lrs, r.losses, color="0.75", lw=0.8, label="loss per batch")
-    ax.plot(r.lrs, r.smoothed, color="C0", lw=2, label="smoothed loss")
+    ax.plot(r.lrs, r.curve, color="C0", lw=2, label="smoothed loss")
     ax.set_xscale("log")
-    # The exploding tail would squash the interesting part: show from the lowest loss to a bit above the start.
-    low, start = min(r.smoothed), r.smoothed[0]
-    top = max(start, low) + 0.25 * abs(start - low) + 1e-3
-    ax.set_ylim(low - 0.1 * (top - low), top)
-    best = r.smoothed.index(low)
+    # The exploding tail would squash the interesting part: show the batches up to the lowest point
+    # of the curve, and up to a little above where the loss started.
+    best = r.curve.index(min(r.curve))
+    seen = r.losses[: best + 1] + r.curve
+    low = min(seen)
+    first = sorted(r.losses[: max(3, len(r.losses) // 10)])
+    start = max(r.curve[0], first[len(first) // 2])  # the median of the first batches, or the curve's start
+    top = start + 0.15 * (start - low) + 1e-3
+    ax.set_ylim(low - 0.05 * (top - low), top)
+    low = r.curve[best]
     ax.plot([r.lrs[best]], [low], "o", color="C2", label=f"lowest loss at {r.lrs[best]:.2g}")
     ax.axvline(r.suggestion, color="C3", ls="--", lw=1.5, label=f"suggested lr {r.suggestion:.2g} ({how})")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
     ax.set_title(f"lr range test: {model} on {dataset}, {optimizer}, batch {batch}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None):
     """`python -m cnntrain ARGS` in cwd; returns the CompletedProcess (text mode)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # PYTHONPATH: the checkout's own code, whatever an editable install elsewhere points at.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "cnntrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
