@@ -374,6 +374,8 @@ def _dry_run(run: Run, run_dir: Path) -> float:
     run.reporter.print(f"dry run ok: one batch of {len(x)} through forward and backward, loss {loss.item():.4f}; "
                        "nothing was trained or written")
     shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()  # the experiment folder, if the dry run was all it held
     return float("nan")
 
 
@@ -584,7 +586,7 @@ def _check_finite(value: float, epoch: int, step: int, cfg: DictConfig) -> None:
         raise TrainingDiverged(
             f"training diverged: the loss became {value} in epoch {epoch} (by step {step}) with "
             f"optimizer.lr={cfg.optimizer.lr:g}; lower optimizer.lr or set trainer.grad_clip. "
-            "Checkpoints from before the divergence were kept."
+            "Nothing from the diverged state was saved."
         )
 
 
@@ -598,7 +600,7 @@ def _check_skips(in_a_row: int, epoch: int, step: int, cfg: DictConfig) -> None:
             f"training diverged: {in_a_row} steps in a row (up to step {step}, epoch {epoch}) gave a non-finite "
             f"loss with optimizer.lr={cfg.optimizer.lr:g}; trainer.on_nonfinite=skip passes over occasional bad "
             "batches, not a diverged model. Lower optimizer.lr or set trainer.grad_clip. "
-            "Checkpoints from before the divergence were kept."
+            "Nothing from the diverged state was saved."
         )
 
 
