@@ -17,13 +17,14 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from run import machine  # benchmarks/run.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 # Recipe -> the accuracy it is meant to reach on the test set.
@@ -32,19 +33,6 @@ RECIPES = {
     "fashion_cnn": ("simple_cnn_bn, AdamW 3e-3 one-cycle, batch 128, 8 epochs", ">= 0.925"),
     "fashion_resnet": ("resnet9 width 16, crop+flip, label smoothing 0.1, AdamW one-cycle, 25 epochs", ">= 0.94"),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def fit(name: str, extra: list[str], work: Path) -> dict:

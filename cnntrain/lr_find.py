@@ -195,7 +195,6 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     """The range test itself; writes out/lr_find.{csv,png,json} and prints the suggestion."""
     import torch
     import torch.nn.functional as F
-    from torch import nn
 
     from cnntrain import train
     from cnntrain.models import freeze_norm_stats
@@ -249,13 +248,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
         if not math.isfinite(value):
             stopped_early = True
             break
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if t.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        train.backward_and_step(loss, model, optimizer, scaler, t.grad_clip)
         avg = args.smoothing * avg + (1 - args.smoothing) * value
         smooth = avg / (1 - args.smoothing ** (step + 1))  # bias-corrected: no pull towards 0 at the start
         lrs.append(lr)

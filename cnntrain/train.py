@@ -460,13 +460,7 @@ def _train(run: Run) -> float:
                                    "(trainer.on_nonfinite=skip)")
                     p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
                     continue
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if t.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                backward_and_step(loss, model, optimizer, scaler, t.grad_clip)
                 scheduler.step()
                 if run.ema is not None:
                     run.ema.update_parameters(model)
@@ -572,6 +566,18 @@ def _train(run: Run) -> float:
         stop.restore()
         log.close()
         distributed.teardown(d)
+
+
+def backward_and_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, grad_clip: float | None) -> None:
+    """One optimizer step: scaled backward (fp16), optional clipping of the true gradient norm, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _running_stats(sums: dict[str, torch.Tensor], times: dict[str, float]) -> dict[str, float]:
