@@ -24,8 +24,9 @@ test:  ## the whole suite, slow tests included (this is what CI runs)
 test-fast:  ## skip the slow tests
 	$(PYTHON) -m pytest -q -m "not slow"
 
-lint:  ## ruff
+lint:  ## ruff, and the layering contracts (import-linter: see [tool.importlinter] in pyproject.toml)
 	$(PYTHON) -m ruff check cnntrain tests benchmarks scripts
+	lint-imports
 
 format:
 	$(PYTHON) -m ruff format cnntrain tests benchmarks scripts
@@ -33,7 +34,7 @@ format:
 tensorboard:  ## browse every run under runs/
 	tensorboard --logdir runs
 
-bench:  ## throughput benchmarks (see benchmarks/README.md)
+bench:  ## throughput benchmarks; figures and the machine they ran on go to benchmarks/RESULTS.md
 	$(PYTHON) benchmarks/run.py
 
 wheel:  ## build the wheel into dist/

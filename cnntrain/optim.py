@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule factories."""
+"""Optimizers and learning-rate schedules, registered in cnntrain.registry.OPTIMIZERS and SCHEDULERS."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from cnntrain.config import ModelConfig, OptimizerConfig, SchedulerConfig
+from cnntrain.errors import UserError
+from cnntrain.registry import OPTIMIZERS, SCHEDULERS
 
 
 def param_groups(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig) -> list[dict]:
@@ -33,46 +35,83 @@ def param_groups(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig)
     return result
 
 
-def build_optimizer(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, opt, model_cfg)
-    if opt.name == "adam":
-        return torch.optim.Adam(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
-    if opt.name == "adamw":
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+@OPTIMIZERS.register("adam")
+def adam(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
 
 
-def lr_factor(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
-    """The schedule as a pure function of the optimizer step: multiplier of each group's base lr."""
+def build_optimizer(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS.get(opt.name)(param_groups(model, opt, model_cfg), opt)
+
+
+# A schedule is a pure function of the optimizer step: the multiplier of each group's base lr.
+LrFactor = Callable[[int], float]
+
+
+def _warm(sched: SchedulerConfig, steps_per_epoch: int) -> LrFactor:
+    """Linear warm-up from 0 over scheduler.warmup_epochs, then 1."""
+    warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+    return lambda step: (step + 1) / warmup if step < warmup else 1.0
+
+
+@SCHEDULERS.register("none")
+def constant(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> LrFactor:
+    return _warm(sched, steps_per_epoch)
+
+
+@SCHEDULERS.register("cosine")
+def cosine(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> LrFactor:
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+    warm = _warm(sched, steps_per_epoch)
 
-    def warm(step: int) -> float:
-        return (step + 1) / warmup if step < warmup else 1.0
-
-    if sched.name == "cosine":
-        def factor(step: int) -> float:
-            if step < warmup:
-                return warm(step)
-            t = min(1.0, (step - warmup) / max(1, total - warmup))
-            return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    elif sched.name == "onecycle":
-        peak = (sched.max_lr or base_lr) / base_lr
-        rise = max(1, int(sched.pct_start * total))
-
-        def factor(step: int) -> float:
-            # Linear rise from peak/25, then cosine down to peak/1e4 (the usual one-cycle shape).
-            if step < rise:
-                return peak * (0.04 + 0.96 * step / rise)
-            t = min(1.0, (step - rise) / max(1, total - rise))
-            return peak * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * t)))
-    elif sched.name == "step":
-        def factor(step: int) -> float:
-            return warm(step) * sched.gamma ** (step // (sched.step_epochs * steps_per_epoch))
-    else:
-        def factor(step: int) -> float:
+    def factor(step: int) -> float:
+        if step < warmup:
             return warm(step)
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
     return factor
+
+
+@SCHEDULERS.register("onecycle")
+def onecycle(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> LrFactor:
+    if sched.warmup_epochs:
+        raise UserError(f"scheduler.warmup_epochs={sched.warmup_epochs:g} does not apply to scheduler=onecycle, whose "
+                        "rise is its warm-up (scheduler.pct_start); remove it")
+    total = max(1, steps_per_epoch * epochs)
+    peak = (sched.max_lr or base_lr) / base_lr
+    rise = max(1, int(sched.pct_start * total))
+
+    def factor(step: int) -> float:
+        # Linear rise from peak/25, then cosine down to peak/1e4 (the usual one-cycle shape).
+        if step < rise:
+            return peak * (0.04 + 0.96 * step / rise)
+        t = min(1.0, (step - rise) / max(1, total - rise))
+        return peak * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    return factor
+
+
+@SCHEDULERS.register("step")
+def step_decay(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> LrFactor:
+    warm = _warm(sched, steps_per_epoch)
+    return lambda step: warm(step) * sched.gamma ** (step // (sched.step_epochs * steps_per_epoch))
+
+
+def lr_factor(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> LrFactor:
+    """The schedule that scheduler.name names, as a function of the optimizer step."""
+    return SCHEDULERS.get(sched.name)(sched, base_lr, steps_per_epoch, epochs)
 
 
 def build_scheduler(

@@ -70,7 +70,7 @@ def install(faults: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from cnntrain import checkpoint
+    from cnntrain.engine import checkpoint
 
     spec = dict(f.split("=", 1) if "=" in f else (f, "") for f in faults)
     counts = {"step": 0, "save": 0, "rename": 0, "eval": 0, "loss": 0}

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from cnntrain.config import DatasetConfig, ModelConfig
-from cnntrain.datasets import ImageData, load_dataset
+from cnntrain.data import load_dataset
+from cnntrain.data.images import ImageData
+from cnntrain.engine.inputs import Normalise
 from cnntrain.models import build_model
 
 # What experiment=smoke trains (configs/model/tiny_cnn.yaml) and a BatchNorm model of the same size.
@@ -25,9 +27,7 @@ TINY_BN_OVERRIDES = ["model=simple_cnn_bn", "model.width=8", "model.hidden=16", 
 
 def inputs(data: ImageData, x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> what the model sees, as the training loop makes it."""
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    return (x.float() / 255 - mean) / std
+    return Normalise.of(data.mean, data.std, x.device).from_uint8(x)
 
 
 def smoke_data() -> ImageData:

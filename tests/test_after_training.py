@@ -18,8 +18,8 @@ from PIL import Image
 
 from cnntrain import cli
 from cnntrain.config import DatasetConfig
-from cnntrain.datasets import load_dataset
-from cnntrain.inference import load_trained
+from cnntrain.data import load_dataset
+from cnntrain.engine.inference import load_trained
 from tests.conftest import run_cli, summary
 
 
@@ -305,7 +305,7 @@ def test_grad_cam_lands_on_the_object_that_drives_the_class():
     bright rectangle, so the heat map must sit on it (and not be transposed, shifted or on the border)."""
     from torch import nn
 
-    from cnntrain.explain import default_layer, grad_cam
+    from cnntrain.commands.explain import default_layer, grad_cam
 
     conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
     nn.init.zeros_(conv.weight)
@@ -331,11 +331,13 @@ def test_grad_cam_lands_on_the_object_that_drives_the_class():
 
 
 def test_list_shows_every_group_and_option_with_its_description(capsys):
-    from cnntrain.catalog import describe
+    from cnntrain.commands.catalog import describe
 
     code, out, err = cli_run(["list"], capsys)
     assert code == 0, err
-    configs = cli.config_dir()
+    from cnntrain.config.compose import config_dir
+
+    configs = config_dir()
     groups = [p for p in configs.iterdir() if p.is_dir() and p.name != "hydra"]
     assert {"dataset", "model", "augment", "optimizer", "scheduler", "experiment"} <= {g.name for g in groups}
     for group in groups:

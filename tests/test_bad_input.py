@@ -260,7 +260,7 @@ def test_an_op_without_a_deterministic_kernel_is_named():
     # the same torch error, which the CLI turns into a one-line message naming the op.
     import torch
 
-    from cnntrain.cli import nondeterministic_op
+    from cnntrain.cli.fit import nondeterministic_op
 
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnntrain.checkpoint import load_checkpoint, save_checkpoint
+from cnntrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnntrain.errors import UserError
 from tests.conftest import REPO
 
@@ -46,7 +46,7 @@ def test_round_trip_and_overwrite_leave_no_temp_files(tmp_path):
 
 KILLED_WRITE = """
 import os, signal, sys, torch
-from cnntrain.checkpoint import save_checkpoint
+from cnntrain.engine.checkpoint import save_checkpoint
 path = sys.argv[1]
 save_checkpoint(path, {"model": {"w": torch.ones(3)}})
 os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # die between the temp file and the rename

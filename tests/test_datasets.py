@@ -13,10 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cnntrain import datasets
 from cnntrain.config import DatasetConfig
-from cnntrain.datasets import DATASETS, MNIST5K_FILE, load_dataset, read_idx, stratified_split
+from cnntrain.data import builtin, load_dataset
+from cnntrain.data.builtin import MNIST5K_FILE, read_idx
+from cnntrain.data.images import stratified_split
 from cnntrain.errors import UserError
+from cnntrain.registry import DATASETS
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -182,7 +184,7 @@ def test_idx_download_goes_through_torchvision_into_the_cache(tmp_path, monkeypa
             calls.append((root, download))
             write_idx_set(Path(root) / "MNIST" / "raw", gz=True)
 
-    monkeypatch.setattr(datasets, "_tv_datasets", lambda: SimpleNamespace(MNIST=FakeMNIST))
+    monkeypatch.setattr(builtin, "tv_datasets", lambda: SimpleNamespace(MNIST=FakeMNIST))
     monkeypatch.setenv("CNNTRAIN_DATA", str(tmp_path))
     d = load_dataset(DatasetConfig(name="mnist", download=True))
     assert calls == [(str(tmp_path / "mnist"), True)]
@@ -255,7 +257,7 @@ class FakeCIFAR10:
 
 
 def test_cifar_arrays_become_nchw(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "_tv_datasets", lambda: SimpleNamespace(CIFAR10=FakeCIFAR10))
+    monkeypatch.setattr(builtin, "tv_datasets", lambda: SimpleNamespace(CIFAR10=FakeCIFAR10))
     with pytest.raises(UserError, match=r"CIFAR-10 not found in .*dataset\.download=true"):
         load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path)))
     (tmp_path / "cifar-10-batches-py").mkdir()

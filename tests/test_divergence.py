@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from cnntrain.checkpoint import load_checkpoint
+from cnntrain.engine.checkpoint import load_checkpoint
 from tests.conftest import run_cli, run_dirs, summary
 from tests.faults import REPO, csv_rows, run_faulty
 

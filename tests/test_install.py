@@ -28,7 +28,7 @@ def test_wheel_installs_and_trains_from_an_unrelated_directory(tmp_path):
                    capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([python, "-c", "import cnntrain.cli as c; print(c.config_dir())"], cwd=elsewhere,
+    where = subprocess.run([python, "-c", "import cnntrain.config.compose as c; print(c.config_dir())"], cwd=elsewhere,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(venv)), where  # the wheel's own configs, not the checkout's
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnntrain.cli import main
-from cnntrain.lr_find import centred, lr_at, suggest
+from cnntrain.commands.lr_find import centred, lr_at, suggest
 from tests.conftest import run_cli, run_dirs
 
 

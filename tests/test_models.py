@@ -12,13 +12,13 @@ from torch import nn
 from cnntrain.config import ModelConfig
 from cnntrain.errors import UserError
 from cnntrain.models import (
-    MODELS,
     backbone_parameters,
     build_model,
     count_parameters,
     head_parameters,
     set_backbone_trainable,
 )
+from cnntrain.registry import MODELS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
@@ -123,7 +123,7 @@ def test_local_imagenet_style_weights_adapt_like_pretrained(tmp_path, caplog):
 
     published = torchvision.models.resnet18()  # 3 channels, 1000 classes, as downloaded
     path = save_model(tmp_path, published)
-    with caplog.at_level(logging.WARNING, logger="cnntrain.models"):
+    with caplog.at_level(logging.WARNING, logger="cnntrain.models.zoo"):
         model = build_model(cfg_for("torchvision", arch="resnet18", weights=str(path)), 1, (32, 32), 7)
     assert torch.allclose(model.conv1.weight, published.conv1.weight.sum(dim=1, keepdim=True), atol=1e-6)
     assert torch.equal(model.layer1[0].conv1.weight, published.layer1[0].conv1.weight)
@@ -154,7 +154,7 @@ def test_weights_file_reproduces_the_saved_model(tmp_path, wrap):
 def test_weights_with_another_class_count_skip_the_head_only(tmp_path, caplog):
     src = build_model(cfg_for("resnet8"), 1, (28, 28), 10)
     path = save_model(tmp_path, src)
-    with caplog.at_level(logging.WARNING, logger="cnntrain.models"):
+    with caplog.at_level(logging.WARNING, logger="cnntrain.models.zoo"):
         dst = build_model(cfg_for("resnet8", weights=str(path)), 1, (28, 28), 5)
     assert "head.weight" in caplog.text and "from scratch" in caplog.text
     for (key, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cnntrain.checkpoint import load_checkpoint
+from cnntrain.engine.checkpoint import load_checkpoint
 from tests.conftest import run_cli, run_dirs, summary
 from tests.faults import REPO, csv_rows, run_faulty
 

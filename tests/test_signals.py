@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cnntrain.checkpoint import load_checkpoint
+from cnntrain.engine.checkpoint import load_checkpoint
 from tests.conftest import run_cli, run_dirs, summary
 from tests.faults import REPO, csv_rows, run_faulty, start_faulty
 
@@ -143,7 +143,7 @@ def test_ctrl_c_to_the_process_group_with_streaming_workers(tmp_path):
 
 
 def test_handler_only_sets_a_flag_and_ignores_forked_workers():
-    from cnntrain.train import StopRequested
+    from cnntrain.engine.signals import StopRequested
 
     stop = StopRequested()
     stop.install()

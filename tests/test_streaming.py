@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnntrain.batches import FileImages, iterate, sequential
+from cnntrain.data.batches import FileImages, iterate, sequential
 from tests.conftest import REPO, run_cli, run_dirs, summary
 
 

@@ -217,7 +217,7 @@ def _fit_cfg(**trainer):
 
 
 def test_resume_auto_in_a_sweep_job_skips_done_continues_unfinished_or_starts_fresh(tmp_path, monkeypatch):
-    from cnntrain import sweep
+    from cnntrain.sweep import jobs as sweep
 
     old = tmp_path / "multirun" / "old"
     _fake_job(old, "0_lr=0.1", ["lr=0.1", "resume=auto"], status="completed", best_val_acc=0.9)
@@ -229,22 +229,22 @@ def test_resume_auto_in_a_sweep_job_skips_done_continues_unfinished_or_starts_fr
     _hydra_job(monkeypatch, tmp_path, ["lr=1e-1", "resume=auto", "trainer.progress=none"])
     cfg = _fit_cfg()
     cfg.resume = "auto"
-    run_dir, recorded = sweep.prepare_job(cfg, here)
+    run_dir, resume, recorded = sweep.prepare_job(cfg, here)
     assert recorded == 0.9  # same overrides once resume and display keys are set aside
     assert summary(here)["status"] == "moved"  # the new job dir points at the work
 
     _hydra_job(monkeypatch, tmp_path, ["lr=0.2", "resume=auto"])
     cfg.resume = "auto"
-    assert sweep.prepare_job(cfg, here) == (stopped, None) and cfg.resume == str(stopped)
+    assert sweep.prepare_job(cfg, here) == (stopped, str(stopped), None)
 
     _hydra_job(monkeypatch, tmp_path, ["lr=0.3", "resume=auto"])
     cfg.resume = "auto"
-    assert sweep.prepare_job(cfg, here) == (here, None) and cfg.resume is None
+    assert sweep.prepare_job(cfg, here) == (here, None, None)
 
     # A job requeued by SLURM/submitit runs again in its own directory, which holds its last.pt.
     _hydra_job(monkeypatch, tmp_path, ["lr=0.2"])
     cfg.resume = None
-    assert sweep.prepare_job(cfg, stopped) == (stopped, None) and cfg.resume == str(stopped)
+    assert sweep.prepare_job(cfg, stopped) == (stopped, str(stopped), None)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -253,7 +253,7 @@ def test_resume_auto_in_a_sweep_job_skips_done_continues_unfinished_or_starts_fr
 def test_parallel_jobs_share_the_cores_and_spread_over_gpus(tmp_path, monkeypatch):
     import torch
 
-    from cnntrain import sweep
+    from cnntrain.sweep import jobs as sweep
 
     monkeypatch.setattr(sweep, "cpu_count", lambda: 16)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
@@ -316,9 +316,9 @@ def test_slurm_preset_composes_with_its_knobs(tmp_path):
 
 
 def test_optuna_direction_follows_the_monitored_metric():
-    from cnntrain.cli import _register_resolvers
+    from cnntrain.config.compose import register_resolvers
 
-    _register_resolvers()
+    register_resolvers()
     cfg = OmegaConf.create({"acc": "${cnntrain_direction:val/acc}", "loss": "${cnntrain_direction:val/loss}"})
     assert (cfg.acc, cfg.loss) == ("maximize", "minimize")
 
@@ -345,7 +345,7 @@ def test_optuna_study_optimises_the_objective_and_continues_from_its_storage(tmp
 
 
 def test_a_missing_plugin_is_named_with_the_extra_that_installs_it():
-    from cnntrain.cli import _missing_option_message
+    from cnntrain.config.compose import missing_option_message
 
     text = "In 'hydra/sweeper/optuna_study': Could not load 'hydra/sweeper/optuna'."
-    assert _missing_option_message(Exception(text)).endswith("pip install 'cnntrain[optuna]'")
+    assert missing_option_message(Exception(text)).endswith("pip install 'cnntrain[optuna]'")

@@ -1,0 +1,341 @@
+"""Batched data augmentation that runs on the training device, inside the loop.
+
+The loop hands over a whole batch of float images in [0, 1]. Every op draws its
+per-sample parameters as tensors from the caller's ``torch.Generator`` and applies them
+with masks, one gather or one ``grid_sample``: no per-sample Python, no host-device sync,
+and restoring ``gen.get_state()`` replays exactly the same augmentations.
+
+Order: flips -> affine warp -> pad-and-crop -> policy (RandAugment / TrivialAugment)
+-> random erasing -> Mixup / CutMix. Validation and test batches never come here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cnntrain.errors import UserError
+
+POLICIES = ("none", "randaugment", "trivialaugment")
+# torchvision's convention: magnitudes are bins 0..30; bin 30 is the strongest version of an op.
+MAX_MAGNITUDE = 30
+
+# Policy ops, in a fixed order (the index is what each sample draws).
+POLICY_OPS = (
+    "identity", "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
+    "autocontrast", "equalize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
+)  # fmt: skip
+_OP = {name: i for i, name in enumerate(POLICY_OPS)}
+# Strength at the top magnitude (the same ranges for both policies).
+_ENHANCE_MAX = 0.9  # brightness/color/contrast/sharpness factor 1 +- 0.9
+_ROTATE_MAX = 30.0  # degrees
+_SHEAR_MAX = 0.3  # shear factor
+_TRANSLATE_MAX = 150 / 331  # fraction of the image size
+_POSTERIZE_MAX_BITS_DROPPED = 4  # 8 bits -> 4 bits
+
+# Random erasing: area fraction and aspect ratio (h / w) of the rectangle.
+_ERASE_AREA = (0.02, 0.33)
+_ERASE_RATIO = (0.3, 3.3)
+
+Step = Callable[[Tensor, torch.Generator], Tensor]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rand(gen: torch.Generator, x: Tensor, *size: int) -> Tensor:
+    return torch.rand(size, generator=gen, device=x.device)
+
+
+def _per_sample(v: Tensor) -> Tensor:
+    """[B] -> [B, 1, 1, 1], to broadcast over an image batch."""
+    return v.view(-1, 1, 1, 1)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """Luma of an RGB batch (ITU-R 601 weights); single-channel images are their own gray."""
+    if x.shape[1] != 3:
+        return x
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def rotation(angle_deg: Tensor) -> Tensor:
+    """[B] angles -> [B, 2, 2] forward matrices turning content counter-clockwise on screen (y points down)."""
+    a = torch.deg2rad(angle_deg)
+    cos, sin = torch.cos(a), torch.sin(a)
+    return torch.stack([cos, sin, -sin, cos], 1).view(-1, 2, 2)
+
+
+def warp(x: Tensor, lin: Tensor, shift: Tensor) -> Tensor:
+    """Move the content at pixel offset p from the image centre to ``lin @ p + shift``.
+
+    ``lin`` is [B, 2, 2] and ``shift`` [B, 2] in pixels, (x, y) order. Bilinear, zeros
+    outside the image. Working in pixels keeps rotations rigid on non-square images.
+    """
+    b, c, h, w = x.shape
+    p, q, r, s = lin[:, 0, 0], lin[:, 0, 1], lin[:, 1, 0], lin[:, 1, 1]
+    # grid_sample wants the inverse map (output -> input); 2x2 inverse in closed form.
+    inv = torch.stack([s, -q, -r, p], 1).view(b, 2, 2) / (p * s - q * r).view(b, 1, 1)
+    # Normalised coordinates are n = S p with S = diag(2/W, 2/H) (align_corners=False), so
+    # the map becomes S inv S^-1. Python scalars only: a small tensor built from a list would
+    # be a blocking host-to-device copy on CUDA.
+    inv_n = torch.stack([inv[:, 0, 0], inv[:, 0, 1] * (h / w), inv[:, 1, 0] * (w / h), inv[:, 1, 1]], 1).view(b, 2, 2)
+    shift_n = torch.stack([shift[:, 0] * (2.0 / w), shift[:, 1] * (2.0 / h)], 1)
+    offset = -(inv_n @ shift_n.unsqueeze(2))
+    theta = torch.cat([inv_n, offset], 2).to(x.dtype)
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _reflect(idx: Tensor, n: int) -> Tensor:
+    """Reflect indices in [-(n-1), 2(n-1)] into [0, n-1] without repeating the edge (like reflect padding)."""
+    idx = idx.abs()
+    return (n - 1) - ((n - 1) - idx).abs()
+
+
+def _log_gamma(alpha: float, n: int, gen: torch.Generator, device: torch.device, tries: int = 16) -> Tensor:
+    """log of n Gamma(alpha, 1) draws by Marsaglia & Tsang (2000), from ``gen`` only.
+
+    The rejection loop is unrolled into ``tries`` proposals per draw and the first accepted
+    one is taken, so nothing waits on the device; each proposal is accepted with probability
+    > 0.95, so all of them failing (then the mode-like value d is used) practically never
+    happens. alpha < 1 uses Gamma(alpha) = Gamma(alpha + 1) * U^(1/alpha). Log space keeps
+    the tiny values that small alphas give from underflowing to 0.
+    """
+    a = alpha + 1.0 if alpha < 1 else alpha
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    z = torch.randn(n, tries, generator=gen, device=device)
+    u = torch.rand(n, tries, generator=gen, device=device)
+    v = (1.0 + c * z) ** 3
+    log_v = torch.log(v.clamp_min(1e-30))
+    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * log_v)
+    # Distinct descending weights make the first accepted proposal the unique maximum.
+    order = torch.arange(tries, 0, -1, device=device, dtype=torch.float32)
+    first = (ok.float() * order).argmax(1, keepdim=True)
+    log_g = torch.where(ok.any(1), math.log(d) + log_v.gather(1, first).squeeze(1), math.log(d))
+    if alpha < 1:
+        u_boost = torch.rand(n, generator=gen, device=device).clamp_min(1e-30)
+        log_g = log_g + torch.log(u_boost) / alpha
+    return log_g
+
+
+def sample_beta(alpha: float, n: int, gen: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+    """n draws of Beta(alpha, alpha) on ``device``, using only ``gen`` (torch.distributions takes no generator)."""
+    device = torch.device(device)
+    return torch.sigmoid(_log_gamma(alpha, n, gen, device) - _log_gamma(alpha, n, gen, device))
+
+
+# --------------------------------------------------------------------------- geometric ops
+
+
+def random_flip(x: Tensor, gen: torch.Generator, p: float, dim: int) -> Tensor:
+    flip = _per_sample(_rand(gen, x, x.shape[0]) < p)
+    return torch.where(flip, x.flip(dim), x)
+
+
+def random_affine(
+    x: Tensor, gen: torch.Generator, rotate: float, scale_min: float, scale_max: float, translate: float
+) -> Tensor:
+    """One warp per sample: rotation in +-rotate degrees, isotropic scale, shift of +-translate of the size."""
+    b, _, h, w = x.shape
+    r = _rand(gen, x, b, 4)
+    angle = (2 * r[:, 0] - 1) * rotate
+    scale = scale_min + r[:, 1] * (scale_max - scale_min)
+    shift = torch.stack([(2 * r[:, 2] - 1) * (translate * w), (2 * r[:, 3] - 1) * (translate * h)], 1)
+    return warp(x, rotation(angle) * scale.view(b, 1, 1), shift).clamp_(0, 1)
+
+
+def random_crop(x: Tensor, gen: torch.Generator, padding: int) -> Tensor:
+    """Reflect-pad by ``padding`` and crop back at a per-sample offset, as one gather (no padded copy)."""
+    b, c, h, w = x.shape
+    if padding >= min(h, w):
+        raise UserError(f"augment.crop_padding={padding} must be smaller than the image size ({h}x{w})")
+    off = torch.randint(-padding, padding + 1, (b, 2), generator=gen, device=x.device)
+    rows = _reflect(torch.arange(h, device=x.device) + off[:, :1], h)  # [B, H]
+    cols = _reflect(torch.arange(w, device=x.device) + off[:, 1:], w)  # [B, W]
+    idx = (rows.unsqueeze(2) * w + cols.unsqueeze(1)).view(b, 1, h * w).expand(b, c, h * w)
+    return x.reshape(b, c, h * w).gather(2, idx).view(b, c, h, w)
+
+
+# --------------------------------------------------------------------------- policy ops
+
+
+def _smooth(x: Tensor) -> Tensor:
+    """PIL's 3x3 SMOOTH filter (ones with 5 in the centre, /13), border pixels kept.
+
+    Written as shifted-slice sums: a depthwise conv2d is tens of times slower on CPU.
+    """
+    if x.shape[-2] < 3 or x.shape[-1] < 3:
+        return x
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = (box + 4 * x[..., 1:-1, 1:-1]) / 13
+    return out
+
+
+def equalize(x: Tensor) -> Tensor:
+    """Histogram equalisation per image and channel over 256 levels (textbook CDF mapping, min -> 0, max -> 1).
+
+    Batched as one scatter_add into a [B*C, 256] histogram; constant channels are left alone.
+    """
+    b, c, h, w = x.shape
+    levels = (x.reshape(b * c, h * w) * 255).round_().long().clamp_(0, 255)
+    hist = torch.zeros(b * c, 256, device=x.device, dtype=torch.float32)
+    hist.scatter_add_(1, levels, torch.ones(1, 1, device=x.device).expand_as(levels))
+    cdf = hist.cumsum(1)
+    cdf_min = torch.where(cdf > 0, cdf, float(h * w)).amin(1, keepdim=True)
+    span = float(h * w) - cdf_min
+    lut = ((cdf - cdf_min) / span.clamp_min(1)).clamp_(0, 1)
+    out = lut.gather(1, levels).to(x.dtype).view(b, c, h, w)
+    return torch.where((span > 0).view(b, c, 1, 1), out, x)
+
+
+def apply_policy_ops(x: Tensor, op: Tensor, magnitude: Tensor, sign: Tensor) -> Tensor:
+    """Apply op[i] (index into POLICY_OPS) to sample i at strength magnitude[i] in [0, 1], direction sign[i] (+-1).
+
+    Each op runs over the whole batch with parameters that make it an exact identity on the
+    samples that did not pick it (or is masked per sample), so chaining them applies each
+    sample's own op. No sub-batches: their sizes would have to be read on the host.
+    """
+    b, _, h, w = x.shape
+    dt = x.dtype
+    m = magnitude.to(dt)
+    signed = m * sign.to(dt)
+    picked = {name: op == i for name, i in _OP.items()}
+    zero = torch.zeros_like(m)
+
+    def only(name: str, value: Tensor, otherwise: float | Tensor) -> Tensor:
+        return _per_sample(torch.where(picked[name], value, otherwise))
+
+    # Brightness, color, contrast and sharpness blend away from a degenerate image d:
+    # f*x + (1-f)*d, with f = 1 (and every d weight 0) for the other samples.
+    is_blend = picked["brightness"] | picked["color"] | picked["contrast"] | picked["sharpness"]
+    factor = torch.where(is_blend, 1 + _ENHANCE_MAX * signed, 1.0)
+    gray = _gray(x)
+    out = x * _per_sample(factor)
+    out = out + only("color", 1 - factor, zero) * gray
+    out = out + only("contrast", 1 - factor, zero) * gray.mean((1, 2, 3), keepdim=True)
+    out = torch.addcmul(out, only("sharpness", 1 - factor, zero), _smooth(x)).clamp_(0, 1)
+
+    step = torch.exp2(torch.round(m * _POSTERIZE_MAX_BITS_DROPPED)).view(b, 1, 1, 1)
+    posterized = torch.floor(torch.round(out * 255) / step) * step / 255
+    out = torch.where(_per_sample(picked["posterize"]), posterized, out)
+
+    # Threshold 2 inverts nothing; the arithmetic form beats a per-pixel where on CPU.
+    above = (out >= only("solarize", 1 - m, 2.0)).to(dt)
+    out = torch.addcmul(out, above, 1 - 2 * out)
+
+    # Autocontrast as (x - lo) * gain, with lo = 0 and gain = 1 for the other samples.
+    lo = out.amin((2, 3), keepdim=True)
+    hi = out.amax((2, 3), keepdim=True)
+    stretch = _per_sample(picked["autocontrast"]) & (hi > lo)
+    gain = torch.where(stretch, 1 / (hi - lo).clamp_min(1e-12), 1.0)
+    out = ((out - torch.where(stretch, lo, 0.0)) * gain).clamp_(0, 1)
+
+    out = torch.where(_per_sample(picked["equalize"]), equalize(out), out)
+
+    # One warp for all geometric choices; the others are masked out.
+    angle = torch.where(picked["rotate"], signed * _ROTATE_MAX, zero)
+    shear_x = torch.where(picked["shear_x"], signed * _SHEAR_MAX, zero)
+    shear_y = torch.where(picked["shear_y"], signed * _SHEAR_MAX, zero)
+    one = torch.ones_like(zero)
+    shear = torch.stack([one, shear_x, shear_y, one], 1).view(b, 2, 2)
+    tx = torch.where(picked["translate_x"], signed * _TRANSLATE_MAX * w, zero)
+    ty = torch.where(picked["translate_y"], signed * _TRANSLATE_MAX * h, zero)
+    warped = warp(out, rotation(angle).to(dt) @ shear, torch.stack([tx, ty], 1)).clamp_(0, 1)
+    is_geo = picked["rotate"] | picked["shear_x"] | picked["shear_y"] | picked["translate_x"] | picked["translate_y"]
+    return torch.where(_per_sample(is_geo), warped, out)
+
+
+def random_policy(x: Tensor, gen: torch.Generator, num_ops: int, magnitude: int | None) -> Tensor:
+    """RandAugment (fixed magnitude, num_ops ops) or TrivialAugment (magnitude None: one op, random magnitude)."""
+    b = x.shape[0]
+    for _ in range(num_ops):
+        op = torch.randint(0, len(POLICY_OPS), (b,), generator=gen, device=x.device)
+        sign = torch.where(_rand(gen, x, b) < 0.5, -1.0, 1.0)
+        if magnitude is None:
+            mag = torch.randint(0, MAX_MAGNITUDE + 1, (b,), generator=gen, device=x.device) / MAX_MAGNITUDE
+        else:
+            mag = torch.full((b,), magnitude / MAX_MAGNITUDE, device=x.device)
+        x = apply_policy_ops(x, op, mag, sign)
+    return x
+
+
+# --------------------------------------------------------------------------- erasing and mixing
+
+
+def _box_mask(h: int, w: int, top: Tensor, left: Tensor, bottom: Tensor, right: Tensor) -> Tensor:
+    """[N] box edges (bottom/right exclusive) -> bool [N, 1, H, W] masks."""
+    rows = torch.arange(h, device=top.device).view(1, h, 1)
+    cols = torch.arange(w, device=top.device).view(1, 1, w)
+    inside = (rows >= top.view(-1, 1, 1)) & (rows < bottom.view(-1, 1, 1))
+    inside = inside & (cols >= left.view(-1, 1, 1)) & (cols < right.view(-1, 1, 1))
+    return inside.unsqueeze(1)
+
+
+def random_erasing(x: Tensor, gen: torch.Generator, p: float) -> Tensor:
+    """With probability p, fill one rectangle per image with uniform noise in [0, 1).
+
+    Area is 2%-33% of the image and the aspect ratio (h/w) log-uniform in 0.3-3.3; a side
+    that would not fit is clipped to the image instead of redrawing (no host-side retries).
+    """
+    b, c, h, w = x.shape
+    r = _rand(gen, x, b, 5)
+    area = (_ERASE_AREA[0] + r[:, 0] * (_ERASE_AREA[1] - _ERASE_AREA[0])) * (h * w)
+    lo, hi = math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])
+    ratio = torch.exp(lo + r[:, 1] * (hi - lo))
+    eh = torch.sqrt(area * ratio).round().clamp(1, h)
+    ew = torch.sqrt(area / ratio).round().clamp(1, w)
+    top = torch.floor(r[:, 2] * (h - eh + 1))
+    left = torch.floor(r[:, 3] * (w - ew + 1))
+    mask = _box_mask(h, w, top, left, top + eh, left + ew) & _per_sample(r[:, 4] < p)
+    noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return torch.where(mask, noise, x)
+
+
+def _one_hot(y: Tensor, num_classes: int) -> Tensor:
+    # scatter_ rather than F.one_hot, which checks the label range on the host (a sync on CUDA).
+    return torch.zeros(y.shape[0], num_classes, device=y.device).scatter_(1, y.view(-1, 1), 1.0)
+
+
+def mix_batch(
+    x: Tensor, y: Tensor, gen: torch.Generator, num_classes: int, mixup_alpha: float, cutmix_alpha: float
+) -> tuple[Tensor, Tensor]:
+    """Mixup or CutMix with a random permutation of the batch; returns soft targets [B, num_classes].
+
+    One lambda per batch. With both alphas set, the choice between them is a tensor too,
+    and both are folded into one per-pixel weight map, so nothing is decided on the host.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    pick_cut = _rand(gen, x, 1) < 0.5 if mixup_alpha > 0 and cutmix_alpha > 0 else None
+    weight = target = None  # weight: share of x at each pixel; target: share of y in the label
+    if mixup_alpha > 0:
+        lam = sample_beta(mixup_alpha, 1, gen, dev)
+        weight, target = lam.view(1, 1, 1, 1), lam
+    if cutmix_alpha > 0:
+        lam = sample_beta(cutmix_alpha, 1, gen, dev)
+        side = torch.sqrt(1 - lam)
+        centre = _rand(gen, x, 2)
+        cy, cx = centre[:1] * h, centre[1:] * w
+        top, bottom = torch.round(cy - side * h / 2).clamp(0, h), torch.round(cy + side * h / 2).clamp(0, h)
+        left, right = torch.round(cx - side * w / 2).clamp(0, w), torch.round(cx + side * w / 2).clamp(0, w)
+        box = _box_mask(h, w, top, left, bottom, right)
+        cut_weight = (~box).to(x.dtype)
+        cut_target = 1 - box.sum().to(torch.float32).view(1) / (h * w)  # the area actually pasted
+        if pick_cut is None:
+            weight, target = cut_weight, cut_target
+        else:
+            weight = torch.where(pick_cut.view(1, 1, 1, 1), cut_weight, weight.to(x.dtype))
+            target = torch.where(pick_cut, cut_target, target)
+    perm = torch.randperm(b, generator=gen, device=dev)
+    weight = weight.to(x.dtype)
+    mixed = (x * weight + x[perm] * (1 - weight)).clamp_(0, 1)
+    soft = target * _one_hot(y, num_classes) + (1 - target) * _one_hot(y[perm], num_classes)
+    return mixed, soft

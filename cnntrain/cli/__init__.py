@@ -1,0 +1,80 @@
+"""The `cnntrain` command: subcommand dispatch and error reporting.
+
+Kept import-light (no torch, no Hydra at import time) so that `cnntrain --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from cnntrain import __version__
+from cnntrain.errors import UserError, did_you_mean
+
+COMMANDS = {
+    "fit": "train a CNN from the composed config (Hydra overrides, --multirun, --cfg job, --help)",
+    "evaluate": "score a checkpoint on a dataset split: per-class metrics, confusion matrix, figures",
+    "predict": "classify image files (file, folder or glob) with a checkpoint; top-k table and CSV",
+    "explain": "Grad-CAM heat maps: which pixels drove each prediction",
+    "export": "write the model as TorchScript, ONNX or a state_dict, checked against the eager model",
+    "list": "the options of every config group, with descriptions",
+    "report": "one table of a sweep's jobs (overrides, best metric, test, time, status, errors), plus a CSV",
+    "lr-find": "learning-rate range test: loss against an exponentially growing lr, plot and suggested lr",
+}
+
+# Every other command is a module of cnntrain.commands with main(argv); imported only when it runs.
+_COMMAND_MODULES = {"evaluate": "evaluate", "predict": "predict", "explain": "explain", "export": "export",
+                    "list": "catalog", "report": "report", "lr-find": "lr_find"}
+
+USAGE = """\
+usage: cnntrain <command> [options and Hydra overrides]
+
+Train convolutional neural networks for image classification from Hydra configs.
+
+commands:
+{commands}
+
+examples:
+  cnntrain fit                                      # the seed CNN on the embedded MNIST digits
+  cnntrain fit model=resnet8 optimizer.lr=3e-3 trainer.epochs=20
+  cnntrain fit experiment=smoke                     # a 10-second end-to-end run
+  cnntrain fit --multirun optimizer.lr=1e-3,3e-3    # a sweep, one run directory per job
+  cnntrain fit --cfg job                            # print the composed config and exit
+  cnntrain fit --help                               # config groups, their options and Hydra flags
+  cnntrain fit resume=runs/default/<run>            # continue an interrupted run
+  cnntrain evaluate ckpt=runs/default/<run>         # test metrics, confusion matrix, figures
+  cnntrain predict ckpt=runs/default/<run> inputs=photos/
+
+Run `cnntrain <command> --help` for a command's own help. Version {version}.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(len(c) for c in COMMANDS)
+        commands = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+        print(USAGE.format(commands=commands, version=__version__))
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"cnntrain {__version__}")
+        return
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        _fail(f"unknown command '{command}'{did_you_mean(command, COMMANDS)}; commands: {', '.join(COMMANDS)}", 2)
+    try:
+        if command == "fit":
+            from cnntrain.cli.fit import run_fit
+
+            run_fit(args)
+        else:
+            importlib.import_module(f"cnntrain.commands.{_COMMAND_MODULES[command]}").main(args)
+    except UserError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"cnntrain: error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,176 @@
+"""`cnntrain fit`: the Hydra app. Everything that adjusts a job's config happens here, once, at the top:
+
+validation, resume resolution for sweep jobs, threads and GPUs under parallel launchers. Below this
+the config is read-only. A start that fails leaves no run directory (a sweep job leaves a failure
+record instead), and every error reaches the user as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cnntrain.cli.resume import expand_resume
+from cnntrain.config.compose import config_dir, hydra_error_message, register_configs, register_resolvers
+from cnntrain.errors import UserError
+
+
+def run_fit(args: list[str]) -> None:
+    """Run the Hydra app of `cnntrain fit` with these arguments; errors come out as UserError."""
+    import hydra
+    from omegaconf import DictConfig
+
+    register_configs()
+    register_resolvers()
+    # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    job = _JobState()
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="fit")
+    def app(cfg: DictConfig) -> float | None:
+        return _job(cfg, job)
+
+    saved_argv = sys.argv
+    scratch = None
+    try:
+        args = expand_resume(args)
+        job.snapshot_resumed_run(args)
+        if os.environ.get("RANK", "0") != "0":
+            # torchrun: only rank 0's Hydra keeps a run directory; the others write into a scratch one.
+            scratch = tempfile.mkdtemp(prefix="cnntrain-rank")
+            args = [*args, "hydra.output_subdir=null", f"hydra.run.dir={scratch}", "hydra/job_logging=disabled"]
+        sys.argv = ["cnntrain fit", *args]
+        app()
+        if job.failure is not None:
+            raise job.failure
+    except UserError as e:
+        job.restore_resumed_run()
+        raise _with_sweep_hint(e) from None
+    except KeyboardInterrupt:
+        job.restore_resumed_run()
+        raise
+    except Exception as e:  # Hydra / OmegaConf composition and override errors
+        message = hydra_error_message(e)
+        if message is None and isinstance(e, OSError) and not job.started:
+            # Hydra could not create the run directory (read-only place, a file in the way...).
+            where = e.filename or "the run directory"
+            message = f"cannot create the run directory {where}: {e.strerror or e}; set hydra.run.dir=DIR to a writable place"
+        if message is None:
+            raise
+        raise UserError(message) from None
+    finally:
+        sys.argv = saved_argv
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _job(cfg: Any, job: _JobState) -> float | None:
+    """One job: adjust the config at the top, freeze it, train; clean up or record a failure once."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from cnntrain.config import validate
+    from cnntrain.io.files import discard_run_dir
+    from cnntrain.sweep import jobs as sweep
+
+    job.started = True
+    hc = HydraConfig.get()
+    single = hc.mode == RunMode.RUN
+    run_dir = Path(hc.runtime.output_dir)
+    resuming = cfg.resume is not None
+    try:
+        validate(cfg)  # before torch is imported: a bad value fails in a second
+        # Sweep jobs: resume=auto / a requeue may point elsewhere or find the job already done.
+        run_dir, resume, recorded = sweep.prepare_job(cfg, run_dir)
+        if recorded is not None:
+            return recorded
+        cfg.resume = resume
+        sweep.apply_launcher_resources(cfg)
+        OmegaConf.set_readonly(cfg, True)
+        from cnntrain.engine.loop import fit
+
+        result = fit(cfg, run_dir)
+        if cfg.trainer.dry_run:
+            discard_run_dir(run_dir)
+        return result
+    except BaseException as e:
+        if single and not resuming:
+            discard_run_dir(run_dir)  # a start that failed before training leaves nothing under runs/
+        sweep.record_failure(run_dir, e)  # for `cnntrain report`: summary.json says failed and why
+        if not single or isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = e if isinstance(e, UserError) else nondeterministic_error(e)
+        if error is None:
+            raise
+        # Kept and raised after Hydra returns: raised through Hydra it would first print
+        # "Error executing job with overrides: ..." above our one-line message.
+        job.failure = error
+        return None
+
+
+class _JobState:
+    """What the Hydra app of one `cnntrain fit` learns, for the code around `app()`."""
+
+    def __init__(self) -> None:
+        self.started = False  # Hydra got as far as calling the task (the run directory exists)
+        self.failure: UserError | None = None  # a single run's error, raised once Hydra has returned
+        self._saved: dict[Path, bytes] = {}
+        self._last: tuple[Path, tuple[int, int] | None] | None = None
+
+    def snapshot_resumed_run(self, args: list[str]) -> None:
+        """Hydra rewrites the resumed run's .hydra/*.yaml before fit starts: keep the old ones to put back."""
+        run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+        if run_dir is None or not any(a.startswith("resume=") for a in args):
+            return
+        hydra_dir = Path(run_dir) / ".hydra"
+        self._saved = {f: f.read_bytes() for f in hydra_dir.glob("*.yaml")}
+        last = Path(run_dir) / "checkpoints" / "last.pt"
+        self._last = (last, _stat_key(last))
+
+    def restore_resumed_run(self) -> None:
+        """A resume that failed before training anything leaves the run's recorded config as it was,
+        so that a corrected `resume=<run>` composes the run's own overrides again, not the failed ones."""
+        if self._last is None or _stat_key(self._last[0]) != self._last[1]:
+            return
+        for path, data in self._saved.items():
+            path.write_bytes(data)
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def nondeterministic_op(e: BaseException) -> str | None:
+    """The op torch names when trainer.deterministic=true meets one without a deterministic kernel
+    (e.g. adaptive_avg_pool2d_backward_cuda in the ResNets on a GPU), else None."""
+    import re
+
+    m = re.match(r"(\S+) does not have a deterministic implementation", str(e))
+    return m.group(1) if m else None
+
+
+def nondeterministic_error(e: BaseException) -> UserError | None:
+    op = nondeterministic_op(e) if isinstance(e, RuntimeError) else None
+    if op is None:
+        return None
+    return UserError(f"trainer.deterministic=true, but {op} has no deterministic implementation on this device; "
+                     "set trainer.deterministic=false or pick a model without it")
+
+
+def _with_sweep_hint(e: UserError) -> UserError:
+    """A sweep raises the first failed job's error after running the others: say where all of them are."""
+    sweep_dir = getattr(e, "sweep_dir", None)  # set by cnntrain.sweep.jobs.record_failure in the job
+    if sweep_dir is None:
+        return e
+    hinted = UserError(f"{e} (a job of the sweep failed; `cnntrain report {sweep_dir}` lists every job)")
+    hinted.exit_code = e.exit_code
+    return hinted

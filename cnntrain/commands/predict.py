@@ -1,0 +1,111 @@
+"""`cnntrain predict`: classify image files with a trained checkpoint (nothing else needed)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+
+import torch
+
+from cnntrain.errors import UserError
+
+HELP = """\
+usage: cnntrain predict ckpt=<checkpoint or run dir> inputs=<image, folder or glob> [key=value ...]
+
+Classify images with a trained model. Any PNG/JPEG/BMP/WebP of any size or mode is converted
+the way the model's training images were (channels, size, normalisation come from the
+checkpoint), so this works offline with nothing but the checkpoint. Files are read in batches:
+folders of thousands of images are fine.
+
+keys:
+  ckpt=PATH        {ckpt}
+  inputs=PATH      an image file, a folder (searched recursively) or a quoted glob ('imgs/**/*.jpg')
+  top_k=5          classes listed per image (at most the number of classes)
+  out=DIR          where predictions.csv goes (default: <run dir>/predict)
+  show=20          rows of the table printed here (all rows go to the CSV)
+  batch_size=256   images decoded and classified at once
+  device=auto      auto | cpu | cuda | cuda:N | mps
+  precision=auto   auto (as trained) | 32 | bf16 | fp16
+  on_error=error   error | skip: what to do with a file that cannot be decoded
+
+examples:
+  cnntrain predict ckpt=runs/default/<run> inputs=digit.png
+  cnntrain predict ckpt=runs/default/<run>/checkpoints/best.pt inputs='scans/*.jpg' top_k=3
+"""
+
+
+@dataclass
+class PredictArgs:
+    ckpt: str = "???"
+    inputs: str = "???"
+    top_k: int = 5
+    out: str | None = None
+    show: int = 20
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "auto"
+    on_error: str = "error"
+
+
+def main(argv: list[str]) -> None:
+    from rich.table import Table
+
+    from cnntrain.commands.args import check_choice, console, parse_args, plain_warnings, print_help, wants_help
+    from cnntrain.engine.inference import (
+        CKPT_HELP,
+        check_images,
+        collect_images,
+        ignored_note,
+        image_batches,
+        load_trained,
+        logits_of,
+        precision_for,
+        prepare,
+    )
+
+    if wants_help(argv):
+        print_help(HELP.format(ckpt=CKPT_HELP))
+        return
+    plain_warnings()
+    args = parse_args(PredictArgs, argv, "predict")
+    check_choice("on_error", args.on_error, ("error", "skip"))
+    check_choice("precision", args.precision, ("auto", "32", "bf16", "fp16"))
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError("top_k and batch_size must be at least 1")
+    paths, ignored = collect_images(args.inputs)
+    if args.on_error == "error":
+        check_images(paths)  # fail on a non-image before any work, naming the file
+    trained = load_trained(args.ckpt, args.device)
+    precision, channels_last = precision_for(trained, args.precision)
+    prepare(trained, channels_last)
+    k = min(args.top_k, len(trained.classes))
+    out = trained.out_dir("predict", args.out)
+    csv_path = out / "predictions.csv"
+
+    con = console()
+    pre = trained.preprocess
+    h, w = pre.image_size
+    con.print(f"{trained.label}: {len(paths):,} image(s) -> {pre.channels}x{h}x{w}, "
+              f"{len(trained.classes)} classes ({trained.checkpoint}){ignored_note(ignored)}")
+    table = Table(show_lines=False, title_justify="left")
+    table.add_column("image", overflow="fold")
+    for i in range(k):
+        table.add_column("predicted" if i == 0 else f"#{i + 1}", no_wrap=True)
+    done = 0
+    with open(csv_path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path"] + [f"{name}_{i + 1}" for i in range(k) for name in ("class", "prob")])
+        for batch_paths, x in image_batches(paths, pre, args.batch_size, args.on_error):
+            probs = logits_of(trained, x, precision, channels_last).softmax(1)
+            top_p, top_i = torch.topk(probs, k, dim=1)
+            for path, ps, idx in zip(batch_paths, top_p.tolist(), top_i.tolist(), strict=True):
+                names = [trained.classes[i] for i in idx]
+                rows.writerow([str(path)] + [v for n, p in zip(names, ps, strict=True) for v in (n, f"{p:.6f}")])
+                if done < args.show:
+                    table.add_row(str(path), *(f"{n} ({p:.1%})" for n, p in zip(names, ps, strict=True)))
+                done += 1
+    if args.show > 0:
+        con.print(table)
+    if done > args.show > 0:
+        con.print(f"... and {done - args.show:,} more rows in the CSV")
+    con.print(f"wrote {done:,} prediction(s) to {csv_path}")

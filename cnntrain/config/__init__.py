@@ -1,0 +1,286 @@
+"""Typed schemas for every config group.
+
+Hydra composes the YAML files under ``configs/`` on top of :class:`FitConfig`, so a
+key that is not declared here, or a value of the wrong type, is rejected while the
+config is composed (before anything is built). Ranges and choices that a type cannot
+express are checked by :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnntrain.errors import UserError, did_you_mean
+
+
+@dataclass
+class DatasetConfig:
+    # Registry key in cnntrain.registry.DATASETS.
+    name: str = "mnist5k"
+    # Directory holding the data; None means the dataset's default location.
+    root: str | None = None
+    # Fetch the files from the internet when they are not under root (torchvision sets).
+    download: bool = False
+    # Fraction of the training data held out for validation (seeded, stratified).
+    val_fraction: float = 0.1
+    # Fraction held out for testing, for sources that ship no test split.
+    test_fraction: float = 0.1
+    # Seed of the train/val/test split; independent of trainer.seed so that runs
+    # with different seeds are evaluated on the same images.
+    split_seed: int = 0
+    # Keep only this many training images (stratified), for quick runs.
+    subset: int | None = None
+    # Image folders: resize every image to image_size x image_size.
+    image_size: int | None = None
+    # Image folders: 1 (grayscale) or 3 (RGB); None infers it from the images.
+    channels: int | None = None
+    # Image folders: what to do with a file that cannot be decoded: skip | error.
+    on_corrupt: str = "skip"
+    # Image folders: decode everything into memory (true), stream files through DataLoader
+    # workers (false), or decide by size (auto: in memory below memory_limit_mb of uint8 pixels).
+    in_memory: str = "auto"
+    memory_limit_mb: int = 4096
+
+
+@dataclass
+class ModelConfig:
+    # Registry key in cnntrain.registry.MODELS.
+    name: str = "simple_cnn"
+    # model=torchvision: the torchvision architecture, e.g. resnet18.
+    arch: str | None = None
+    # Base channel width; None means the architecture's own default (its builder's keyword default).
+    width: int | None = None
+    # Width of the hidden dense layer, for models that have one; None means the architecture's default.
+    hidden: int | None = None
+    # Dropout before the classifier, for models that have a head.
+    dropout: float = 0.0
+    # torchvision models: load the published ImageNet weights (downloads once).
+    pretrained: bool = False
+    # A local state_dict (.pt) to start from; works offline.
+    weights: str | None = None
+    # Train only the classifier head...
+    freeze_backbone: bool = False
+    # ...until this epoch (1-based), when the backbone is unfrozen. None: never.
+    unfreeze_epoch: int | None = None
+    # Learning rate of the backbone relative to optimizer.lr (fine-tuning).
+    backbone_lr_scale: float = 1.0
+
+
+@dataclass
+class AugmentConfig:
+    # Name of the preset, for the record; the fields below say what is done.
+    name: str = "none"
+    # Random horizontal / vertical flip probability.
+    hflip: float = 0.0
+    vflip: float = 0.0
+    # Affine warp, drawn per image: rotation in +-degrees, isotropic scale range,
+    # translation as a fraction of the image size.
+    rotate: float = 0.0
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+    translate: float = 0.0
+    # Pad by this many pixels (reflect) and crop back at a random offset.
+    crop_padding: int = 0
+    # Automatic policy: none | randaugment | trivialaugment.
+    policy: str = "none"
+    policy_ops: int = 2
+    policy_magnitude: int = 9
+    # Random erasing probability (one rectangle per image).
+    erasing: float = 0.0
+    # Mixup / CutMix Beta(alpha, alpha); 0 disables. When both are set, each batch
+    # uses one of them at random.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    # adam | adamw | sgd
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # Apply weight decay to biases and norm layers too (off: the usual practice).
+    decay_norm_and_bias: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    # none | cosine | onecycle | step
+    name: str = "none"
+    # Linear warm-up from 0, in epochs (fractions allowed); cosine and step only.
+    warmup_epochs: float = 0.0
+    # cosine: final learning rate as a fraction of optimizer.lr.
+    min_lr_ratio: float = 0.0
+    # onecycle: peak learning rate (None: optimizer.lr) and share of the rise.
+    max_lr: float | None = None
+    pct_start: float = 0.25
+    # step: multiply the learning rate by gamma every step_epochs epochs.
+    step_epochs: int = 2
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    eval_batch_size: int = 1000
+    # auto | cpu | cuda | cuda:N | mps
+    device: str = "auto"
+    # auto | 32 | bf16 | fp16
+    precision: str = "auto"
+    # Memory layout of activations: auto | true | false.
+    channels_last: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    # CPU threads for torch; None keeps torch's default (one per core).
+    num_threads: int | None = None
+    # Clip the global gradient norm to this value; None disables.
+    grad_clip: float | None = None
+    label_smoothing: float = 0.0
+    # Validation metric that picks the `best` checkpoint: val/acc (max) or val/loss (min).
+    monitor: str = "val/acc"
+    # Per-step train loss goes to TensorBoard every this many steps.
+    log_every_n_steps: int = 50
+    # Also write `last` every this many steps inside an epoch; 0: at epoch ends only.
+    checkpoint_every_n_steps: int = 0
+    # What to do with a non-finite loss: stop | skip (skip the step and go on).
+    on_nonfinite: str = "stop"
+    # Terminal display: auto (rich on a terminal, plain lines otherwise) | rich | plain | none.
+    progress: str = "auto"
+    # Build everything, push one batch through, and stop.
+    dry_run: bool = False
+    # Exponential moving average of the weights (e.g. 0.999); None disables. When on, validation,
+    # the best checkpoint and the test use the averaged weights.
+    ema_decay: float | None = None
+    # Stop when trainer.monitor has not improved by more than min_delta for this many epochs.
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+
+
+@dataclass
+class FitConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Experiment name: the first level of the run directory under runs/.
+    name: str = "default"
+    # Continue a run: its directory or a checkpoint file (see README, "Resume").
+    resume: str | None = None
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trainer.precision": ("auto", "32", "bf16", "fp16"),
+    "trainer.channels_last": ("auto", "true", "false"),
+    "trainer.monitor": ("val/acc", "val/loss"),
+    "trainer.on_nonfinite": ("stop", "skip"),
+    "trainer.progress": ("auto", "rich", "plain", "none"),
+    "optimizer.name": ("adam", "adamw", "sgd"),
+    "scheduler.name": ("none", "cosine", "onecycle", "step"),
+    "augment.policy": ("none", "randaugment", "trivialaugment"),
+    "dataset.on_corrupt": ("skip", "error"),
+    "dataset.in_memory": ("auto", "true", "false"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_known_keys(cfg: Any, prefix: str = "") -> None:
+    """Refuse keys the schema does not declare.
+
+    Hydra opens the config to apply `+key=value`, so `+trainer.epoch=3` would otherwise be
+    composed in and silently ignored.
+    """
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg:
+        if key not in known:
+            where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+            raise UserError(f"unknown key '{prefix}{key}'{where}{did_you_mean(str(key), known)}; "
+                            f"known keys: {', '.join(known)}")
+    for key in known:
+        check_known_keys(cfg._get_node(key), f"{prefix}{key}.")
+
+
+def validate(cfg: Any) -> None:
+    """Reject values that are well-typed but impossible, naming the key and the fix."""
+    check_known_keys(cfg)
+    for key, options in CHOICES.items():
+        value = str(_get(cfg, key))
+        if value.lower() not in options:  # `true`/`false` on the command line arrive as booleans
+            raise UserError(
+                f"{key}={value} is not a valid choice; use one of: {', '.join(options)}"
+                + did_you_mean(value, options)
+            )
+    t, d, o, s, a = cfg.trainer, cfg.dataset, cfg.optimizer, cfg.scheduler, cfg.augment
+    checks = [
+        (t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1"),
+        (t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be at least 1"),
+        (t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "must be at least 1"),
+        (t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", t.num_threads, "must be at least 1"),
+        (t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0 (or null to disable)"),
+        (0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
+        (t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "must be in (0, 1) or null"),
+        (t.early_stopping_patience is None or t.early_stopping_patience >= 1, "trainer.early_stopping_patience",
+         t.early_stopping_patience, "must be at least 1 or null"),
+        (t.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", t.early_stopping_min_delta, "must be >= 0"),
+        (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be at least 1"),
+        (t.checkpoint_every_n_steps >= 0, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 0"),
+        (0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)"),
+        (0 < d.test_fraction < 1, "dataset.test_fraction", d.test_fraction, "must be between 0 and 1 (exclusive)"),
+        (d.val_fraction + d.test_fraction < 1, "dataset.val_fraction", d.val_fraction, "plus dataset.test_fraction must be below 1"),
+        (d.subset is None or d.subset >= 1, "dataset.subset", d.subset, "must be at least 1"),
+        (d.image_size is None or d.image_size >= 1, "dataset.image_size", d.image_size, "must be at least 1"),
+        (d.channels in (None, 1, 3), "dataset.channels", d.channels, "must be 1, 3 or null"),
+        (o.lr > 0, "optimizer.lr", o.lr, "must be > 0"),
+        (o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", o.betas, "must be two numbers in [0, 1)"),
+        (o.momentum >= 0, "optimizer.momentum", o.momentum, "must be >= 0"),
+        (not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optimizer.nesterov", o.nesterov, "needs optimizer.momentum > 0"),
+        (s.warmup_epochs >= 0, "scheduler.warmup_epochs", s.warmup_epochs, "must be >= 0"),
+        (0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]"),
+        (s.max_lr is None or s.max_lr > 0, "scheduler.max_lr", s.max_lr, "must be > 0"),
+        (0 < s.pct_start < 1, "scheduler.pct_start", s.pct_start, "must be between 0 and 1"),
+        (s.step_epochs >= 1, "scheduler.step_epochs", s.step_epochs, "must be at least 1"),
+        (0 < s.gamma <= 1, "scheduler.gamma", s.gamma, "must be in (0, 1]"),
+        (0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "must be in [0, 1)"),
+        (cfg.model.width is None or cfg.model.width >= 1, "model.width", cfg.model.width,
+         "must be at least 1 (or null for the architecture's default)"),
+        (cfg.model.hidden is None or cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden,
+         "must be at least 1 (or null for the architecture's default)"),
+        (s.name != "onecycle" or s.warmup_epochs == 0, "scheduler.warmup_epochs", s.warmup_epochs,
+         "does not apply to scheduler=onecycle, whose rise is its warm-up (scheduler.pct_start); remove it"),
+        (cfg.model.backbone_lr_scale >= 0, "model.backbone_lr_scale", cfg.model.backbone_lr_scale, "must be >= 0"),
+        (all(0 <= p <= 1 for p in (a.hflip, a.vflip, a.erasing)), "augment.hflip/vflip/erasing", (a.hflip, a.vflip, a.erasing), "are probabilities in [0, 1]"),
+        (0 < a.scale_min <= a.scale_max, "augment.scale_min", (a.scale_min, a.scale_max), "must satisfy 0 < scale_min <= scale_max"),
+        (0 <= a.translate < 1, "augment.translate", a.translate, "must be in [0, 1)"),
+        (a.crop_padding >= 0, "augment.crop_padding", a.crop_padding, "must be >= 0"),
+        (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", (a.mixup_alpha, a.cutmix_alpha), "must be >= 0"),
+    ]
+    # name is the run's folder under runs/: a path there would put the run somewhere else.
+    name = str(cfg.name)
+    checks.append((bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
+                   "name", name, "must be a plain folder name (no '/'; it becomes runs/<name>/)"))
+    for ok, key, value, what in checks:
+        if not ok:
+            raise UserError(f"{key}={value} {what}")

@@ -1,0 +1,155 @@
+"""Hydra composition of the fit config: where the config groups live, cnntrain's resolvers, and one-line
+messages for the errors Hydra and OmegaConf raise while composing.
+
+Used by `cnntrain fit` (the Hydra app) and by the commands that compose a fit config without running
+it (lr-find, resume=auto).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from cnntrain.config import FitConfig
+from cnntrain.errors import UserError, did_you_mean
+
+# One tag per process: keeps two runs started in the same second in different directories.
+_RUN_TAG = secrets.token_hex(2)
+
+
+def config_dir() -> Path:
+    """configs/ of a git clone (beside the package) or of an installed wheel (inside it)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "fit.yaml").is_file():
+            return candidate
+    raise UserError(f"cannot find cnntrain's configs (looked in {here / 'configs'} and {here.parent / 'configs'}); "
+                    "reinstall cnntrain")
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("cnntrain_tag"):
+        OmegaConf.register_new_resolver("cnntrain_tag", lambda: _RUN_TAG)
+    if not OmegaConf.has_resolver("cnntrain_dirname"):
+        # Job directory names come from overrides; a "/" in a value (val/loss) must not nest folders.
+        OmegaConf.register_new_resolver("cnntrain_dirname", lambda s: str(s).replace("/", "-") or "defaults")
+    if not OmegaConf.has_resolver("cnntrain_direction"):
+        # Optuna's direction follows trainer.monitor: accuracy up, loss down.
+        OmegaConf.register_new_resolver("cnntrain_direction", lambda m: "maximize" if "acc" in str(m) else "minimize")
+    if not OmegaConf.has_resolver("cnntrain_sqlite"):
+        OmegaConf.register_new_resolver("cnntrain_sqlite", _sqlite_url)
+
+
+def _sqlite_url(path: str) -> str:
+    """An SQLite URL for an Optuna study file; its folder is created (SQLite will not)."""
+    file = Path(path).expanduser().resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
+def register_configs() -> None:
+    """Make the schema available to Hydra as ``fit_schema`` (named first in fit.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="fit_schema", node=FitConfig)
+
+
+def compose_fit(overrides: list[str], return_hydra_config: bool = False) -> Any:
+    """The config `cnntrain fit OVERRIDES` would run with, composed but not run (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="fit", overrides=overrides, return_hydra_config=return_hydra_config)
+    except UserError:
+        raise
+    except Exception as e:  # composition and override errors, one line as `fit` reports them
+        message = hydra_error_message(e)
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
+def hydra_error_message(e: BaseException) -> str | None:
+    """One actionable line for the errors Hydra and OmegaConf raise while composing a config."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, MissingConfigException):
+        return missing_option_message(e)
+    if isinstance(e, OverrideParseException):
+        override = getattr(e, "override", None)
+        where = f" '{override}'" if override and override not in str(e) else ""
+        return f"cannot parse the override{where}: {_first_line(e)}; write overrides as key=value or group=option"
+    cause = e.__cause__ if isinstance(e, ConfigCompositionException) else e
+    if isinstance(cause, OmegaConfBaseException):
+        return _omegaconf_message(cause, e)
+    if isinstance(e, ConfigCompositionException):
+        text = " ".join(str(e).split())
+        return text
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def missing_option_message(e: BaseException) -> str:
+    """'Could not find model/foo' + the available options -> unknown model 'foo' (did you mean ...)."""
+    text = str(e)
+    import re
+
+    m = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if m is None:
+        m2 = re.search(r"Could not load '([^']+)/([^'/]+)'", text)
+        m = m2
+    if m is None:
+        return " ".join(text.split())
+    group, option = m.group(1).split("/")[-1], m.group(2)
+    options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+    if not options:
+        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+    extra = _PLUGIN_EXTRAS.get(option)
+    if extra is not None and option not in options:
+        return f"the {group} '{option}' is a Hydra plugin that is not installed; pip install 'cnntrain[{extra}]'"
+    return f"unknown {group} '{option}'{did_you_mean(option, options)}; available: {', '.join(options)}"
+
+
+# Launchers and sweepers that come from optional Hydra plugins, and the extra that installs each.
+# (Our presets optuna_study, parallel and slurm name these in their defaults, so they end up here too.)
+_PLUGIN_EXTRAS = {"optuna": "optuna", "joblib": "joblib", "submitit_slurm": "slurm", "submitit_local": "slurm"}
+
+
+def _omegaconf_message(cause: BaseException, outer: BaseException) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    full_key = getattr(cause, "full_key", None) or ""
+    msg = getattr(cause, "msg", None) or _first_line(cause)
+    msg = msg.strip().splitlines()[0]
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in msg:
+        # Unknown key: suggest the closest declared one.
+        parent_key, _, leaf = full_key.rpartition(".")
+        known = _schema_keys(parent_key)
+        hint = did_you_mean(leaf, known)
+        where = f" in '{parent_key}'" if parent_key else ""
+        return f"unknown key '{full_key}'{where}{hint}; known keys: {', '.join(known)}"
+    if isinstance(cause, ValidationError):
+        return f"{full_key}: {msg}" if full_key else msg
+    return f"{full_key}: {msg}" if full_key else " ".join(str(outer).split())
+
+
+def _schema_keys(group: str) -> list[str]:
+    import dataclasses
+
+    node = FitConfig
+    for part in [p for p in group.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return []
+        node = fields[part].default_factory  # type: ignore[assignment]
+    return [f.name for f in dataclasses.fields(node)]

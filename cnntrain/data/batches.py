@@ -1,0 +1,168 @@
+"""Where a step's uint8 batch comes from: resident tensors, or image files streamed by a DataLoader.
+
+Datasets that fit in memory are uint8 tensors on the training device and a batch is one
+``index_select``. Image folders too large for that are :class:`FileImages`: a list of files
+that a DataLoader decodes in worker processes (PIL releases the GIL while decoding), pins and
+hands over, prefetching while the device computes. Both paths yield the same uint8
+``[B, C, H, W]`` batches in the same order, so augmentation and the rest of the loop do not
+know the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class FileImages:
+    """Images on disk that behave, for the loop, like a uint8 tensor [N, C, H, W] read on demand."""
+
+    dtype = torch.uint8
+    device = torch.device("cpu")  # where read() puts the pixels
+
+    def __init__(self, paths: Sequence[Path], channels: int, size: tuple[int, int], on_corrupt: str = "skip"):
+        self.paths = [Path(p) for p in paths]
+        self.channels, self.size, self.on_corrupt = channels, size, on_corrupt
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.paths), self.channels, *self.size))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def dim(self) -> int:
+        return 4
+
+    def is_contiguous(self) -> bool:
+        return True
+
+    def contiguous(self) -> FileImages:
+        return self
+
+    def to(self, *args: object, **kwargs: object) -> FileImages:
+        return self  # stays on disk; batches move to the device as they are read
+
+    def __getstate__(self) -> dict:
+        # Worker processes get the file list, never the DataLoader that started them.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_loader", "_sampler")} | {"_loader": None}
+
+    def subset(self, idx: np.ndarray | torch.Tensor | slice) -> FileImages:
+        """A lazy selection (no decoding), for splitting and sharding."""
+        paths = self.paths[idx] if isinstance(idx, slice) else [self.paths[int(i)] for i in np.asarray(idx).reshape(-1)]
+        return FileImages(paths, self.channels, self.size, self.on_corrupt)
+
+    def read(self, idx: Sequence[int]) -> torch.Tensor:
+        """Decode these images into one uint8 tensor (a corrupt one becomes black, with a warning)."""
+        from cnntrain.data.decode import decode_into
+
+        out = np.zeros((len(idx), self.channels, *self.size), dtype=np.uint8)
+        for j, i in enumerate(idx):
+            why = decode_into(out, j, self.paths[int(i)], self.channels)
+            if why is not None:
+                if self.on_corrupt == "error":
+                    from cnntrain.errors import UserError
+
+                    raise UserError(f"cannot decode {self.paths[int(i)]}: {why} (dataset.on_corrupt=error)")
+                log.warning("cannot decode %s (%s); using a black image", self.paths[int(i)], why)
+        return torch.from_numpy(out)
+
+    def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        return self.read(idx.tolist())
+
+    def __getitem__(self, key: int | slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(key, int):
+            return self.read([key])[0]
+        if isinstance(key, slice):
+            return self.read(range(*key.indices(len(self))))
+        return self.read(torch.as_tensor(key).reshape(-1).tolist())
+
+    def digest(self) -> bytes:
+        """Names, sizes and modification times: a fingerprint without reading every file."""
+        h = hashlib.sha256()
+        for p in self.paths:
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.digest()
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """One DataLoader per file set, its workers kept alive across epochs."""
+        if self._loader is None:
+            workers = min(8, max(1, (os.cpu_count() or 2) - 1))
+            self._sampler = _Chunks()
+            self._loader = torch.utils.data.DataLoader(
+                _Decode(self), batch_sampler=self._sampler, collate_fn=_first, num_workers=workers,
+                pin_memory=torch.cuda.is_available(), persistent_workers=True, prefetch_factor=4,
+            )
+        return self._loader
+
+
+class _Chunks:
+    """A batch sampler whose batches are set before each pass (the epoch's order from the loop)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Runs in the workers: one batch of indices -> (uint8 images, indices)."""
+
+    def __init__(self, images: FileImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: list[int]) -> torch.Tensor:
+        return self.images.read(idx)
+
+    def __getitems__(self, idx: list[int]) -> list[torch.Tensor]:
+        return [self.images.read(idx)]
+
+
+def _first(items: list[torch.Tensor]) -> torch.Tensor:
+    return items[0]
+
+
+def iterate(x: torch.Tensor | FileImages, y: torch.Tensor, chunks: Sequence[torch.Tensor],
+            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 images and labels on ``device``, one batch per index chunk, in order."""
+    if not isinstance(x, FileImages):
+        for idx in chunks:
+            yield x.index_select(0, idx), y.index_select(0, idx)
+        return
+    loader = x.loader()
+    loader.batch_sampler.chunks = [c.tolist() for c in chunks]
+    for idx, batch in zip(chunks, loader, strict=True):
+        yield batch.to(device, non_blocking=True), y.index_select(0, idx.to(y.device))
+
+
+def sequential(x: torch.Tensor | FileImages, y: torch.Tensor, batch_size: int,
+               device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole split in order (evaluation)."""
+    if not isinstance(x, FileImages):
+        for start in range(0, len(x), batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
+        return
+    chunks = [torch.arange(s, min(s + batch_size, len(x))) for s in range(0, len(x), batch_size)]
+    yield from iterate(x, y, chunks, device)
+
+
+def shard(x: torch.Tensor | FileImages, rank: int, world: int) -> torch.Tensor | FileImages:
+    """Every world-th image from rank on (torchrun evaluation)."""
+    return x.subset(slice(rank, None, world)) if isinstance(x, FileImages) else x[rank::world]

@@ -1,0 +1,154 @@
+"""Your own images: root/<class>/* or root/{train,val[,test]}/<class>/*, decoded into memory or streamed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnntrain.config import DatasetConfig
+from cnntrain.data.batches import FileImages
+from cnntrain.data.decode import IMAGE_EXTENSIONS, decode_into, probe
+from cnntrain.data.images import ImageData, carve_val, finish, take, three_way, warn_ignored
+from cnntrain.errors import UserError
+from cnntrain.registry import DATASETS
+
+
+def _is_image(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _scan(d: Path, classes: list[str] | None, train_dir: Path | None) -> tuple[list[str], list[Path], list[int]]:
+    """Files and labels of one split folder; `classes` (from train/) fixes the label order when given."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    try:
+        found = [c for c in find_classes(str(d))[0] if not c.startswith(".")]  # .ipynb_checkpoints is no class
+    except FileNotFoundError:
+        found = []
+    if not found:
+        raise UserError(f"{d} has no class folders; put each class's images in its own subfolder, "
+                        f"e.g. {d / 'cat' / '001.png'}")
+    if classes is None:
+        classes = found
+    elif extra := [c for c in found if c not in classes]:
+        raise UserError(f"{d} has class folders that {train_dir} lacks: {', '.join(extra)}; "
+                        f"every class needs training images")
+    samples = make_dataset(str(d), {c: classes.index(c) for c in found}, is_valid_file=_is_image, allow_empty=True)
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    if empty := [c for c in found if counts[classes.index(c)] == 0]:
+        raise UserError(f"class folder {d / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return classes, [Path(path) for path, _ in samples], [label for _, label in samples]
+
+
+def _corrupt(bad: list[tuple[Path, str]], cfg: DatasetConfig) -> None:
+    if not bad:
+        return
+    if cfg.on_corrupt == "error":
+        path, why = bad[0]
+        raise UserError(f"cannot decode image {path} ({why}); fix or delete it, or set dataset.on_corrupt=skip")
+    listed = "; ".join(f"{p} ({why})" for p, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    warnings.warn(f"imagefolder: skipped {len(bad)} file(s) that could not be decoded: {listed}", stacklevel=3)
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder(cfg: DatasetConfig) -> ImageData:
+    """The user's images: root/{train,val[,test]}/<class>/* or root/<class>/* (split by the fractions)."""
+    if cfg.root is None:
+        raise UserError("dataset=imagefolder needs dataset.root=DIR: a folder of class folders, "
+                        "or one with train/ and val/ class folders")
+    if cfg.on_corrupt not in ("skip", "error"):
+        raise UserError(f"dataset.on_corrupt={cfg.on_corrupt} is not a valid choice; use one of: skip, error")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset.root={root} does not exist or is not a folder")
+
+    # Layout: split folders if train/ exists, otherwise one pool of class folders.
+    splits: dict[str, tuple[list[Path], list[int]]] = {}
+    if (root / "train").is_dir():
+        classes, files, labels = _scan(root / "train", None, None)
+        splits["train"] = (files, labels)
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                _, files, labels = _scan(root / split, classes, root / "train")
+                splits[split] = (files, labels)
+    else:
+        classes, files, labels = _scan(root, None, None)
+        splits["all"] = (files, labels)
+
+    order = list(splits)
+    files = [p for s in order for p in splits[s][0]]
+    labels = np.array([lab for s in order for lab in splits[s][1]], dtype=np.int64)
+    which = np.concatenate([np.full(len(splits[s][0]), k) for k, s in enumerate(order)])
+
+    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while reading and decoding
+        probes = list(pool.map(probe, files))
+        bad = [(p, r) for p, r in zip(files, probes, strict=True) if isinstance(r, str)]
+        ok = [i for i, r in enumerate(probes) if not isinstance(r, str)]
+        if not ok:  # one error rather than a warning about every file first
+            raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: "
+                            f"{bad[0][1]})")
+        _corrupt(bad, cfg)
+
+        channels = cfg.channels or (1 if all(probes[i][0] for i in ok) else 3)
+        if cfg.image_size is not None:
+            w = h = int(cfg.image_size)
+        else:
+            sizes = {probes[i][1]: files[i] for i in ok}
+            if len(sizes) > 1:
+                (s1, p1), (s2, p2) = list(sizes.items())[:2]
+                raise UserError(f"images under {root} differ in size ({s1[0]}x{s1[1]} {p1}, {s2[0]}x{s2[1]} {p2}, "
+                                f"...); set dataset.image_size=N to resize all of them to NxN")
+            w, h = next(iter(sizes))
+
+        nbytes = len(ok) * channels * h * w
+        mode = str(cfg.in_memory).lower()
+        stream = mode == "false" or (mode == "auto" and nbytes > cfg.memory_limit_mb * 2**20)
+        if stream:
+            logging.getLogger(__name__).info("streaming %d images (%.0f MB decoded) through DataLoader workers",
+                                             len(ok), nbytes / 2**20)
+            x = FileImages([files[i] for i in ok], channels, (h, w), cfg.on_corrupt)
+            good = np.arange(len(ok))
+        else:
+            out = np.empty((len(ok), channels, h, w), dtype=np.uint8)
+            fails = list(pool.map(lambda j: decode_into(out, j, files[ok[j]], channels), range(len(ok))))
+    if not stream:
+        bad = [(files[ok[j]], why) for j, why in enumerate(fails) if why is not None]
+        _corrupt(bad, cfg)
+        good = np.array([j for j, why in enumerate(fails) if why is None], dtype=np.int64)
+        if len(good) == 0:
+            raise UserError(f"no image under {root} could be decoded")
+        x = torch.from_numpy(out if len(good) == len(ok) else out[good])
+    kept = np.asarray(ok, dtype=np.int64)[good]
+    y, which = torch.from_numpy(labels[kept]), which[kept]
+
+    def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return take(x, y, np.flatnonzero(which == order.index(name)))
+
+    if "all" in splits:
+        train, val, test = three_way(x, y, cfg, str(root))
+    else:
+        warn_ignored(cfg, ("test_fraction",))  # the split folders decide; no pool to carve a test split from
+        train = part("train")
+        if "val" in splits:
+            val = part("val")
+        else:
+            train, val = carve_val(*train, cfg, str(root / "train"))
+            warnings.warn(f"imagefolder: no {root / 'val'}; holding out dataset.val_fraction={cfg.val_fraction} "
+                          "of train/ for validation", stacklevel=2)
+        if "test" in splits:
+            test = part("test")
+        else:
+            test = val
+            warnings.warn(f"imagefolder: no {root / 'test'}; the test split is the validation split, "
+                          "so test scores are not independent of model selection", stacklevel=2)
+        for split_name, (sx, _) in (("train", train), ("val", val), ("test", test)):
+            if len(sx) == 0:
+                raise UserError(f"the {split_name} split under {root} has no decodable images")
+    return finish("imagefolder", classes, train, val, test, cfg, source=str(root.resolve()))

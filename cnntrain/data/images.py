@@ -1,0 +1,199 @@
+"""What every dataset loader returns: uint8 image tensors with fixed train/val/test splits.
+
+Splits are stratified by class and seeded by ``dataset.split_seed`` alone, so runs with different
+training seeds are compared on the same validation and test images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnntrain.config import DatasetConfig
+from cnntrain.data.batches import FileImages
+from cnntrain.errors import UserError
+
+
+@dataclass
+class ImageData:
+    name: str
+    classes: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        # Catch a loader bug here rather than as a shape error deep inside the loop.
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            assert x.dtype == torch.uint8 and x.dim() == 4 and x.is_contiguous(), f"{split}_x: {x.dtype} {tuple(x.shape)}"
+            assert y.dtype == torch.int64 and y.shape == (x.shape[0],), f"{split}_y: {y.dtype} {tuple(y.shape)}"
+            assert x.shape[1:] == self.train_x.shape[1:], f"{split}_x shape {tuple(x.shape)} differs from train_x"
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train_x.shape[2]), int(self.train_x.shape[3])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """sha256 over class names and every split, to tell whether a resumed run sees the same data."""
+        h = hashlib.sha256(repr(self.classes).encode())
+        for t in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y):
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.digest() if isinstance(t, FileImages) else t.contiguous().numpy().data)
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_count(n: int, fraction: float) -> int:
+    """Images a fraction of n amounts to: rounded half up, and at least one when n > 1."""
+    k = int(np.floor(n * fraction + 0.5))
+    return max(k, 1) if n > 1 else k
+
+
+def _quotas(counts: np.ndarray, total: int, cap: np.ndarray) -> np.ndarray:
+    """Per-class counts proportional to `counts` that sum exactly to `total` (largest remainder), each <= cap."""
+    ideal = counts * (total / max(int(counts.sum()), 1))
+    q = np.minimum(np.floor(ideal).astype(np.int64), cap)
+    short = total - int(q.sum())
+    order = np.argsort(-(ideal - q), kind="stable")
+    while short > 0:
+        for c in order:
+            if short == 0:
+                break
+            if q[c] < cap[c]:
+                q[c] += 1
+                short -= 1
+    return q
+
+
+def stratified_split(labels: np.ndarray, sizes: Sequence[int], seed: Any) -> list[np.ndarray]:
+    """Indices split into parts of exactly `sizes`, plus the rest, each stratified by label.
+
+    Deterministic for a given seed; each part's indices are sorted.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if sum(sizes) > n:
+        raise ValueError(f"cannot take {sum(sizes)} of {n} items")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    _, inverse = np.unique(labels[perm], return_inverse=True)
+    members = perm[np.argsort(inverse, kind="stable")]  # grouped by class, shuffled within
+    counts = np.bincount(inverse)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    taken = np.zeros_like(counts)
+    parts = []
+    for size in sizes:
+        q = _quotas(counts, size, counts - taken)
+        idx = [members[s + t : s + t + k] for s, t, k in zip(starts, taken, q, strict=True) if k]
+        parts.append(np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64))
+        taken += q
+    rest = [members[s + t : s + c] for s, t, c in zip(starts, taken, counts, strict=True) if c > t]
+    parts.append(np.sort(np.concatenate(rest)) if rest else np.zeros(0, dtype=np.int64))
+    return parts
+
+
+def take(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    i = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    if isinstance(x, FileImages):  # streamed folders select files, not pixels
+        return x.subset(idx), y[i].contiguous()
+    return x[i].contiguous(), y[i].contiguous()
+
+
+def three_way(x: torch.Tensor, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tuple:
+    """train/val/test from one pool of images, by dataset.val_fraction and dataset.test_fraction of the whole."""
+    n = len(y)
+    n_test, n_val = split_count(n, cfg.test_fraction), split_count(n, cfg.val_fraction)
+    if min(n_test, n_val) < 1 or n_test + n_val >= n:
+        raise UserError(f"{what} has only {n} images: too few to split into train/val/test; add images")
+    test, val, train = stratified_split(y.numpy(), [n_test, n_val], cfg.split_seed)
+    return take(x, y, train), take(x, y, val), take(x, y, test)
+
+
+def carve_val(x: torch.Tensor, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tuple:
+    """train and val from a training set, val being dataset.val_fraction of it."""
+    n = len(y)
+    n_val = split_count(n, cfg.val_fraction)
+    if not 1 <= n_val < n:
+        raise UserError(f"{what} has only {n} training images: too few to hold out a validation split; add images")
+    val, train = stratified_split(y.numpy(), [n_val], cfg.split_seed)
+    return take(x, y, train), take(x, y, val)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images in [0, 1] units.
+
+    Exact and memory-light: a 256-bin histogram per channel, moments summed in float64.
+    """
+    if isinstance(x, FileImages):  # streamed folders: estimate from an even sample of up to 2,048 images
+        x = x[torch.linspace(0, len(x) - 1, min(len(x), 2048)).long()]
+    values = np.arange(256, dtype=np.float64)
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        hist = torch.bincount(x[:, c].reshape(-1), minlength=256).numpy().astype(np.float64)
+        n = max(hist.sum(), 1.0)
+        mean = (hist * values).sum() / n
+        var = max((hist * values**2).sum() / n - mean**2, 0.0)
+        means.append(float(mean / 255.0))
+        stds.append(float(np.sqrt(var) / 255.0))
+    return tuple(means), tuple(stds)
+
+
+def finish(name: str, classes: list[str], train: tuple, val: tuple, test: tuple, cfg: DatasetConfig,
+            source: str) -> ImageData:
+    """Apply dataset.subset to the train split, compute normalisation statistics, build the ImageData."""
+    train_x, train_y = train
+    subset = getattr(cfg, "subset", None)
+    if subset is not None:
+        if subset < 1:
+            raise UserError(f"dataset.subset={subset} must be at least 1 (or null for all images)")
+        if subset < len(train_y):
+            # A seed stream of its own: the subset is drawn after the split and leaves val/test untouched.
+            keep, _ = stratified_split(train_y.numpy(), [subset], [cfg.split_seed, 1])
+            train_x, train_y = take(train_x, train_y, keep)
+        else:
+            warnings.warn(f"dataset.subset={subset} is not below the {len(train_y)} training images; using all",
+                          stacklevel=3)
+    mean, std = channel_stats(train_x)
+    return ImageData(name, list(classes), train_x, train_y, *val, *test, mean=mean, std=std, source=source)
+
+
+def warn_ignored(cfg: DatasetConfig, keys: Sequence[str]) -> None:
+    """Warn about each key the user changed from its default that this dataset does not use."""
+    defaults = DatasetConfig()
+    for key in keys:
+        value = getattr(cfg, key, None)
+        if value != getattr(defaults, key):
+            warnings.warn(f"dataset.{key}={value} has no effect on dataset '{cfg.name}'; ignored", stacklevel=3)
+
+
+def cache_dir(name: str) -> Path:
+    """Default home of a downloadable dataset: $CNNTRAIN_DATA/<name>, else ~/.cache/cnntrain/<name>."""
+    base = os.environ.get("CNNTRAIN_DATA")
+    if not base:
+        base = str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "cnntrain")
+    return Path(base).expanduser() / name

@@ -1,0 +1,108 @@
+"""config -> Run: the device, the data, the model, the optimizer and everything else a run trains with.
+
+The order matters for reproducibility: torch is seeded before the model is initialised, and a resumed
+run restores its RNG state after everything that draws random numbers has been built.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cnntrain.augment import build_augment
+from cnntrain.data import load_dataset
+from cnntrain.engine import distributed
+from cnntrain.engine.device import (
+    configure_torch,
+    describe,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+)
+from cnntrain.engine.inputs import Normalise
+from cnntrain.engine.state import Progress, Run, restore
+from cnntrain.engine.step import TrainStep
+from cnntrain.errors import UserError
+from cnntrain.io.console import make_reporter
+from cnntrain.models import build_model, count_parameters, set_backbone_trainable
+from cnntrain.optim import build_optimizer, build_scheduler
+
+SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    """Build everything `cfg` asks for; with cfg.resume, restore the run's checkpoint into it."""
+    t = cfg.trainer
+    dist = distributed.from_env()
+    device = distributed.setup(dist, resolve_device(t.device), t.batch_size)
+    run_dir = Path(distributed.broadcast_str(dist, str(run_dir)))  # rank 0's Hydra picked it
+    precision = resolve_precision(str(t.precision), device)
+    configure_torch(device, t.deterministic, t.num_threads, t.seed)
+    data = load_dataset(cfg.dataset)
+    model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
+    channels_last = resolve_channels_last(str(t.channels_last), device, precision)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.model)
+    # Under torchrun a partial last batch could leave a rank with nothing, so it is dropped there.
+    steps = len(data.train_x) // t.batch_size if dist.enabled else math.ceil(len(data.train_x) / t.batch_size)
+    if steps == 0:
+        raise UserError(f"trainer.batch_size={t.batch_size} is larger than the {len(data.train_x)} training images")
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, steps, t.epochs)
+    step = TrainStep(
+        model=model, forward=model, optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
+        normalise=Normalise.of(data.mean, data.std, device, channels_last), precision=precision,
+        augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
+        grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
+    )
+    ema = None
+    if t.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    progress = Progress() if cfg.resume is None else restore(cfg, step, scheduler, ema, data, device)
+    if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
+        set_backbone_trainable(model, True)
+    # Resident data: moved once; non_blocking lets the copies overlap on CUDA.
+    tensors = {name: getattr(data, name).to(device, non_blocking=True) for name in SPLITS}
+    plain = torch.compile(model) if t.compile else model
+    step.forward = plain
+    if dist.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step.forward = torch.compile(ddp) if t.compile else ddp
+    return Run(cfg=cfg, run_dir=run_dir, data=data, tensors=tensors, step=step, plain=plain, ema=ema,
+               scheduler=scheduler, dist=dist, steps=steps, progress=progress,
+               reporter=make_reporter(t.progress if dist.main else "none"))
+
+
+def start_rows(run: Run) -> list[tuple[str, str]]:
+    """The table printed when a run starts: what is about to be trained, on what, where."""
+    cfg, data, model, dist, steps = run.cfg, run.data, run.model, run.dist, run.steps
+    precision, channels_last = run.step.precision, run.step.normalise.channels_last
+    t = cfg.trainer
+    h, w = data.image_size
+    rows = [
+        ("dataset", f"{data.name}: {len(data.train_x):,} train / {len(data.val_x):,} val / {len(data.test_x):,} test, "
+                    f"{data.channels}x{h}x{w}, {data.num_classes} classes ({data.source})"),
+        ("model", f"{cfg.model.name}{'/' + cfg.model.arch if cfg.model.arch else ''}: "
+                  f"{count_parameters(model):,} parameters"),
+        ("augment", cfg.augment.name),
+        ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g} weight decay {cfg.optimizer.weight_decay:g}"),
+        ("scheduler", cfg.scheduler.name),
+        ("trainer", f"{t.epochs} epochs x {steps} steps of {t.batch_size}, seed {t.seed}"
+                    f"{', deterministic' if t.deterministic else ''}"),
+        ("device", f"{describe(run.device)}, precision {precision.label}"
+                   f"{', channels_last' if channels_last else ''}{', compiled' if t.compile else ''}"),
+        ("run dir", str(run.run_dir)),
+    ]
+    if dist.enabled:
+        rows.insert(-1, ("distributed", f"{dist.world} processes, global batch {t.batch_size} "
+                                        f"({t.batch_size // dist.world} per rank)"))
+    if t.ema_decay is not None:
+        rows.insert(-1, ("ema", f"decay {t.ema_decay}: validation, best and test use the averaged weights"))
+    if cfg.resume is not None:
+        rows.append(("resume", f"from epoch {run.progress.epoch}, step {run.progress.global_step}"))
+    return rows

@@ -1,0 +1,70 @@
+"""The evaluation loop: fit's validation and test, and `cnntrain evaluate`, all score a model here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnntrain.data import batches
+from cnntrain.engine import distributed
+from cnntrain.engine.device import Precision
+from cnntrain.engine.inputs import Normalise
+from cnntrain.engine.signals import StopRequested
+
+TOP5_MIN_CLASSES = 6  # top-5 accuracy says little with fewer classes
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x_all: torch.Tensor | batches.FileImages,
+    y_all: torch.Tensor,
+    normalise: Normalise,
+    batch_size: int,
+    precision: Precision,
+    stop: StopRequested | None = None,
+    dist: distributed.Dist | None = None,
+) -> dict[str, Any]:
+    """Loss, accuracy, top-5 accuracy (6+ classes), predictions and confidences on a split.
+
+    Metrics stay on the device until the end (no sync per batch). Under torchrun (``dist``) each rank
+    evaluates its share and the sums are reduced, so every rank gets the metrics of the whole split
+    (predictions stay per rank). All values are None if a stop was requested.
+    """
+    if dist is not None and dist.enabled:
+        x_all, y_all = batches.shard(x_all, dist.rank, dist.world), y_all[dist.rank :: dist.world]
+    was_training = model.training
+    model.eval()
+    device = normalise.mean.device
+    y_all = y_all.to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    top5 = torch.zeros((), device=device, dtype=torch.int64)
+    with_top5 = None
+    preds, confs = [], []
+    for x_u8, y in batches.sequential(x_all, y_all, batch_size, device):
+        if stop:
+            model.train(was_training)
+            return {"loss": None, "acc": None, "top5_acc": None, "pred": None, "conf": None}
+        x = normalise.from_uint8(x_u8.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        preds.append(logits.argmax(1))
+        confs.append(logits.softmax(1).amax(1))  # top-1 probability
+        with_top5 = logits.shape[1] >= TOP5_MIN_CLASSES
+        if with_top5:
+            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+    model.train(was_training)
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+    totals = torch.stack([loss_sum, (pred == y_all).sum().double(), torch.tensor(len(y_all), device=device).double(),
+                          top5.double()])
+    if dist is not None:
+        distributed.all_reduce_sum(dist, totals)
+    loss_total, correct, n, top5_total = totals.tolist()
+    n = max(1.0, n)
+    return {"loss": loss_total / n, "acc": correct / n, "top5_acc": top5_total / n if with_top5 else None,
+            "pred": pred, "conf": torch.cat(confs) if confs else torch.zeros(0, device=device)}

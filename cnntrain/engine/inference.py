@@ -1,0 +1,271 @@
+"""A trained model and its preprocessing, from nothing but a checkpoint.
+
+Shared by `evaluate`, `predict`, `explain` and `export`. The checkpoint's "meta" record holds
+what the model expects (channels, image size, normalisation, class names), so images from
+anywhere are turned into exactly the tensors the model was trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnntrain.engine.checkpoint import load_checkpoint
+from cnntrain.engine.inputs import Normalise
+from cnntrain.errors import UserError
+from cnntrain.io.files import BEST, LAST
+
+CKPT_HELP = "checkpoint file, or a run directory (its checkpoints/best.pt: the weights fit tested)"
+_META_KEYS = ("classes", "channels", "image_size", "mean", "std")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a model input: channels, size, normalisation (all from the checkpoint)."""
+
+    channels: int
+    image_size: tuple[int, int]  # (H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"channels": self.channels, "image_size": list(self.image_size), "mean": list(self.mean),
+                "std": list(self.std), "input": "float32 NCHW, (pixel/255 - mean) / std per channel",
+                "resize": "bilinear to image_size, no crop; grayscale/RGB conversion as in training"}
+
+    def normalise(self, device: torch.device | str, channels_last: bool = False) -> Normalise:
+        """The training-time conversion uint8 -> model input, on ``device``."""
+        return Normalise.of(self.mean, self.std, device, channels_last)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] -> the float input of the model, on x's device."""
+        return self.normalise(x.device).from_uint8(x)
+
+    def decode(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+        """One file -> uint8 [C, H, W] exactly as image-folder training decodes it, or (None, reason)."""
+        from cnntrain.data.decode import decode_into  # the training decoder itself, so the two never drift
+
+        h, w = self.image_size
+        out = np.empty((1, self.channels, h, w), dtype=np.uint8)
+        why = decode_into(out, 0, path, self.channels)
+        return (None, why) if why else (out[0], None)
+
+
+@dataclass
+class Trained:
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str]
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    progress: dict[str, Any]
+    checkpoint: Path
+    device: torch.device
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory of a checkpoint under runs/.../checkpoints/, else the checkpoint's folder."""
+        parent = self.checkpoint.parent
+        return parent.parent if parent.name == "checkpoints" else parent
+
+    def out_dir(self, command: str, out: str | None) -> Path:
+        path = Path(out).expanduser() if out else self.run_dir / command
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def label(self) -> str:
+        arch = self.meta.get("arch")
+        return f"{self.meta.get('model')}{'/' + arch if arch else ''} trained on {self.meta.get('dataset')}"
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A checkpoint file, a run directory (-> checkpoints/best.pt, else last.pt) or its checkpoints/ folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            for name in (BEST, LAST):
+                if (folder / name).is_file():
+                    return folder / name
+        raise UserError(f"no checkpoint in {path} (looked for checkpoints/{BEST} and checkpoints/{LAST}); "
+                        "ckpt= takes a run directory of cnntrain fit or a .pt checkpoint")
+    if not path.exists():
+        raise UserError(f"checkpoint or run directory not found: {path}")
+    return path
+
+
+def model_config(config: dict[str, Any], path: Path) -> Any:
+    """The checkpoint's ModelConfig, set to build the bare architecture (no download, no weights file)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cnntrain.config import ModelConfig
+
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
+    except (OmegaConfBaseException, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read its model config ({first}); was it written by another "
+                        "cnntrain version?") from None
+    cfg.weights, cfg.pretrained, cfg.freeze_backbone = None, False, False
+    return OmegaConf.to_object(cfg)
+
+
+def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
+    """Rebuild the model of a checkpoint (or run directory) with its weights, in eval mode."""
+    from cnntrain.models import build_model
+
+    path = resolve_checkpoint(spec)
+    state = load_checkpoint(path)
+    meta, config = state.get("meta"), state.get("config")
+    if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS) or not isinstance(config, dict):
+        raise UserError(f"{path} lacks the preprocessing record (meta) that cnntrain fit writes; "
+                        "it cannot be used for inference")
+    classes = [str(c) for c in meta["classes"]]
+    size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+    pre = Preprocess(int(meta["channels"]), size, tuple(float(v) for v in meta["mean"]),
+                     tuple(float(v) for v in meta["std"]))
+    model = build_model(model_config(config, path), pre.channels, size, len(classes))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"checkpoint {path}: its weights do not fit its own model config ({detail})") from None
+    if not isinstance(device, torch.device):
+        from cnntrain.engine.device import resolve_device
+
+        device = resolve_device(device)
+    model.to(device).eval()
+    return Trained(model, pre, classes, meta, config, dict(state.get("progress") or {}), path, device)
+
+
+def precision_for(trained: Trained, spec: str) -> tuple[Any, bool]:
+    """(Precision, channels_last) for inference: 'auto' means as the run was trained, on this device."""
+    from cnntrain.engine.device import resolve_channels_last, resolve_precision
+
+    trainer = trained.config.get("trainer") or {}
+    if spec == "auto":
+        spec = str(trainer.get("precision", "auto"))
+    precision = resolve_precision(spec, trained.device)
+    return precision, resolve_channels_last(str(trainer.get("channels_last", "auto")), trained.device, precision)
+
+
+@torch.no_grad()
+def logits_of(trained: Trained, x: torch.Tensor, precision: Any = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [N, C, H, W] (any device) -> float32 logits on the CPU."""
+    inp = trained.preprocess.normalise(trained.device, channels_last).from_uint8(x.to(trained.device))
+    dtype = getattr(precision, "dtype", None)
+    with torch.autocast(trained.device.type, dtype=dtype, enabled=dtype is not None):
+        return trained.model(inp).float().cpu()
+
+
+def prepare(trained: Trained, channels_last: bool) -> None:
+    if channels_last:
+        trained.model.to(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- image files
+
+
+def _image_extensions() -> tuple[str, ...]:
+    from cnntrain.data.decode import IMAGE_EXTENSIONS
+
+    return IMAGE_EXTENSIONS
+
+
+def _listing(paths: Sequence[Path], n: int = 3) -> str:
+    names = [p.name for p in paths[:n]]
+    return ", ".join(names) + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
+def collect_images(spec: str, key: str = "inputs") -> tuple[list[Path], list[Path]]:
+    """An image file, a folder (its image files, recursively) or a glob -> (sorted image paths,
+    the other files of a folder, which are left out)."""
+    if not spec:
+        raise UserError(f"{key}= is empty; give an image file, a folder of images or a glob like 'photos/*.jpg'")
+    path = Path(spec).expanduser()
+    exts = _image_extensions()
+    if path.is_file():
+        return [path], []
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in exts]
+        if not images:
+            if not files:
+                raise UserError(f"{key}={path}: the folder is empty; put images ({', '.join(exts)}) in it")
+            raise UserError(f"{key}={path}: no image files in the folder ({len(files)} other file(s): "
+                            f"{_listing(files)}); images end in {', '.join(exts)}")
+        return images, [p for p in files if p.suffix.lower() not in exts]
+    if glob.has_magic(spec):
+        matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not matched:
+            raise UserError(f"{key}={spec}: no file matches the pattern")
+        return matched, []
+    raise UserError(f"{key}={path}: no such file or folder")
+
+
+def check_images(paths: Sequence[Path], key: str = "inputs") -> list[Path]:
+    """Read every header before any work: a file that is not an image fails at once, naming it."""
+    from PIL import Image
+
+    def probe(p: Path) -> str | None:
+        try:
+            with Image.open(p):
+                return None
+        except Exception as e:  # PIL raises many types for "not an image"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return first
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for p, why in zip(paths, pool.map(probe, paths), strict=True):
+            if why is not None:
+                raise UserError(f"{p} is not an image that can be read ({why}); "
+                                f"remove it or point {key}= at image files only")
+    return list(paths)
+
+
+def image_batches(paths: Sequence[Path], pre: Preprocess, batch_size: int,
+                  on_error: str = "error") -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """Decode `batch_size` files at a time (threads; PIL releases the GIL), so thousands of files
+    never sit in memory together. on_error=skip drops files that fail to decode, with a warning."""
+    h, w = pre.image_size
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start : start + batch_size])
+            out = np.empty((len(chunk), pre.channels, h, w), dtype=np.uint8)
+            keep: list[int] = []
+            for i, (arr, why) in enumerate(pool.map(pre.decode, chunk)):
+                if why is None:
+                    out[i] = arr
+                    keep.append(i)
+                elif on_error == "skip":
+                    print(f"cnntrain: warning: skipped {chunk[i]}: cannot decode it ({why})", file=sys.stderr)
+                else:
+                    raise UserError(f"cannot decode image {chunk[i]} ({why}); fix or delete it, or pass on_error=skip")
+            if keep:
+                yield [chunk[i] for i in keep], torch.from_numpy(out[keep] if len(keep) < len(chunk) else out)
+
+
+def class_index(classes: list[str], value: str, key: str = "target") -> int:
+    """A class given by name or by index."""
+    if value in classes:
+        return classes.index(value)
+    if value.lstrip("-").isdigit() and 0 <= int(value) < len(classes):
+        return int(value)
+    from cnntrain.errors import did_you_mean
+
+    raise UserError(f"{key}={value} is not a class of this model{did_you_mean(value, classes)}; "
+                    f"classes: {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
+
+
+def ignored_note(ignored: Sequence[Path]) -> str:
+    return f"; left out {len(ignored)} file(s) that are not images ({_listing(ignored)})" if ignored else ""

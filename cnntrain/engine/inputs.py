@@ -1,0 +1,58 @@
+"""From stored uint8 images to what the model sees, and the order and seeds of a run's batches.
+
+Everything that turns pixels into model input lives here, so training, validation, lr-find, the dry
+run and the after-training commands cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def to_unit(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1] (augmentation works on this scale)."""
+    return x_u8.float().div_(255)
+
+
+@dataclass(frozen=True)
+class Normalise:
+    """Per-channel normalisation with the training set's statistics, and the memory layout."""
+
+    mean: torch.Tensor  # [1, C, 1, 1] on the device
+    std: torch.Tensor
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
+           channels_last: bool = False) -> Normalise:
+        shape = (1, len(mean), 1, 1)
+        return cls(torch.tensor(tuple(mean), device=device).view(shape),
+                   torch.tensor(tuple(std), device=device).view(shape), channels_last)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float [0, 1] batch (maybe augmented) -> model input."""
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def from_uint8(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> model input: the one conversion every path without augmentation uses."""
+        return self(to_unit(x_u8))
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> [0, 1] pixels, for pictures of what the model saw."""
+        return x * self.std + self.mean
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The shuffle of an epoch is a pure function of (seed, epoch), so resume needs no generator state."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g, device=device)
+
+
+def augment_seed(seed: int, global_step: int, rank: int = 0) -> int:
+    """Augmentation is seeded by the position in the run, so it is reproducible from the position alone."""
+    return seed * 1_000_003 + global_step + rank * 1_000_000_007

@@ -1,0 +1,365 @@
+"""The training loop: one path from a built Run to a trained, tested model.
+
+An epoch reads: order, steps, validate, checkpoint, log. Data are uint8 tensors resident on the
+training device; metrics accumulate in device tensors and reach the host only when the display
+refreshes, a checkpoint is written or an epoch ends, so there is no host-device sync per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cnntrain.data import batches
+from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine import distributed
+from cnntrain.engine.build import build_run, start_rows
+from cnntrain.engine.device import describe
+from cnntrain.engine.evaluate import evaluate
+from cnntrain.engine.inputs import epoch_order
+from cnntrain.engine.signals import StopRequested
+from cnntrain.engine.state import Progress, Run, save
+from cnntrain.errors import UserError
+from cnntrain.io import figures
+from cnntrain.io.files import BEST, LAST, write_json
+from cnntrain.io.provenance import provenance
+from cnntrain.io.runlog import NullLog, RunLog
+from cnntrain.models import count_parameters, freeze_norm_stats, set_backbone_trainable
+
+# trainer.on_nonfinite=skip passes over a few bad batches; this many in a row means the model is broken.
+MAX_SKIPS_IN_A_ROW = 10
+
+
+class TrainingDiverged(UserError):
+    exit_code = 3
+
+
+class Interrupted(Exception):
+    """A stop was requested (signal); the loop saves what it has and leaves."""
+
+
+@dataclass
+class Session:
+    """What one process's pass over the run keeps beside the Run: its log, its summary, its stop flag."""
+
+    log: RunLog | NullLog
+    summary: dict[str, Any]
+    stop: StopRequested = field(default_factory=StopRequested)
+    skips: int = 0  # trainer.on_nonfinite=skip: length of the current run of skipped steps...
+    last_skip: int = 0  # ...and the step after the last one skipped
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> float:
+    """Train, validate each epoch, test the best checkpoint; return the monitored validation metric."""
+    run = build_run(cfg, run_dir)
+    if cfg.trainer.dry_run:
+        return dry_run(run)
+    return train(run)
+
+
+def dry_run(run: Run) -> float:
+    """One forward/backward on a real batch: proves the config builds and fits before a long run."""
+    x_u8 = run.tensors["train_x"][: run.cfg.trainer.batch_size]
+    x, _, loss = run.step.loss(x_u8, run.tensors["train_y"][: len(x_u8)], 0)
+    loss.backward()
+    run.reporter.start("cnntrain fit --dry-run", start_rows(run))
+    run.reporter.print(f"dry run ok: one batch of {len(x)} through forward and backward, loss {loss.item():.4f}; "
+                       "nothing was trained or written")
+    return float("nan")
+
+
+def train(run: Run) -> float:
+    """All epochs, then the test of the best checkpoint. Signals stop it with a resumable checkpoint."""
+    t, p, d = run.cfg.trainer, run.progress, run.dist
+    if p.epoch >= t.epochs and completed(run.run_dir):
+        raise UserError(f"the run in {run.run_dir} already finished {p.epoch} epochs; "
+                        f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further")
+    s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs})
+    _record(run, s.summary)
+    run.reporter.start("cnntrain fit", start_rows(run))
+    s.stop.install()
+    t_run = time.perf_counter()
+    try:
+        try:
+            while p.epoch < t.epochs and _epoch(run, s):
+                pass
+        except Interrupted:
+            _save_interrupted(run, s)
+        if not d.main:
+            distributed.barrier(d)  # rank 0 tests the best checkpoint alone
+            return float(p.best_metric)
+        result = finish(run, s, time.perf_counter() - t_run)
+        distributed.barrier(d)
+        return result
+    except TrainingDiverged:
+        s.summary["status"] = "diverged"
+        _record(run, s.summary)
+        raise
+    finally:
+        s.stop.restore()
+        s.log.close()
+        distributed.teardown(d)
+
+
+def _save_interrupted(run: Run, s: Session) -> None:
+    p = run.progress
+    if p.global_step > 0:
+        check_finite(p.sums["loss"].item(), p.epoch + 1, p.global_step, run.cfg)
+        save(run, LAST)
+    s.summary["status"] = "interrupted"
+    _record(run, s.summary)
+    run.reporter.print(f"stopped by signal {s.stop.signum or signal.SIGTERM}; checkpoint saved. Resume with:\n"
+                       f"  cnntrain fit resume={run.run_dir}")
+    raise SystemExit(s.stop.exit_code if s.stop else 128 + signal.SIGTERM)
+
+
+def _open_log(run: Run) -> RunLog | NullLog:
+    if not run.dist.main:
+        return NullLog()
+    t, p, resumed = run.cfg.trainer, run.progress, run.cfg.resume is not None
+    write_json(run.run_dir / "provenance.json",
+               provenance(describe(run.device), t.seed, run.data.fingerprint(), sys.argv))
+    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None,
+                  resume_step=p.global_step + 1 if resumed else None)
+
+
+def _record(run: Run, summary: dict[str, Any]) -> None:
+    if run.dist.main:
+        write_json(run.run_dir / "summary.json", summary)
+
+
+def _epoch(run: Run, s: Session) -> bool:
+    """One epoch: steps, validation, checkpoints, the metrics row. False when early stopping ends the run."""
+    cfg, t, p = run.cfg, run.cfg.trainer, run.progress
+    epoch = p.epoch + 1
+    if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch == epoch:
+        set_backbone_trainable(run.model, True)
+    if p.step_in_epoch == 0:
+        p.sums = {k: torch.zeros((), device=run.device, dtype=torch.float64) for k in ("loss", "correct", "seen")}
+        p.times = {"data": 0.0, "compute": 0.0, "wall": 0.0}
+    run.reporter.epoch_begin(epoch, t.epochs, run.steps, p.step_in_epoch)
+    _steps(run, epoch, s)
+    train_time = p.times["wall"]
+    totals = torch.stack([p.sums["loss"], p.sums["correct"], p.sums["seen"]])
+    distributed.all_reduce_sum(run.dist, totals)
+    loss_total, correct, seen = totals.tolist()
+    seen = max(1.0, seen)
+    train_loss, train_acc = loss_total / seen, correct / seen
+    check_finite(train_loss, epoch, p.global_step, cfg)
+    t_eval = time.perf_counter()
+    # Ranks cannot abandon a sharded validation one by one; a signal is seen at the next step.
+    val = evaluate(run.ema.module if run.ema is not None else run.plain, run.tensors["val_x"], run.tensors["val_y"],
+                   run.step.normalise, t.eval_batch_size, run.step.precision, None if run.dist.enabled else s.stop,
+                   run.dist)
+    if s.stop and not run.dist.enabled:
+        run.reporter.epoch_end(f"epoch {epoch}/{t.epochs} interrupted during validation")
+        raise Interrupted
+    check_finite(val["loss"], epoch, p.global_step, cfg)  # weights broken though the train loss was not
+    eval_time = time.perf_counter() - t_eval
+    row = {"epoch": epoch, "step": p.global_step, "train_loss": train_loss, "train_acc": train_acc,
+           "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.step.optimizer.param_groups[0]["lr"],
+           "images_per_s": seen / max(train_time, 1e-9), "epoch_s": train_time + eval_time,
+           "data_s": p.times["data"], "compute_s": p.times["compute"], "eval_s": eval_time}
+    # The row goes out before the checkpoint: if we die in between, resume redoes this epoch and the
+    # row is rewritten, never lost.
+    s.log.epoch(row, p.global_step)
+    p.epoch, p.step_in_epoch = epoch, 0
+    improved = _track_best(p, val, t)
+    if improved:
+        save(run, BEST)
+    save(run, LAST)
+    s.summary.update(status="running", epochs_done=epoch, best_epoch=p.best_epoch,
+                     **{f"best_{t.monitor.replace('/', '_')}": p.best_metric})
+    _record(run, s.summary)
+    run.reporter.epoch_end(
+        f"epoch {epoch}/{t.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+        f"val loss {val['loss']:.4f} acc {val['acc']:.4f}{'  *' if improved else ''}  "
+        f"{row['images_per_s']:,.0f} img/s  data {p.times['data'] / max(train_time, 1e-9):.0%}  "
+        f"{row['epoch_s']:.1f}s"
+    )
+    patience = t.early_stopping_patience
+    if patience is not None and p.epochs_without_improvement >= patience and p.epoch < t.epochs:
+        s.summary["early_stopped_epoch"] = epoch
+        run.reporter.print(f"early stopping: {t.monitor} has not improved for {patience} epochs "
+                           f"(best {p.best_metric:.4f} at epoch {p.best_epoch})")
+        return False
+    return True
+
+
+def _track_best(p: Progress, val: dict[str, Any], t: DictConfig) -> bool:
+    """Update the best metric and the early-stopping count; whether this epoch is the new best."""
+    monitor_max = t.monitor == "val/acc"
+    metric = val["acc"] if monitor_max else val["loss"]
+    improved = p.best_metric is None or (metric > p.best_metric if monitor_max else metric < p.best_metric)
+    margin = t.early_stopping_min_delta
+    clearly = p.best_metric is None or (metric > p.best_metric + margin if monitor_max
+                                        else metric < p.best_metric - margin)
+    p.epochs_without_improvement = 0 if clearly else p.epochs_without_improvement + 1
+    if improved:
+        p.best_metric, p.best_epoch = metric, p.epoch
+    return improved
+
+
+def _steps(run: Run, epoch: int, s: Session) -> None:
+    """The training steps of an epoch, from where it stands; raises Interrupted on a signal."""
+    cfg, t, p, d, step = run.cfg, run.cfg.trainer, run.progress, run.dist, run.step
+    bs, steps, sums = t.batch_size, run.steps, p.sums
+    order = epoch_order(len(run.tensors["train_x"]), t.seed, epoch, run.device)
+    run.model.train()
+    freeze_norm_stats(run.model)  # a frozen backbone keeps its BatchNorm statistics too
+    last_refresh = time.monotonic()
+    # Wall time of the training steps, logging and display included: the honest images/s.
+    t_epoch, wall_before = time.perf_counter(), p.times["wall"]
+    chunks = [order[i * bs : (i + 1) * bs] for i in range(p.step_in_epoch, steps)]
+    if d.enabled:
+        chunks = [c[d.rank :: d.world] for c in chunks]  # each rank its share of the same global batch
+    batch_iter = batches.iterate(run.tensors["train_x"], run.tensors["train_y"], chunks, run.device)
+    for i in range(p.step_in_epoch, steps):
+        # Ranks agree on stopping every few steps, so they all stop at the same one.
+        if (i % 16 == 0 and distributed.any_rank(d, bool(s.stop), run.device)) if d.enabled else s.stop:
+            p.times["wall"] = wall_before + time.perf_counter() - t_epoch
+            run.reporter.epoch_end(f"epoch {epoch}/{t.epochs} interrupted at step {p.step_in_epoch}/{steps}")
+            raise Interrupted
+        t0 = time.perf_counter()
+        x_u8, y = next(batch_iter)  # resident: one gather; streamed: the DataLoader's next batch
+        x, target = step.prepare(x_u8, y, p.global_step)
+        t1 = time.perf_counter()
+        logits, loss = step.forward_loss(x, target)
+        if t.on_nonfinite == "skip" and not torch.isfinite(loss):  # a sync per step, only in skip mode
+            _skip(run, s, loss, epoch)
+            p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
+            continue
+        step.update(loss)
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        sums["loss"] += loss.detach() * len(y)
+        sums["correct"] += (logits.argmax(1) == y).sum()
+        sums["seen"] += len(y)
+        p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
+        t2 = time.perf_counter()
+        p.times["data"] += t1 - t0
+        p.times["compute"] += t2 - t1
+        if p.global_step % t.log_every_n_steps == 0:
+            step_loss = loss.item()
+            check_finite(step_loss, epoch, p.global_step, cfg)
+            s.log.scalar("train/loss_step", step_loss, p.global_step)
+            s.log.scalar("lr_step", step.optimizer.param_groups[0]["lr"], p.global_step)
+        if epoch == 1 and i == 0:
+            s.log.images("inputs/train_batch", step.normalise.undo(x[:32]), p.global_step)
+        now = time.monotonic()
+        if now - last_refresh >= run.reporter.refresh_s:
+            last_refresh = now
+            run.reporter.epoch_update(p.step_in_epoch, _running_stats(sums, p.times))
+            check_finite(sums["loss"].item(), epoch, p.global_step, cfg)
+        if t.checkpoint_every_n_steps and p.global_step % t.checkpoint_every_n_steps == 0 and i + 1 < steps:
+            check_finite(sums["loss"].item(), epoch, p.global_step, cfg)
+            p.times["wall"] = wall_before + time.perf_counter() - t_epoch
+            s.log.flush()  # a crash after this checkpoint must not lose the events before it
+            save(run, LAST)
+    p.times["wall"] = wall_before + time.perf_counter() - t_epoch
+
+
+def _skip(run: Run, s: Session, loss: torch.Tensor, epoch: int) -> None:
+    """trainer.on_nonfinite=skip: pass over this step, and give up after too many in a row."""
+    p = run.progress
+    run.step.optimizer.zero_grad(set_to_none=True)
+    s.skips = s.skips + 1 if s.last_skip == p.global_step else 1
+    s.last_skip = p.global_step + 1
+    if s.skips >= MAX_SKIPS_IN_A_ROW:
+        raise TrainingDiverged(
+            f"training diverged: {s.skips} steps in a row (up to step {s.last_skip}, epoch {epoch}) gave a "
+            f"non-finite loss with optimizer.lr={run.cfg.optimizer.lr:g}; trainer.on_nonfinite=skip passes over "
+            "occasional bad batches, not a diverged model. Lower optimizer.lr or set trainer.grad_clip. "
+            "Nothing from the diverged state was saved."
+        )
+    p.skipped_steps += 1
+    run.reporter.print(f"step {p.global_step + 1}: the loss is {loss.item()}; step skipped "
+                       "(trainer.on_nonfinite=skip)")
+
+
+def _running_stats(sums: dict[str, torch.Tensor], times: dict[str, float]) -> dict[str, float]:
+    seen = max(1.0, sums["seen"].item())
+    busy = max(1e-9, times["data"] + times["compute"])
+    return {"loss": sums["loss"].item() / seen, "acc": sums["correct"].item() / seen,
+            "img/s": seen / busy, "data": times["data"] / busy}
+
+
+def check_finite(value: float, epoch: int, step: int, cfg: DictConfig) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"training diverged: the loss became {value} in epoch {epoch} (by step {step}) with "
+            f"optimizer.lr={cfg.optimizer.lr:g}; lower optimizer.lr or set trainer.grad_clip. "
+            "Nothing from the diverged state was saved."
+        )
+
+
+def completed(run_dir: Path) -> bool:
+    """Whether the run in run_dir got through its test (summary.json says so)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def finish(run: Run, s: Session, elapsed: float) -> float:
+    """Test the best checkpoint, record everything, print the final table."""
+    t, p, log, summary, stop = run.cfg.trainer, run.progress, s.log, s.summary, s.stop
+    best_path = run.run_dir / "checkpoints" / BEST
+    run.model.load_state_dict(ckpt.load_checkpoint(best_path)["model"])
+    test = evaluate(run.plain, run.tensors["test_x"], run.tensors["test_y"], run.step.normalise, t.eval_batch_size,
+                    run.step.precision, stop)
+    if stop:  # training is complete and checkpointed; a resume runs only the test
+        summary["status"] = "interrupted"
+        write_json(run.run_dir / "summary.json", summary)
+        run.reporter.print(f"stopped by signal {stop.signum} during the test; resume with:\n"
+                           f"  cnntrain fit resume={run.run_dir}")
+        raise SystemExit(stop.exit_code)
+    log.scalar("test/loss", test["loss"], p.global_step)
+    log.scalar("test/acc", test["acc"], p.global_step)
+    key = f"best_{t.monitor.replace('/', '_')}"
+    summary.update(status="completed", epochs_done=p.epoch, best_epoch=p.best_epoch, **{key: p.best_metric},
+                   test_loss=test["loss"], test_acc=test["acc"], train_seconds=round(elapsed, 2),
+                   global_step=p.global_step, skipped_steps=p.skipped_steps, parameters=count_parameters(run.model),
+                   checkpoint=str(best_path))
+    write_json(run.run_dir / "summary.json", summary)
+    log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
+                                "hparam/test_loss": test["loss"]})
+    if run.dist.main:  # run_dir/figures/*.png, the same in TensorBoard, and filters and feature maps there
+        figures.fit_figures(run.run_dir, log.tb, p.global_step, run.cfg.name, list(run.data.classes),
+                            run.tensors["test_x"], run.tensors["test_y"], test)
+        figures.model_images(run.model, run.tensors["test_x"][:1], run.step.normalise.from_uint8, log.tb,
+                             p.global_step)
+    run.reporter.final("done", [
+        (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
+        ("test acc", f"{test['acc']:.4f}"),
+        ("test loss", f"{test['loss']:.4f}"),
+        ("time", f"{elapsed:.1f}s"),
+        ("run dir", str(run.run_dir)),
+        ("tensorboard", f"tensorboard --logdir {run.run_dir}"),
+    ])
+    return float(p.best_metric)
+
+
+def flat(cfg: DictConfig) -> dict[str, Any]:
+    """Every config value under its dotted key (TensorBoard's HParams table)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out

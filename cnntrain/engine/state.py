@@ -1,0 +1,138 @@
+"""The state of a run: what was built for it, where it stands, and how both go into and out of a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from cnntrain.data.images import ImageData
+from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine import distributed
+from cnntrain.engine.step import TrainStep
+from cnntrain.errors import UserError
+from cnntrain.io.files import BEST, LAST
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # steps done in the epoch under way
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    epochs_without_improvement: int = 0
+    skipped_steps: int = 0  # steps passed over for a non-finite loss (trainer.on_nonfinite=skip)
+    # Running sums of the epoch under way (tensors on the device, synced only when read).
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["sums"] = {k: v.detach().cpu() for k, v in self.sums.items()}
+        d["times"] = dict(self.times)
+        return d
+
+    @classmethod
+    def from_dict(cls, p: dict[str, Any], device: torch.device) -> Progress:
+        return cls(p["epoch"], p["step_in_epoch"], p["global_step"], p["best_metric"], p["best_epoch"],
+                   p.get("epochs_without_improvement", 0), p.get("skipped_steps", 0),
+                   {k: v.to(device) for k, v in p["sums"].items()}, dict(p["times"]))
+
+
+@dataclass
+class Run:
+    """Everything one `cnntrain fit` built, in one place; the loop reads it and advances `progress`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    data: ImageData
+    tensors: dict[str, torch.Tensor]  # the splits on the training device (or streamed FileImages)
+    step: TrainStep
+    plain: nn.Module  # what evaluation calls: the model (maybe compiled), never the DDP wrapper
+    ema: AveragedModel | None  # the weight average (trainer.ema_decay): validation, best and test use it
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dist: distributed.Dist
+    steps: int  # optimizer steps per epoch
+    progress: Progress
+    reporter: Any
+
+    @property
+    def model(self) -> nn.Module:
+        return self.step.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.step.normalise.mean.device
+
+
+def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    """What predict/evaluate/export need to use the model without the training data."""
+    m = cfg.model
+    return {"model": m.name, "arch": m.arch, "classes": list(data.classes), "channels": data.channels,
+            "image_size": list(data.image_size), "mean": list(data.mean), "std": list(data.std), "dataset": data.name}
+
+
+def save(run: Run, name: str) -> None:
+    """Rank 0 writes; `best` holds the weights that were validated (the average when EMA is on)."""
+    if not run.dist.main:
+        return
+    validated = run.ema.module if run.ema is not None else run.model
+    state = {
+        "model": (validated if name == BEST else run.model).state_dict(),
+        "meta": meta(run.cfg, run.data),
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "progress": run.progress.to_dict(),
+    }
+    if name == LAST:
+        state.update(optimizer=run.step.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                     scaler=run.step.scaler.state_dict(), rng=ckpt.capture_rng())
+        if run.ema is not None:
+            state["ema"] = run.ema.state_dict()
+    ckpt.save_checkpoint(run.run_dir / "checkpoints" / name, state)
+
+
+def load_weights_checked(cfg: DictConfig, model: nn.Module, state: dict[str, Any], path: Path,
+                         data: ImageData) -> None:
+    """Load a checkpoint's weights into the configured model, naming the mismatch if they do not fit."""
+    saved = state.get("meta", {})
+    if saved.get("model") not in (None, cfg.model.name) or saved.get("arch") not in (None, cfg.model.arch):
+        raise UserError(f"checkpoint {path} holds a {saved.get('model')} model, but the config asks for {cfg.model.name}")
+    if saved.get("classes") is not None and len(saved["classes"]) != data.num_classes:
+        raise UserError(f"checkpoint {path} was trained for {len(saved['classes'])} classes, "
+                        f"the dataset has {data.num_classes}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"checkpoint {path} does not match the configured model ({detail})") from None
+
+
+def restore(cfg: DictConfig, step: TrainStep, scheduler: Any, ema: AveragedModel | None, data: ImageData,
+            device: torch.device) -> Progress:
+    """Put a trainer checkpoint (cfg.resume) back into what was just built; return where it stood."""
+    path = ckpt.find_checkpoint(cfg.resume)
+    state = ckpt.load_checkpoint(path)
+    if "optimizer" not in state:
+        raise UserError(f"{path} holds model weights only; resume needs a last.pt trainer checkpoint")
+    load_weights_checked(cfg, step.model, state, path, data)
+    try:
+        step.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step.scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} does not match the configured optimizer ({e})") from None
+    if ema is not None:
+        if "ema" not in state:
+            raise UserError(f"checkpoint {path} has no weight average; resume it with trainer.ema_decay=null")
+        ema.load_state_dict(state["ema"])
+    progress = Progress.from_dict(state["progress"], device)
+    ckpt.restore_rng(state["rng"])
+    return progress

@@ -1,0 +1,124 @@
+"""Terminal output: a rich live view on a terminal, plain lines in CI and pipes, or nothing."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def make_reporter(mode: str) -> Reporter:
+    """trainer.progress: auto | rich | plain | none."""
+    if mode == "auto":
+        mode = "rich" if sys.stdout.isatty() else "plain"
+    if mode == "rich":
+        return RichReporter()
+    return Reporter(quiet=mode == "none")
+
+
+def _fmt_stats(stats: dict[str, float]) -> str:
+    parts = []
+    for key, value in stats.items():
+        if key == "img/s":
+            parts.append(f"{value:,.0f} img/s")
+        elif key == "data":
+            parts.append(f"data {value:.0%}")
+        else:
+            parts.append(f"{key} {value:.4f}")
+    return "  ".join(parts)
+
+
+class Reporter:
+    """Plain text lines (no control codes): what CI logs and pipes get."""
+
+    refresh_s = 10.0  # a progress line at most this often inside an epoch
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        # No colour, no cursor tricks, no wrapping at an imagined terminal width.
+        self.console = Console(no_color=True, highlight=False, force_terminal=False, width=200, soft_wrap=True)
+
+    def print(self, *args: Any) -> None:
+        if not self.quiet:
+            self.console.print(*args)
+
+    def start(self, title: str, rows: list[tuple[str, str]]) -> None:
+        self.print(title)
+        for key, value in rows:
+            self.print(f"  {key:<10} {value}")
+
+    def epoch_begin(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        self._epoch, self._epochs, self._steps = epoch, epochs, steps
+
+    def epoch_update(self, done: int, stats: dict[str, float]) -> None:
+        self.print(f"epoch {self._epoch}/{self._epochs} step {done}/{self._steps}  {_fmt_stats(stats)}")
+
+    def epoch_end(self, line: str) -> None:
+        self.print(line)
+
+    def final(self, title: str, rows: list[tuple[str, str]]) -> None:
+        self.print(title)
+        for key, value in rows:
+            self.print(f"  {key:<14} {value}")
+
+
+class RichReporter(Reporter):
+    """A live progress bar per epoch, a one-line summary after each, and tables."""
+
+    refresh_s = 0.25
+
+    def __init__(self) -> None:
+        self.quiet = False
+        self.console = Console(highlight=False)
+        self._progress = None
+
+    def start(self, title: str, rows: list[tuple[str, str]]) -> None:
+        table = Table(title=title, show_header=False, box=None, title_justify="left", title_style="bold")
+        table.add_column(style="cyan", no_wrap=True)
+        table.add_column()
+        for key, value in rows:
+            table.add_row(key, value)
+        self.console.print(table)
+
+    def epoch_begin(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn(f"[bold]epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=steps, completed=done, stats="")
+
+    def epoch_update(self, done: int, stats: dict[str, float]) -> None:
+        self._progress.update(self._task, completed=done, stats=_fmt_stats(stats))
+
+    def epoch_end(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        self.console.print(line)
+
+    def final(self, title: str, rows: list[tuple[str, str]]) -> None:
+        table = Table(title=title, show_header=False, title_justify="left", title_style="bold green")
+        table.add_column(style="cyan", no_wrap=True)
+        table.add_column(overflow="fold")
+        for key, value in rows:
+            table.add_row(key, value)
+        self.console.print(table)

@@ -1,0 +1,282 @@
+"""Figures of a run: learning curves, confusion matrix, most confidently wrong images.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
+state), saved as PNG and the same pixels sent to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MAX_ANNOTATED_CLASSES = 20  # above this the cells are too small for numbers
+MAX_LABELLED_CLASSES = 60  # above this tick labels would overlap: show every k-th
+
+
+def new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Any, path: Path, dpi: int = 110) -> np.ndarray:
+    """Write the figure as PNG; return its pixels (H, W, 3 uint8) for TensorBoard."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def to_tensorboard(writer: Any, tag: str, pixels: np.ndarray, step: int) -> None:
+    writer.add_image(tag, pixels, step, dataformats="HWC")
+
+
+# --------------------------------------------------------------------------- the figures
+
+
+def curves_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
+    """Training and validation loss and accuracy per epoch (rows of metrics.csv)."""
+    epochs = [int(r["epoch"]) for r in rows]
+    fig = new_figure(10, 4)
+    axes = fig.subplots(1, 2)
+    marker = "o" if len(epochs) <= 30 else None
+    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
+        for split, style in (("train", "-"), ("val", "--")):
+            values = [float(r[f"{split}_{metric}"]) for r in rows]
+            ax.plot(epochs, values, style, marker=marker, label="training" if split == "train" else "validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if epochs and max(epochs) <= 30:
+            ax.set_xticks(epochs)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def confusion_figure(cm: np.ndarray, classes: Sequence[str], title: str) -> Any:
+    """Rows: true class, columns: predicted; colour = share of the row, numbers = image counts."""
+    n = len(classes)
+    side = float(np.clip(0.42 * n + 2.5, 5, 28))
+    fig = new_figure(side + 1.2, side)
+    ax = fig.subplots()
+    totals = cm.sum(1, keepdims=True)
+    share = cm / np.maximum(totals, 1)
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
+    step = max(1, int(np.ceil(n / MAX_LABELLED_CLASSES)))
+    ticks = np.arange(0, n, step)
+    names = [_short(classes[i]) for i in ticks]
+    ax.set_xticks(ticks, names, rotation=45 if max(len(s) for s in names) > 2 else 0, ha="right" if max(
+        len(s) for s in names) > 2 else "center", rotation_mode="anchor")
+    ax.set_yticks(ticks, names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if n <= MAX_ANNOTATED_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    return fig
+
+
+def per_class_figure(classes: Sequence[str], precision: np.ndarray, recall: np.ndarray, title: str) -> Any:
+    """Precision and recall per class as horizontal bars."""
+    n = len(classes)
+    fig = new_figure(7, float(np.clip(0.3 * n + 1.5, 3, 30)))
+    ax = fig.subplots()
+    y = np.arange(n)
+    ax.barh(y - 0.2, precision, height=0.4, label="precision")
+    ax.barh(y + 0.2, recall, height=0.4, label="recall (accuracy on the class)")
+    ax.set_yticks(y, [_short(c) for c in classes])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score")
+    ax.set_ylabel("class")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)  # below the axes: never over a bar
+    return fig
+
+
+def mistakes_figure(images: torch.Tensor, true: Sequence[int], pred: Sequence[int], conf: Sequence[float],
+                    classes: Sequence[str], title: str) -> Any:
+    """A grid of images (uint8 [N, C, H, W]), each titled with its true and predicted class."""
+    n = len(images)
+    cols = min(8, max(1, n))
+    rows = max(1, int(np.ceil(n / cols)))
+    fig = new_figure(1.6 * cols + 0.4, 1.9 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    if n == 0:
+        axes[0].text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
+    for k in range(n):
+        img = images[k].permute(1, 2, 0).numpy()
+        if img.shape[2] == 1:
+            axes[k].imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            axes[k].imshow(img, interpolation="nearest")
+        axes[k].set_title(f"true: {_short(classes[true[k]], 14)}\npred: {_short(classes[pred[k]], 14)} "
+                          f"({conf[k]:.1%})", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def _short(name: str, limit: int = 18) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def confusion_matrix(true: torch.Tensor, pred: torch.Tensor, n: int) -> np.ndarray:
+    """n x n counts, rows true class, columns predicted."""
+    flat = true.cpu().long() * n + pred.cpu().long()
+    return torch.bincount(flat, minlength=n * n).view(n, n).numpy()
+
+
+def worst_mistakes(true: torch.Tensor, pred: torch.Tensor, conf: torch.Tensor, k: int = 16) -> torch.Tensor:
+    """Indices of the k wrong predictions made with the highest confidence."""
+    wrong = torch.nonzero(true.cpu() != pred.cpu()).flatten()
+    order = torch.argsort(conf.cpu()[wrong].float(), descending=True, stable=True)
+    return wrong[order[:k]]
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("epoch")]
+
+
+# --------------------------------------------------------------------------- end of fit
+
+
+def fit_figures(run_dir: Path, writer: Any, step: int, name: str, classes: list[str], x: torch.Tensor,
+                y: torch.Tensor, test: dict[str, Any]) -> None:
+    """figures/ of a finished run (curves, test confusion matrix, most confidently wrong test images),
+    and the same images in TensorBoard. A failure here is logged, never fails a finished run."""
+    try:
+        _fit_figures(run_dir, writer, step, classes, x, y, test, name)
+    except Exception as e:  # figures are a by-product: report, keep the trained run
+        log.warning("could not draw the run's figures: %s: %s", type(e).__name__, e)
+
+
+def _fit_figures(run_dir: Path, writer: Any, step: int, classes: list[str], x: torch.Tensor, y: torch.Tensor,
+                 test: dict[str, Any], name: str) -> None:
+    out = run_dir / "figures"
+    rows = read_metrics(run_dir / "metrics.csv")
+    if rows:
+        fig = curves_figure(rows, f"{name}: {run_dir.name}")
+        to_tensorboard(writer, "figures/curves", save(fig, out / "curves.png"), step)
+    pred = test["pred"].cpu()
+    y = y.cpu()
+    acc = float((pred == y).float().mean()) if len(y) else 0.0
+    cm = confusion_matrix(y, pred, len(classes))
+    fig = confusion_figure(cm, classes, f"Test confusion matrix ({len(y):,} images, accuracy {acc:.2%})")
+    to_tensorboard(writer, "figures/confusion_test", save(fig, out / "confusion_test.png"), step)
+    conf = test.get("conf")
+    if conf is not None:
+        idx = worst_mistakes(y, pred, conf)
+        fig = mistakes_figure(x[idx.to(x.device)].cpu(), y[idx].tolist(), pred[idx].tolist(), conf.cpu()[idx].tolist(),
+                              classes, "Most confidently wrong test images")
+        to_tensorboard(writer, "figures/mistakes_test", save(fig, out / "mistakes_test.png"), step)
+    writer.flush()
+
+
+# --------------------------------------------------------------------------- the model itself, for TensorBoard
+
+
+def _tile(maps: torch.Tensor, size: tuple[int, int], nrow: int = 8) -> torch.Tensor:
+    """[N, H, W] -> a grid image [3, H', W'] with each map scaled to [0, 1] on its own."""
+    from torchvision.utils import make_grid
+
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(1).view(-1, 1, 1), flat.amax(1).view(-1, 1, 1)
+    maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    maps = F.interpolate(maps[:, None], size=size, mode="nearest")
+    return make_grid(maps, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
+    """The first convolution's kernels as an image grid: RGB for 3 input channels, else their mean."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return None
+    w = conv.weight.detach().float().cpu()
+    k = max(w.shape[2], w.shape[3])
+    scale = max(1, 48 // k)  # 3x3 kernels would be invisible dots
+    size = (w.shape[2] * scale, w.shape[3] * scale)
+    if w.shape[1] == 3:
+        from torchvision.utils import make_grid
+
+        flat = w.flatten(1)
+        lo, hi = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
+        w = F.interpolate((w - lo) / (hi - lo).clamp_min(1e-12), size=size, mode="nearest")
+        return make_grid(w, nrow=8, padding=2, pad_value=1.0)
+    return _tile(w.mean(1), size)
+
+
+def feature_maps(model: nn.Module, x: torch.Tensor, max_layers: int = 4, max_channels: int = 16
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """Grids of the first channels of a few convolutions (first to last) for one input [1, C, H, W]."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return []
+    pick = sorted({round(i) for i in np.linspace(0, len(convs) - 1, min(max_layers, len(convs)))})
+    chosen = [convs[i] for i in pick]
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.setdefault(n, out.detach()))
+               for n, m in chosen]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    size = _display_size(tuple(x.shape[2:]))
+    return [(n, _tile(outputs[n][0, :max_channels].float().cpu(), size)) for n, _ in chosen if n in outputs]
+
+
+def _display_size(size: tuple[int, ...], at_least: int = 84) -> tuple[int, int]:
+    """Small inputs (28x28) are enlarged by a whole factor so TensorBoard shows something readable."""
+    factor = max(1, -(-at_least // min(size)))
+    return size[0] * factor, size[1] * factor
+
+
+def model_images(model: Any, x_u8: torch.Tensor, to_input: Any, writer: Any, step: int) -> None:
+    """First-layer filters and feature maps of one image (uint8 [1, C, H, W]), to a run's TensorBoard."""
+    try:
+        filters = first_layer_filters(model)
+        if filters is not None:
+            writer.add_image("model/first_layer_filters", filters, step)
+        shown = F.interpolate(x_u8.float().cpu() / 255, size=_display_size(tuple(x_u8.shape[2:])), mode="nearest")
+        writer.add_image("model/feature_maps/0_input", shown[0], step)
+        for i, (name, grid) in enumerate(feature_maps(model, to_input(x_u8)), start=1):
+            writer.add_image(f"model/feature_maps/{i}_{name}", grid, step)
+        writer.flush()
+    except Exception as e:  # a by-product: never fail a finished run for it
+        log.warning("could not log filters and feature maps: %s: %s", type(e).__name__, e)

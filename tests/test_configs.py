@@ -1,0 +1,57 @@
+"""The configs themselves: every option composes and validates, and defaults live in the schema only."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from cnntrain.config import FitConfig, validate
+from cnntrain.config.compose import compose_fit
+from cnntrain.registry import AUGMENTATIONS, DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = [f.name for f in dataclasses.fields(FitConfig) if f.default_factory is not dataclasses.MISSING]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_every_option_composes_and_validates(group, option):
+    cfg = compose_fit([f"{group}={option}"])
+    validate(cfg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    validate(compose_fit([f"experiment={name}"]))
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_no_yaml_repeats_a_schema_default(group, option):
+    defaults = next(f.default_factory() for f in dataclasses.fields(FitConfig) if f.name == group)
+    data = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml")) or {}
+    repeated = [k for k, v in data.items() if k != "name" and getattr(defaults, k, object()) == v]
+    assert repeated == [], f"{group}/{option}.yaml repeats the schema's defaults of {repeated}"
+
+
+def test_every_named_option_has_a_builder():
+    import cnntrain.augment
+    import cnntrain.data
+    import cnntrain.models
+    import cnntrain.optim  # noqa: F401  (importing the layers fills their registries)
+
+    names = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
+    for group, registry in names.items():
+        for p in sorted((CONFIGS / group).glob("*.yaml")):
+            assert OmegaConf.load(p).name in registry, p
+    assert list(AUGMENTATIONS) == ["hflip", "vflip", "affine", "crop", "policy", "erasing", "mix"]  # the order
+
+
+def test_every_option_file_describes_itself():
+    # `cnntrain list` shows the first comment line of each file.
+    for group, option in OPTIONS:
+        first = (CONFIGS / group / f"{option}.yaml").read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 10, f"{group}/{option}.yaml"
