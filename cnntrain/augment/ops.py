@@ -12,6 +12,7 @@ Order: flips -> affine warp -> pad-and-crop -> policy (RandAugment / TrivialAugm
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 
 import torch
@@ -95,39 +96,6 @@ def _reflect(idx: Tensor, n: int) -> Tensor:
     """Reflect indices in [-(n-1), 2(n-1)] into [0, n-1] without repeating the edge (like reflect padding)."""
     idx = idx.abs()
     return (n - 1) - ((n - 1) - idx).abs()
-
-
-def _log_gamma(alpha: float, n: int, gen: torch.Generator, device: torch.device, tries: int = 16) -> Tensor:
-    """log of n Gamma(alpha, 1) draws by Marsaglia & Tsang (2000), from ``gen`` only.
-
-    The rejection loop is unrolled into ``tries`` proposals per draw and the first accepted
-    one is taken, so nothing waits on the device; each proposal is accepted with probability
-    > 0.95, so all of them failing (then the mode-like value d is used) practically never
-    happens. alpha < 1 uses Gamma(alpha) = Gamma(alpha + 1) * U^(1/alpha). Log space keeps
-    the tiny values that small alphas give from underflowing to 0.
-    """
-    a = alpha + 1.0 if alpha < 1 else alpha
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    z = torch.randn(n, tries, generator=gen, device=device)
-    u = torch.rand(n, tries, generator=gen, device=device)
-    v = (1.0 + c * z) ** 3
-    log_v = torch.log(v.clamp_min(1e-30))
-    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * log_v)
-    # Distinct descending weights make the first accepted proposal the unique maximum.
-    order = torch.arange(tries, 0, -1, device=device, dtype=torch.float32)
-    first = (ok.float() * order).argmax(1, keepdim=True)
-    log_g = torch.where(ok.any(1), math.log(d) + log_v.gather(1, first).squeeze(1), math.log(d))
-    if alpha < 1:
-        u_boost = torch.rand(n, generator=gen, device=device).clamp_min(1e-30)
-        log_g = log_g + torch.log(u_boost) / alpha
-    return log_g
-
-
-def sample_beta(alpha: float, n: int, gen: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-    """n draws of Beta(alpha, alpha) on ``device``, using only ``gen`` (torch.distributions takes no generator)."""
-    device = torch.device(device)
-    return torch.sigmoid(_log_gamma(alpha, n, gen, device) - _log_gamma(alpha, n, gen, device))
 
 
 # --------------------------------------------------------------------------- geometric ops
@@ -309,33 +277,22 @@ def mix_batch(
 ) -> tuple[Tensor, Tensor]:
     """Mixup or CutMix with a random permutation of the batch; returns soft targets [B, num_classes].
 
-    One lambda per batch. With both alphas set, the choice between them is a tensor too,
-    and both are folded into one per-pixel weight map, so nothing is decided on the host.
+    One lambda per batch, so it is drawn on the host, from a generator seeded like ``gen`` (by the
+    step): no device-side sampler and no host-device sync. With both alphas set, each batch uses one
+    of them at random.
     """
     b, _, h, w = x.shape
-    dev = x.device
-    pick_cut = _rand(gen, x, 1) < 0.5 if mixup_alpha > 0 and cutmix_alpha > 0 else None
-    weight = target = None  # weight: share of x at each pixel; target: share of y in the label
-    if mixup_alpha > 0:
-        lam = sample_beta(mixup_alpha, 1, gen, dev)
-        weight, target = lam.view(1, 1, 1, 1), lam
-    if cutmix_alpha > 0:
-        lam = sample_beta(cutmix_alpha, 1, gen, dev)
-        side = torch.sqrt(1 - lam)
-        centre = _rand(gen, x, 2)
-        cy, cx = centre[:1] * h, centre[1:] * w
-        top, bottom = torch.round(cy - side * h / 2).clamp(0, h), torch.round(cy + side * h / 2).clamp(0, h)
-        left, right = torch.round(cx - side * w / 2).clamp(0, w), torch.round(cx + side * w / 2).clamp(0, w)
-        box = _box_mask(h, w, top, left, bottom, right)
-        cut_weight = (~box).to(x.dtype)
-        cut_target = 1 - box.sum().to(torch.float32).view(1) / (h * w)  # the area actually pasted
-        if pick_cut is None:
-            weight, target = cut_weight, cut_target
-        else:
-            weight = torch.where(pick_cut.view(1, 1, 1, 1), cut_weight, weight.to(x.dtype))
-            target = torch.where(pick_cut, cut_target, target)
-    perm = torch.randperm(b, generator=gen, device=dev)
-    weight = weight.to(x.dtype)
+    rng = random.Random(gen.initial_seed())
+    cut = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    lam = rng.betavariate(*(2 * [cutmix_alpha if cut else mixup_alpha]))
+    weight: Tensor | float = lam
+    if cut:  # paste a box of area (1 - lam) from the partner image
+        bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+        top, left = rng.randrange(h - bh + 1), rng.randrange(w - bw + 1)
+        weight = torch.ones(1, 1, h, w, device=x.device, dtype=x.dtype)
+        weight[..., top : top + bh, left : left + bw] = 0
+        lam = 1 - bh * bw / (h * w)  # the area actually pasted
+    perm = torch.randperm(b, generator=gen, device=x.device)
     mixed = (x * weight + x[perm] * (1 - weight)).clamp_(0, 1)
-    soft = target * _one_hot(y, num_classes) + (1 - target) * _one_hot(y[perm], num_classes)
+    soft = lam * _one_hot(y, num_classes) + (1 - lam) * _one_hot(y[perm], num_classes)
     return mixed, soft
