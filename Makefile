@@ -6,7 +6,7 @@ ARGS ?=
 # Optional extras to install with cnntrain (CI adds onnx,optuna,joblib,slurm to test those paths too).
 EXTRAS ?= dev
 
-.PHONY: install fit smoke test test-fast lint format tensorboard bench wheel clean
+.PHONY: install fit smoke test test-fast lint format tensorboard bench gpu-check wheel clean
 
 install:  ## install torch, then cnntrain (editable) with the dev tools (EXTRAS=dev,onnx,...)
 	$(PYTHON) -m pip install $(TORCH)
@@ -36,6 +36,9 @@ tensorboard:  ## browse every run under runs/
 
 bench:  ## throughput benchmarks; figures and the machine they ran on go to benchmarks/RESULTS.md
 	$(PYTHON) benchmarks/run.py
+
+gpu-check:  ## every CUDA path (bf16, fp16, compile, resume, evaluate/predict/export, DDP, images/s) in a few minutes; says so and passes without a GPU
+	$(PYTHON) benchmarks/gpu_check.py
 
 wheel:  ## build the wheel into dist/
 	$(PYTHON) -m pip wheel --no-deps -w dist .

@@ -1,11 +1,13 @@
-"""cnntrain's benchmark suite: throughput against peers, scaling, memory, start-up, time to accuracy.
+"""cnntrain's benchmark suite: throughput against peers, scaling, the compute limit, busy machines, start-up
+and memory, time to accuracy.
 
 Every contender runs in its own fresh process, one after another, on the same machine in one invocation, so
-the ratios are comparable even when absolute figures drift on shared machines.
+the ratios are comparable even when absolute figures drift on shared machines. Run it on a quiet machine: the
+contention section makes its own load, and any other load skews every section.
 
-    python benchmarks/run.py                 # everything (about 10 minutes on 2 CPU cores); writes RESULTS.md
-    python benchmarks/run.py --only peers    # one section: peers | scaling | startup | accuracy
-    python benchmarks/run.py --quick         # tiny sizes: checks the suite runs (used by the tests)
+    python benchmarks/run.py                 # everything (about 15 minutes on 2 CPU cores); writes RESULTS.md
+    python benchmarks/run.py --only peers    # one section: peers | scaling | limit | contention | startup | accuracy
+    python benchmarks/run.py --quick         # tiny sizes: checks the suite runs (used by the tests), writes nothing
 
 The Keras peer needs TensorFlow in its own environment, never in cnntrain's:
     python -m venv benchmarks/.env && benchmarks/.env/bin/pip install tensorflow-cpu
@@ -27,8 +29,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 PEERS = HERE / "peers"
 PY = sys.executable
+SECTIONS = ["peers", "scaling", "limit", "contention", "startup", "accuracy"]
+# The checkout's own cnntrain, whatever an installed one points at.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 # What experiment=fashion_fast ships: the bare loop is run with the same settings.
 FAST = {"batch_size": 256, "precision": "bf16", "channels_last": True}
 
@@ -46,7 +53,8 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> tuple[dict, float, float]:
+def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800, env: dict[str, str] | None = None
+        ) -> tuple[dict, float, float]:
     """Run a command; return its RESULT json (if any), wall seconds, and its peak RSS in MB."""
     wrapper = (
         "import resource, subprocess, sys;"
@@ -56,7 +64,7 @@ def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> tuple
     )
     t = time.perf_counter()
     proc = subprocess.run([PY, "-c", wrapper, *cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**ENV, **(env or {})})
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -69,14 +77,24 @@ def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> tuple
     return result, wall, rss
 
 
-def cnntrain_fit(args: list[str], work: Path) -> tuple[dict, list[dict], float, float]:
-    """`cnntrain fit ARGS` in work/; returns its summary, metrics rows, wall seconds, peak RSS MB."""
+def cnntrain_fit(args: list[str], work: Path, env: dict[str, str] | None = None
+                 ) -> tuple[dict, list[dict], float, float]:
+    """`cnntrain fit ARGS` in work/; returns its summary (plus the torch threads it ran), metrics rows, wall
+    seconds, peak RSS MB."""
     before = set(work.rglob("summary.json"))
-    _, wall, rss = run([PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args], cwd=work)
+    _, wall, rss = run([PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args], cwd=work, env=env)
     (path,) = set(work.rglob("summary.json")) - before
     with open(path.parent / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return json.loads(path.read_text()), rows, wall, rss
+    summary = json.loads(path.read_text())
+    summary["threads"] = json.loads((path.parent / "provenance.json").read_text()).get("torch_threads")
+    summary["run_dir"] = str(path.parent)
+    return summary, rows, wall, rss
+
+
+def train_seconds(rows: list[dict]) -> float:
+    """Time spent in training steps (validation left out), all epochs."""
+    return sum(float(r["epoch_s"]) - float(r["eval_s"]) for r in rows)
 
 
 def steady_ips(rows: list[dict]) -> float:
@@ -136,14 +154,187 @@ def section_scaling(work: Path, quick: bool) -> tuple[list, list, float]:
     return by_batch, by_model, rss
 
 
-def section_startup(work: Path) -> tuple[float, float]:
-    help_times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        subprocess.run(["cnntrain", "--help"], capture_output=True, check=True)
-        help_times.append(time.perf_counter() - t)
-    _, _, wall, _ = cnntrain_fit(["experiment=smoke"], work)
-    return min(help_times), wall
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def best_of(n: int, cmd: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """(best wall seconds, peak RSS MB of that run) of n runs of a command."""
+    runs = [run(cmd, cwd=cwd)[1:] for _ in range(n)]
+    return min(runs)
+
+
+# What a fit imports beyond torch, each measured on top of `import torch` in a fresh process.
+IMPORT_COST = """
+import importlib, json, sys, time
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+import torch
+r0, out = rss(), {}
+for name in sys.argv[1:]:
+    t = time.perf_counter(); r = rss()
+    importlib.import_module(name)
+    out[name] = (time.perf_counter() - t, rss() - r)
+print("RESULT " + json.dumps({"torch_rss": r0, "added": out}))
+"""
+IMPORTS = ["torch._dynamo", "hydra", "omegaconf", "torch.utils.tensorboard", "matplotlib.backends.backend_agg",
+           "torchvision"]
+
+
+def section_startup(work: Path, quick: bool) -> dict:
+    """Whole commands against `python -c "import torch"`: seconds (best of n) and peak RSS."""
+    n = 1 if quick else 3
+    out = {"torch": best_of(n, [PY, "-c", "import torch"]),
+           "help": best_of(n, [PY, "-m", "cnntrain", "--help"])}
+    smoke = [best_of(1, [PY, "-m", "cnntrain", "fit", "experiment=smoke", "trainer.progress=plain"], cwd=work)
+             for _ in range(n)]
+    out["smoke"] = min(smoke)
+    (ckpt,) = list(work.rglob("best.pt"))[:1]
+    from PIL import Image
+
+    image = work / "one.png"
+    Image.new("L", (28, 28), 128).save(image)
+    out["predict"] = best_of(n, [PY, "-m", "cnntrain", "predict", f"ckpt={ckpt}", f"inputs={image}",
+                                 f"out={work / 'predict'}"], cwd=work)
+    r, _, _ = run([PY, "-c", IMPORT_COST, *IMPORTS])
+    out["imports"] = r
+    return out
+
+
+def startup_lines(r: dict) -> list[str]:
+    torch_s, torch_mb = r["torch"]
+    lines = ["## Start-up and memory\n",
+             f"Whole commands, best of runs, against `python -c \"import torch\"` ({torch_s:.2f} s, "
+             f"{torch_mb:,.0f} MB peak RSS):\n",
+             "| command | seconds | x import torch | peak RSS MB | target |", "|---|---:|---:|---:|---|"]
+    for key, name, target in (("torch", '`python -c "import torch"`', ""), ("help", "`cnntrain --help`", ""),
+                              ("smoke", "`cnntrain fit experiment=smoke`", "<= 2x, <= 500 MB"),
+                              ("predict", "`cnntrain predict` one image", "<= 1.5x")):
+        sec, mb = r[key]
+        lines.append(f"| {name} | {sec:.2f} | {sec / torch_s:.2f}x | {mb:,.0f} | {target} |")
+    imp = r["imports"]
+    lines += ["", f"Where the memory goes: `import torch` alone holds {imp['torch_rss']:,.0f} MB. What each import "
+                  "adds on top of it (in this order, one process):\n",
+              "| import | seconds | MB | who needs it |", "|---|---:|---:|---|"]
+    who = {"torch._dynamo": "torch.optim (every optimizer imports it on first use)", "hydra": "fit: configs",
+           "omegaconf": "every command: configs and arguments", "torch.utils.tensorboard": "fit: event files",
+           "matplotlib.backends.backend_agg": "fit, evaluate: figures at the end",
+           "torchvision": "only its datasets and models (not imported by the commands above)"}
+    for name, (sec, mb) in imp["added"].items():
+        lines.append(f"| {name} | {sec:.2f} | {mb:,.0f} | {who.get(name, '')} |")
+    lines.append("")
+    return lines
+
+
+def gemm_rates(threads: int | None = None) -> dict:
+    r, _, _ = run([PY, str(PEERS / "gemm.py"), *(["--threads", str(threads)] if threads else [])])
+    return r
+
+
+def flops(model: str) -> float:
+    r, _, _ = run([PY, str(HERE / "flops.py"), "--model", model])
+    return r["flops_per_image"]
+
+
+def section_limit(work: Path, quick: bool) -> dict:
+    """images/s of fashion_fast as a share of what the machine's GEMM rate allows for the model's FLOPs."""
+    sys.path.insert(0, str(REPO))
+    from cnntrain.engine.device import cpu_has_fast_bf16
+
+    precision = "bf16" if cpu_has_fast_bf16() else "fp32"  # what precision=auto picks on this CPU
+    rates = gemm_rates()
+    rows = []
+    for model, n in (("simple_cnn", "2000" if quick else None), ("resnet8", "1000" if quick else "8192")):
+        s, m, _, _ = cnntrain_fit(["experiment=fashion_fast", f"model={model}", "trainer.epochs=2",
+                                   *([f"dataset.subset={n}"] if n else [])], work)
+        f = flops(model)
+        ips = steady_ips(m)
+        rows.append((model, f, ips, s["threads"]))
+    return {"rates": rates, "precision": precision, "rows": rows}
+
+
+def limit_lines(r: dict) -> list[str]:
+    rates, precision = r["rates"], r["precision"]
+    limit = rates[precision]
+    lines = ["## The compute limit\n",
+             f"Matrix multiply (torch.mm, {rates['threads']} threads): **{rates['fp32']:,.0f} GFLOP/s fp32** "
+             f"({rates['size']}x{rates['size']}), **{rates['bf16']:,.1f} GFLOP/s bf16** "
+             f"({rates['bf16_size']}x{rates['bf16_size']}{'' if rates['bf16_size'] == rates['size'] else ': no native bf16, emulated'}). "
+             f"`precision=auto` trains in {precision} here, so the limit is {limit:,.0f} GFLOP/s. FLOPs per trained "
+             "image: forward + backward of a batch, counted by torch.utils.flop_counter (convolutions and matrix "
+             "multiplies; the rest is not counted).\n",
+             "| model, experiment=fashion_fast | MFLOP per image | limit images/s | cnntrain images/s | % of limit |",
+             "|---|---:|---:|---:|---:|"]
+    for model, f, ips, _ in r["rows"]:
+        cap = limit * 1e9 / f
+        lines.append(f"| {model} | {f / 1e6:.1f} | {cap:,.0f} | {ips:,.0f} | {100 * ips / cap:.0f}% |")
+    lines.append("")
+    return lines
+
+
+SPIN = "while True: pass"
+
+
+def section_contention(work: Path, quick: bool) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+    """experiment=smoke's training seconds beside other load: the default threads against 1 and all cores."""
+    n = cores()
+    settings = {"default": [], "1 thread": ["trainer.num_threads=1"], f"{n} threads": [f"trainer.num_threads={n}"]}
+    scenarios = [("no load", 0, False), ("1 busy process", 1, False), ("2 busy processes", 2, False),
+                 ("another cnntrain fit beside it", 0, True)]
+    if quick:
+        scenarios = scenarios[:2]
+    repeats = 1 if quick else 2
+    out = []
+    for name, spinners, beside in scenarios:
+        load = [subprocess.Popen([PY, "-c", SPIN]) for _ in range(spinners)]
+        if beside:  # a long training run with its own default threads, started first (outside work/)
+            elsewhere = tempfile.mkdtemp(prefix="cnntrain-beside-")
+            load.append(subprocess.Popen([PY, "-m", "cnntrain", "fit", "experiment=smoke", "dataset.subset=null",
+                                          "trainer.epochs=1000", "trainer.progress=none",
+                                          f"hydra.run.dir={elsewhere}/run"], cwd=elsewhere, env=ENV,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(8)  # past its start-up: training
+        else:
+            time.sleep(1)
+        try:
+            cells = {}
+            for setting, args in settings.items():
+                times = []
+                for _ in range(repeats):
+                    s, m, _, _ = cnntrain_fit(["experiment=smoke", *args], work)
+                    times.append((train_seconds(m), s["threads"]))
+                cells[setting] = min(times)
+        finally:
+            for proc in load:
+                proc.kill()
+                proc.wait()
+            if beside:
+                shutil.rmtree(elsewhere, ignore_errors=True)
+        out.append((name, cells))
+        print(f"contention: {name}: " + ", ".join(f"{k} {v[0]:.2f}s ({v[1]} threads)" for k, v in cells.items()),
+              flush=True)
+    return out
+
+
+def contention_lines(rows: list) -> list[str]:
+    n = cores()
+    lines = ["## Busy machines: thread count\n",
+             f"`cnntrain fit experiment=smoke`, training seconds (validation left out; best of repeats) on {n} cores "
+             "beside other load. Busy process: `python -c 'while True: pass'`. Another cnntrain: a long "
+             "`experiment=smoke` fit with its own default threads. Target: default within 1.2x of the best.\n",
+             f"| other load | default (threads it chose) | 1 thread | {n} threads | default / best |",
+             "|---|---:|---:|---:|---:|"]
+    for name, cells in rows:
+        default, one, every = cells["default"], cells["1 thread"], cells[f"{n} threads"]
+        best = min(default[0], one[0], every[0])
+        lines.append(f"| {name} | {default[0]:.2f} s ({default[1]}) | {one[0]:.2f} s | {every[0]:.2f} s | "
+                     f"{default[0] / best:.2f}x |")
+    lines.append("")
+    return lines
 
 
 def section_accuracy(work: Path, quick: bool) -> list[tuple[str, str, float, float, float]]:
@@ -153,55 +344,59 @@ def section_accuracy(work: Path, quick: bool) -> list[tuple[str, str, float, flo
                          ("experiment=fashion_fast", ["experiment=fashion_fast"])):
         for precision in ("bf16", "32"):
             s, m, _, _ = cnntrain_fit([*args, f"trainer.precision={precision}", *extra], work)
-            train_s = sum(float(r["epoch_s"]) - float(r["eval_s"]) for r in m)
+            train_s = train_seconds(m)
             rows.append((recipe, precision, s["test_acc"], train_s, s["best_val_acc"]))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=["peers", "scaling", "startup", "accuracy"], action="append")
+    ap.add_argument("--only", choices=SECTIONS, action="append")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the suite runs")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = ap.parse_args()
-    sections = args.only or ["peers", "scaling", "startup", "accuracy"]
+    sections = args.only or SECTIONS
     work = Path(tempfile.mkdtemp(prefix="cnntrain-bench-"))
     lines = [f"# Benchmark results\n\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              f"  \nCommand: `python benchmarks/run.py{' --quick' if args.quick else ''}"
              f"{''.join(' --only ' + s for s in args.only or [])}`\n"]
+
+    def show(new: list[str]) -> None:
+        lines.extend(new)
+        print("\n".join(new), flush=True)
+
     try:
         if "peers" in sections:
             rows = section_peers(work, args.quick)
             ours = rows[0][1]
-            lines += ["## Training throughput, seed CNN, Fashion-MNIST (images/s)\n",
-                      "| contender | images/s | cnntrain is | how measured |", "|---|---:|---:|---|"]
+            table = ["## Training throughput, seed CNN, Fashion-MNIST (images/s)\n",
+                     "| contender | images/s | cnntrain is | how measured |", "|---|---:|---:|---|"]
             for name, ips, how in rows:
                 ratio = "" if name == rows[0][0] or ips != ips else f"{ours / ips:.2f}x"
-                lines.append(f"| {name} | {ips:,.0f} | {ratio} | {how} |")
-            lines.append("")
-            print("\n".join(lines[-len(rows) - 3:]), flush=True)
+                table.append(f"| {name} | {ips:,.0f} | {ratio} | {how} |")
+            show([*table, ""])
         if "scaling" in sections:
             by_batch, by_model, rss = section_scaling(work, args.quick)
-            lines += ["## Scaling (cnntrain fit, fashion_fast settings, images/s of epoch 2)\n",
-                      "| batch size | images/s |", "|---:|---:|"]
-            lines += [f"| {bs} | {ips:,.0f} |" for bs, ips in by_batch]
-            lines += ["", "| model (batch 256) | parameters | images/s |", "|---|---:|---:|"]
-            lines += [f"| {m} | {p:,} | {ips:,.0f} |" for m, p, ips in by_model]
-            lines += ["", f"Peak memory (RSS) of `cnntrain fit experiment=fashion_fast` (one epoch, full "
+            table = ["## Scaling (cnntrain fit, fashion_fast settings, images/s of epoch 2)\n",
+                     "| batch size | images/s |", "|---:|---:|"]
+            table += [f"| {bs} | {ips:,.0f} |" for bs, ips in by_batch]
+            table += ["", "| model (batch 256) | parameters | images/s |", "|---|---:|---:|"]
+            table += [f"| {m} | {p:,} | {ips:,.0f} |" for m, p, ips in by_model]
+            table += ["", f"Peak memory (RSS) of `cnntrain fit experiment=fashion_fast` (one epoch, full "
                           f"Fashion-MNIST): **{rss:,.0f} MB**\n"]
-            print("\n".join(lines[-12:]), flush=True)
+            show(table)
+        if "limit" in sections:
+            show(limit_lines(section_limit(work, args.quick)))
+        if "contention" in sections:
+            show(contention_lines(section_contention(work, args.quick)))
         if "startup" in sections:
-            help_s, smoke_s = section_startup(work)
-            lines += ["## Start-up\n", f"- `cnntrain --help`: {help_s:.2f} s (best of 5)",
-                      f"- `cnntrain fit experiment=smoke`, whole command: {smoke_s:.1f} s\n"]
-            print("\n".join(lines[-3:]), flush=True)
+            show(startup_lines(section_startup(work, args.quick)))
         if "accuracy" in sections:
             acc = section_accuracy(work, args.quick)
-            lines += ["## Accuracy: bf16 autocast against fp32\n",
-                      "| recipe | precision | test acc | best val acc | training s |", "|---|---|---:|---:|---:|"]
-            lines += [f"| {r} | {p} | {a:.4f} | {v:.4f} | {s:.1f} |" for r, p, a, s, v in acc]
-            lines.append("")
-            print("\n".join(lines[-len(acc) - 3:]), flush=True)
+            table = ["## Accuracy: bf16 autocast against fp32\n",
+                     "| recipe | precision | test acc | best val acc | training s |", "|---|---|---:|---:|---:|"]
+            table += [f"| {r} | {p} | {a:.4f} | {v:.4f} | {s:.1f} |" for r, p, a, s, v in acc]
+            show([*table, ""])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not args.quick:

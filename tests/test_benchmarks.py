@@ -17,4 +17,15 @@ def test_benchmark_suite_runs_in_quick_mode(tmp_path):
                            "--only", "startup", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cnntrain fit experiment=fashion_fast" in proc.stdout and "tutorial loop" in proc.stdout
-    assert "cnntrain --help" in proc.stdout
+    assert "cnntrain --help" in proc.stdout and "x import torch" in proc.stdout and "torch._dynamo" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_limit_and_contention_sections_run_in_quick_mode(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", "limit",
+                           "--only", "contention", "--out", str(tmp_path / "RESULTS.md")],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "% of limit" in proc.stdout and "| simple_cnn |" in proc.stdout and "| resnet8 |" in proc.stdout
+    assert "| no load |" in proc.stdout and "| 1 busy process |" in proc.stdout
+    assert not (tmp_path / "RESULTS.md").exists()  # --quick writes nothing

@@ -10,6 +10,7 @@ import sys
 
 from cnntrain import __version__
 from cnntrain.errors import UserError, did_you_mean
+from cnntrain.io import cpus
 
 COMMANDS = {
     "fit": "train a CNN from the composed config (Hydra overrides, --multirun, --cfg job, --help)",
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cnntrain {__version__}")
         return
     command, args = argv[0], argv[1:]
+    cpus.mark_start()  # the default thread count looks at how busy the cores were while we started
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'{did_you_mean(command, COMMANDS)}; commands: {', '.join(COMMANDS)}", 2)
     try:

@@ -42,7 +42,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     device = distributed.setup(dist, resolve_device(t.device), t.batch_size)
     run_dir = Path(distributed.broadcast_str(dist, str(run_dir)))  # rank 0's Hydra picked it
     precision = resolve_precision(str(t.precision), device)
-    configure_torch(device, t.deterministic, t.num_threads, t.seed)
+    threads_note = configure_torch(device, t.deterministic, t.num_threads, t.seed, auto_threads=not dist.enabled)
     data = load_dataset(cfg.dataset)
     model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
     channels_last = resolve_channels_last(str(t.channels_last), device, precision)
@@ -75,7 +75,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         step.forward = torch.compile(ddp) if t.compile else ddp
     return Run(cfg=cfg, run_dir=run_dir, data=data, tensors=tensors, step=step, plain=plain, ema=ema,
                scheduler=scheduler, dist=dist, steps=steps, progress=progress,
-               reporter=make_reporter(t.progress if dist.main else "none"))
+               reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note)
 
 
 def start_rows(run: Run) -> list[tuple[str, str]]:
@@ -95,7 +95,8 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
         ("trainer", f"{t.epochs} epochs x {steps} steps of {t.batch_size}, seed {t.seed}"
                     f"{', deterministic' if t.deterministic else ''}"),
         ("device", f"{describe(run.device)}, precision {precision.label}"
-                   f"{', channels_last' if channels_last else ''}{', compiled' if t.compile else ''}"),
+                   f"{', channels_last' if channels_last else ''}{', compiled' if t.compile else ''}"
+                   f"{f'; threads: {run.threads_note}' if run.threads_note and run.device.type == 'cpu' else ''}"),
         ("run dir", str(run.run_dir)),
     ]
     if dist.enabled:

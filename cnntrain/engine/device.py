@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from cnntrain.errors import UserError
+from cnntrain.io.cpus import choose_threads
+
+# Set by the user, these fix the thread count and cnntrain leaves it alone.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -99,14 +103,25 @@ def resolve_channels_last(spec: str, device: torch.device, precision: Precision)
     return precision.dtype is not None and device.type in ("cuda", "cpu")
 
 
-def configure_torch(device: torch.device, deterministic: bool, num_threads: int | None, seed: int) -> None:
-    """Process-wide settings: threads, determinism, cuDNN autotuning, seeds."""
+def configure_torch(device: torch.device, deterministic: bool, num_threads: int | None, seed: int,
+                    auto_threads: bool = True) -> str:
+    """Process-wide settings: threads, determinism, cuDNN autotuning, seeds. Returns why the thread count.
+
+    trainer.num_threads=null on a CPU: the usable cores less those other processes keep busy (cnntrain.io.cpus),
+    unless OMP_NUM_THREADS/MKL_NUM_THREADS say otherwise or auto_threads is off (CPU ranks of torchrun).
+    """
     import random
 
     import numpy as np
 
+    note = ""
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+        note = "trainer.num_threads"
+    elif auto_threads and device.type == "cpu" and not any(os.environ.get(v) for v in THREAD_ENV):
+        choice = choose_threads(torch.get_num_threads(), deterministic)
+        torch.set_num_threads(choice.threads)
+        note = choice.reason
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -119,6 +134,7 @@ def configure_torch(device: torch.device, deterministic: bool, num_threads: int 
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return note
 
 
 def describe(device: torch.device) -> str:
@@ -132,5 +148,6 @@ def describe(device: torch.device) -> str:
                 model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
         except OSError:
             pass
-        return f"CPU {model} ({torch.get_num_threads()} threads)".replace("  ", " ")
+        n = torch.get_num_threads()
+        return f"CPU {model} ({n} thread{'s' if n != 1 else ''})".replace("  ", " ")
     return device.type

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from cnntrain.errors import UserError
+from cnntrain.io.cpus import usable_cores
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def setup(d: Dist, device: torch.device, batch_size: int) -> torch.device:
         torch.cuda.set_device(device)
     elif os.environ.get("OMP_NUM_THREADS") is None:
         # CPU ranks on one machine share its cores instead of each taking all of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))
+        torch.set_num_threads(max(1, usable_cores() // d.local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device

@@ -30,6 +30,7 @@ from cnntrain.engine.signals import StopRequested
 from cnntrain.engine.state import Progress, Run, save
 from cnntrain.errors import UserError
 from cnntrain.io import figures
+from cnntrain.io.cpus import CollapseWatch
 from cnntrain.io.files import BEST, LAST, write_json
 from cnntrain.io.provenance import provenance
 from cnntrain.io.runlog import NullLog, RunLog
@@ -56,6 +57,7 @@ class Session:
     stop: StopRequested = field(default_factory=StopRequested)
     skips: int = 0  # trainer.on_nonfinite=skip: length of the current run of skipped steps...
     last_skip: int = 0  # ...and the step after the last one skipped
+    watch: CollapseWatch | None = None  # CPU runs: says so once if other processes make the threads collapse
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> float:
@@ -84,6 +86,8 @@ def train(run: Run) -> float:
         raise UserError(f"the run in {run.run_dir} already finished {p.epoch} epochs; "
                         f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further")
     s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs})
+    if run.device.type == "cpu":
+        s.watch = CollapseWatch(torch.get_num_threads(), run.reporter.print)
     _record(run, s.summary)
     run.reporter.start("cnntrain fit", start_rows(run))
     s.stop.install()
@@ -223,6 +227,8 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
     if d.enabled:
         chunks = [c[d.rank :: d.world] for c in chunks]  # each rank its share of the same global batch
     batch_iter = batches.iterate(run.tensors["train_x"], run.tensors["train_y"], chunks, run.device)
+    if s.watch is not None:
+        s.watch.resume()
     for i in range(p.step_in_epoch, steps):
         # Ranks agree on stopping every few steps, so they all stop at the same one.
         if (i % 16 == 0 and distributed.any_rank(d, bool(s.stop), run.device)) if d.enabled else s.stop:
@@ -249,6 +255,8 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
         t2 = time.perf_counter()
         p.times["data"] += t1 - t0
         p.times["compute"] += t2 - t1
+        if s.watch is not None:
+            s.watch.step(len(y))
         if p.global_step % t.log_every_n_steps == 0:
             step_loss = loss.item()
             check_finite(step_loss, epoch, p.global_step, cfg)

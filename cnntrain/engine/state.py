@@ -63,6 +63,7 @@ class Run:
     steps: int  # optimizer steps per epoch
     progress: Progress
     reporter: Any
+    threads_note: str = ""  # why torch runs this many CPU threads (configure_torch), for the start table
 
     @property
     def model(self) -> nn.Module:

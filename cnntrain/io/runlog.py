@@ -65,9 +65,9 @@ class RunLog:
 
     def images(self, tag: str, batch: torch.Tensor, step: int) -> None:
         """A grid of [B, C, H, W] images with values in [0, 1]."""
-        from torchvision.utils import make_grid
+        from cnntrain.io.figures import image_grid
 
-        grid = make_grid(batch.detach().float().clamp(0, 1).cpu(), nrow=min(8, len(batch)), padding=1)
+        grid = image_grid(batch.detach().float().clamp(0, 1).cpu(), nrow=min(8, len(batch)), padding=1)
         self.tb.add_image(tag, grid, step)
 
     def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:

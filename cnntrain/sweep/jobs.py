@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cnntrain.io.cpus import usable_cores
 from cnntrain.io.files import LAST, read_json, status, write_json
 
 # Keys that do not change what a job computes: ignored when matching a job to an earlier run of it
@@ -177,11 +178,8 @@ def _log(message: str) -> None:
 
 
 def cpu_count() -> int:
-    """Cores this process may use (the affinity mask under SLURM/taskset, else all)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    """Cores this process may use: the affinity mask (SLURM, taskset), capped by a cgroup CPU quota."""
+    return usable_cores()
 
 
 def concurrent_jobs(launcher: Any) -> int:
