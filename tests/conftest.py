@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it. find_spec("a.b") imports "a" and raises
+    when "a" itself is missing (hydra_plugins.x without any Hydra plugin), so that counts as not installed."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs(module: str, extra: str) -> pytest.MarkDecorator:
+    """Skip a test of an optional extra when it is not installed, saying which extra installs it."""
+    return pytest.mark.skipif(not installed(module),
+                              reason=f"{module} is not installed (pip install 'cnntrain[{extra}]')")
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None):

@@ -20,7 +20,7 @@ from cnntrain import cli
 from cnntrain.config import DatasetConfig
 from cnntrain.data import load_dataset
 from cnntrain.engine.inference import load_trained
-from tests.conftest import run_cli, summary
+from tests.conftest import needs, run_cli, summary
 
 
 def cli_run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -265,10 +265,12 @@ def test_export_onnx_without_the_package_names_the_extra(smoke_run, monkeypatch,
     assert code == 2 and "torchscript, onnx, state_dict" in err
 
 
+@needs("onnx", "onnx")
+@needs("onnxruntime", "onnx")
 @pytest.mark.slow
 def test_export_onnx_runs_in_onnxruntime_like_the_eager_model(smoke_run, tmp_path, capsys):
-    pytest.importorskip("onnx", reason="onnx not installed (pip install 'cnntrain[onnx]')")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'cnntrain[onnx]')")
+    import onnxruntime as ort
+
     _, x, expected = _eager(smoke_run)
     code, out, err = cli_run(["export", f"ckpt={smoke_run}", "format=onnx", f"out={tmp_path}"], capsys)
     assert code == 0, err
@@ -276,6 +278,80 @@ def test_export_onnx_runs_in_onnxruntime_like_the_eager_model(smoke_run, tmp_pat
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])  # batch 7: not the traced batch size
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_every_pytorch_file_export_writes_works_as_ckpt(smoke_run, digits, tmp_path, capsys):
+    """model.state_dict.pt and model.safetensors are checkpoints for predict/evaluate/explain/export; the
+    TorchScript file is refused, saying what it is and what to use instead."""
+    out = tmp_path / "export"
+    for fmt in ("state_dict", "torchscript"):
+        code, _, err = cli_run(["export", f"ckpt={smoke_run}", f"format={fmt}", f"out={out}"], capsys)
+        assert code == 0, err
+    image = tmp_path / "digit.png"
+    Image.fromarray(digits.test_x[0, 0].numpy()).save(image)
+    _, want, _ = cli_run(["predict", f"ckpt={smoke_run}", f"inputs={image}", f"out={tmp_path / 'p0'}"], capsys)
+    expected = rows(tmp_path / "p0" / "predictions.csv")
+    for name in ("model.state_dict.pt", "model.safetensors"):
+        code, _, err = cli_run(["predict", f"ckpt={out / name}", f"inputs={image}", f"out={tmp_path / name}"], capsys)
+        assert code == 0, (name, err)
+        assert rows(tmp_path / name / "predictions.csv") == expected, name
+        code, text, err = cli_run(["evaluate", f"ckpt={out / name}", f"out={tmp_path / name / 'eval'}"], capsys)
+        assert code == 0, (name, err)
+        metrics = json.loads((tmp_path / name / "eval" / "metrics.json").read_text())
+        assert metrics["acc"] == pytest.approx(summary(smoke_run)["test_acc"]), name
+    # A state_dict export of an earlier cnntrain: model_config instead of the run's config.
+    old = torch.load(out / "model.state_dict.pt", weights_only=True)
+    del old["config"]
+    torch.save(old, tmp_path / "old.state_dict.pt")
+    code, _, err = cli_run(["predict", f"ckpt={tmp_path / 'old.state_dict.pt'}", f"inputs={image}",
+                            f"out={tmp_path / 'old'}"], capsys)
+    assert code == 0, err
+    assert rows(tmp_path / "old" / "predictions.csv") == expected
+
+    code, _, err = cli_run(["predict", f"ckpt={out / 'model.torchscript.pt'}", f"inputs={image}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "is a TorchScript program" in err and "model.state_dict.pt or model.safetensors" in err
+
+
+def test_predict_skip_counts_only_the_images_it_classifies(smoke_run, digits, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(digits.test_x[0, 0].numpy()).save(mixed / "ok.png")
+    (mixed / "notes.png").write_text("this is not an image")
+    code, out, err = cli_run(["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip",
+                              f"out={tmp_path / 'skip'}"], capsys)
+    assert code == 0, err
+    assert "notes.png" in err and "skipped" in err
+    header = out.splitlines()[0]
+    assert ": 1 image(s) ->" in header and "skipped 1 of 2 file(s)" in header, header
+    assert "wrote 1 prediction(s)" in out
+    assert len(rows(tmp_path / "skip" / "predictions.csv")) == 1
+
+
+@needs("onnx", "onnx")
+@needs("onnxruntime", "onnx")
+@pytest.mark.slow
+def test_export_onnx_writes_the_opset_asked_for_or_refuses_it(smoke_run, tmp_path, capsys):
+    import onnx
+
+    from cnntrain.commands.export import opset_ranges
+
+    for opset in (13, 18):  # below the dynamo exporter's 18: the TorchScript-based one writes it
+        out = tmp_path / str(opset)
+        code, text, err = cli_run(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}", f"out={out}"],
+                                  capsys)
+        assert code == 0, err
+        declared = {o.domain: o.version for o in onnx.load(str(out / "model.onnx")).opset_import}
+        assert declared.get("", declared.get("ai.onnx")) == opset, declared
+        assert json.loads((out / "preprocess.json").read_text())["exports"]["onnx"]["opset"] == opset
+        assert f"opset {opset}" in text
+    highest = max(hi for _, hi in opset_ranges().values())
+    for opset in (1, highest + 1):
+        code, _, err = cli_run(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}",
+                                f"out={tmp_path / 'no'}"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"opset={opset} cannot be written" in err and f"-{highest}" in err
+        assert not (tmp_path / "no" / "model.onnx").exists()
 
 
 # --------------------------------------------------------------------------- explain

@@ -41,6 +41,11 @@ CASES = [
     Case("misspelt-group", ["optimiser=adam"], ["unknown key 'optimiser' (did you mean 'optimizer'?)"]),
     Case("misspelt-key", ["trainer.epoch=3"], ["unknown key 'trainer.epoch'", "(did you mean 'epochs'?)"]),
     Case("added-unknown-key", ["+trainer.epoch=3"], ["unknown key 'trainer.epoch'", "(did you mean 'epochs'?)"]),
+    Case("key-without-its-group", ["lr=0.01"], ["unknown key 'lr'", "(did you mean 'optimizer.lr'?)"]),
+    Case("key-in-the-wrong-group", ["trainer.lr=0.01"], ["unknown key 'trainer.lr'", "(did you mean 'optimizer.lr'?)"]),
+    Case("option-instead-of-override", ["--lr", "0.01"], ["takes no option '--lr'", "write optimizer.lr=0.01"]),
+    Case("option-with-equals", ["--batch-size=64"], ["takes no option '--batch-size'", "write trainer.batch_size=64"]),
+    Case("two-hydra-modes", ["--multirun", "--cfg", "job"], ["Only one of --run, --multirun, --cfg"]),
     Case("wrong-type-int", ["trainer.epochs=abc"], ["trainer.epochs", "'abc'"]),
     Case("wrong-type-float", ["optimizer.lr=fast"], ["optimizer.lr", "'fast'"]),
     Case("wrong-type-bool", ["trainer.deterministic=maybe"], ["trainer.deterministic", "'maybe'"]),
@@ -271,3 +276,77 @@ def test_an_op_without_a_deterministic_kernel_is_named():
         torch.use_deterministic_algorithms(previous)
     assert nondeterministic_op(e.value) == "put_"
     assert nondeterministic_op(RuntimeError("something else")) is None
+
+
+# --------------------------------------------------------------------------- paths given to every command
+
+# A path the user gave that cannot be used, in each subcommand: one line naming the key and the path, exit 2,
+# never a traceback. {file} is a regular file, {folder} a folder, {image} an image, {run} a finished run,
+# {runs} the folder of that run (what `report` reads), {blocked} a folder where each command's output file
+# names are folders (so the error comes from deep inside the command, not from the output folder's creation).
+PATH_CASES = [
+    ("evaluate-out-is-a-file", ["evaluate", "ckpt={run}", "out={file}"], ["out={file}", "a file is in the way"]),
+    ("predict-out-is-a-file", ["predict", "ckpt={run}", "inputs={image}", "out={file}"],
+     ["out={file}", "a file is in the way"]),
+    ("explain-out-under-a-file", ["explain", "ckpt={run}", "inputs={image}", "out={file}/heatmaps"],
+     ["out={file}/heatmaps", "a file is in the way"]),
+    ("export-out-is-a-file", ["export", "ckpt={run}", "out={file}"], ["out={file}", "a file is in the way"]),
+    ("lr-find-out-is-a-file", ["lr-find", "experiment=smoke", "out={file}"], ["out={file}", "a file is in the way"]),
+    ("report-csv-is-a-folder", ["report", "{runs}", "csv={folder}"], ["csv={folder}", "it is a folder"]),
+    ("report-csv-under-a-file", ["report", "{runs}", "csv={file}/report.csv"],
+     ["csv={file}/report.csv", "a file is in the way"]),
+    ("evaluate-output-file-is-a-folder", ["evaluate", "ckpt={run}", "out={blocked}"],
+     ["out={blocked}", "{blocked}/", "it is a folder"]),
+    ("predict-output-file-is-a-folder", ["predict", "ckpt={run}", "inputs={image}", "out={blocked}"],
+     ["out={blocked}", "{blocked}/predictions.csv", "it is a folder"]),
+    ("explain-output-file-is-a-folder", ["explain", "ckpt={run}", "inputs={image}", "out={blocked}"],
+     ["out={blocked}", "{blocked}/explain.csv", "it is a folder"]),
+    ("export-output-file-is-a-folder", ["export", "ckpt={run}", "out={blocked}"],
+     ["out={blocked}", "{blocked}/model.torchscript.pt", "it is a folder"]),
+    ("fit-run-dir-is-a-file", ["fit", "experiment=smoke", "hydra.run.dir={file}"],
+     ["cannot create the run directory {file}", "hydra.run.dir"]),
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, smoke_run) -> dict[str, str]:
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("paths")
+    (base / "a_file").write_text("a regular file\n")
+    (base / "a_folder").mkdir()
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(base / "digit.png")
+    for name in ("predictions.csv", "explain.csv", "per_class.csv", "metrics.json", "model.torchscript.pt"):
+        (base / "blocked" / name).mkdir(parents=True)
+    return {"file": str(base / "a_file"), "folder": str(base / "a_folder"), "image": str(base / "digit.png"),
+            "run": str(smoke_run), "runs": str(smoke_run.parent), "blocked": str(base / "blocked")}
+
+
+@pytest.mark.parametrize("args,expect", [pytest.param(a, e, id=i) for i, a, e in PATH_CASES])
+def test_a_path_that_cannot_be_used_is_one_line_naming_its_key(paths, args, expect, tmp_path, capsys):
+    from cnntrain import cli
+
+    def fill(text: str) -> str:
+        for name, value in paths.items():
+            text = text.replace("{" + name + "}", value)
+        return text
+
+    args = [fill(a) for a in args]
+    if args[0] == "fit":  # the Hydra app: in its own process, as a user runs it
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("HYDRA_FULL_ERROR", None)
+        proc = subprocess.run([sys.executable, "-m", "cnntrain", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=env)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code = 0
+        try:
+            cli.main(args)  # an exception other than SystemExit (a traceback) fails the test here
+        except SystemExit as e:
+            code = int(e.code or 0)
+        err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("cnntrain: error: "), (code, err)
+    for fragment in expect:
+        assert fill(fragment) in lines[0], lines[0]
+    assert "Errno" not in lines[0]

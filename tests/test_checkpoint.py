@@ -122,3 +122,24 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(UserError, match=rf"{path} is not a cnntrain checkpoint"):
         load_checkpoint(path)
+
+
+def test_progress_of_a_checkpoint_from_before_train_seconds_reads_as_zero():
+    from cnntrain.engine.state import Progress
+
+    saved = Progress(epoch=2, global_step=64, best_metric=0.9, best_epoch=2, train_seconds=12.5).to_dict()
+    assert Progress.from_dict(saved, torch.device("cpu")).train_seconds == 12.5
+    del saved["train_seconds"]  # a last.pt written by an earlier cnntrain
+    old = Progress.from_dict(saved, torch.device("cpu"))
+    assert (old.epoch, old.global_step, old.train_seconds) == (2, 64, 0.0)
+
+
+def test_a_torchscript_file_is_refused_for_what_it_is(tmp_path):
+    import warnings
+
+    path = tmp_path / "model.torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(path))
+    with pytest.raises(UserError, match="is a TorchScript program .* model.state_dict.pt or model.safetensors"):
+        load_checkpoint(path)

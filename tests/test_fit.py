@@ -103,9 +103,17 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert run_cli(["fit", *common, "trainer.epochs=4"], straight).returncode == 0
     assert run_cli(["fit", *common, "trainer.epochs=2"], split).returncode == 0
     (first,) = run_dirs(split)
+    before = torch.load(first / "checkpoints" / "last.pt", weights_only=True)["progress"]["train_seconds"]
+    assert 0 < before <= summary(first)["train_seconds"] and "train_seconds_after_resume" not in summary(first)
     proc = run_cli(["fit", f"resume={first}", "trainer.epochs=4"], split)
     assert proc.returncode == 0, proc.stderr
     assert run_dirs(split) == [first]  # continued in its own directory
+    # train_seconds is the whole run's training time: the part before the resume (as checkpointed) plus
+    # the part after it, which is recorded on its own.
+    done = summary(first)
+    assert 0 < done["train_seconds_after_resume"] < done["train_seconds"]
+    assert done["train_seconds"] == pytest.approx(before + done["train_seconds_after_resume"], abs=0.011)
+    assert "since the resume" in proc.stdout
     (reference,) = run_dirs(straight)
     a, b = _model_tensors(reference), _model_tensors(first)
     assert a.keys() == b.keys()

@@ -38,3 +38,20 @@ def test_wheel_installs_and_trains_from_an_unrelated_directory(tmp_path):
     assert list((elsewhere / "runs" / "smoke").glob("*/checkpoints/best.pt"))
     proc = subprocess.run([cli, "fit", "--help"], cwd=elsewhere, capture_output=True, text=True, timeout=60)
     assert "simple_cnn" in proc.stdout and "smoke" in proc.stdout
+
+
+@pytest.mark.slow
+def test_suite_runs_without_the_optional_extras_and_says_what_is_skipped():
+    """`make install` installs no extra: every test must still be collected, and an extra's tests are skipped
+    with the extra that installs what they need (tests/without_extras.py hides the extras' modules)."""
+    script = [sys.executable, str(REPO / "tests" / "without_extras.py"), "-p", "no:cacheprovider"]
+    proc = subprocess.run([*script, "--collect-only", "-q"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "error" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
+    extras = "slurm_preset or optuna_study or parallel_launcher or submitit or onnxruntime"
+    proc = subprocess.run([*script, "-q", "-rs", "tests/test_sweeps.py", "tests/test_after_training.py", "-k", extras],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for extra in ("joblib", "slurm", "optuna", "onnx"):
+        assert f"is not installed (pip install 'cnntrain[{extra}]')" in proc.stdout, proc.stdout[-3000:]
+    assert "passed" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]  # all of them skipped

@@ -4,7 +4,6 @@ Optuna studies, parallel and submitit launchers."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -16,14 +15,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import run_cli, run_dirs, summary
+from tests.conftest import needs, run_cli, run_dirs, summary
 
 SMOKE = ["experiment=smoke", "trainer.epochs=1", "trainer.progress=plain"]
-
-
-def _needs(plugin: str):
-    return pytest.mark.skipif(importlib.util.find_spec(f"hydra_plugins.{plugin}") is None,
-                              reason=f"{plugin} is not installed")
 
 
 def _sweep_dir(root: Path) -> Path:
@@ -128,6 +122,9 @@ def test_report_sorts_best_first_writes_csv_and_lists_unfinished_jobs(tmp_path):
 
     proc = run_cli(["report", str(tmp_path / "nothing")], tmp_path)
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
+    proc = run_cli(["report"], tmp_path)  # no DIR: an error, not the help with exit 0
+    assert proc.returncode == 2 and proc.stderr.startswith("cnntrain: error: report needs a directory"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not proc.stdout
 
 
 # ----------------------------------------------------------------------------- resume=auto
@@ -275,7 +272,7 @@ def test_parallel_jobs_share_the_cores_and_spread_over_gpus(tmp_path, monkeypatc
     assert cfg.trainer.num_threads == 6
 
 
-@_needs("hydra_joblib_launcher")
+@needs("hydra_plugins.hydra_joblib_launcher", "joblib")
 @pytest.mark.slow
 def test_parallel_launcher_runs_two_jobs_with_a_thread_share_each(tmp_path):
     proc = run_cli(["fit", "--multirun", *SMOKE, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
@@ -289,7 +286,7 @@ def test_parallel_launcher_runs_two_jobs_with_a_thread_share_each(tmp_path):
         assert json.loads((job / "provenance.json").read_text())["torch_threads"] == max(1, cores // 2)
 
 
-@_needs("hydra_submitit_launcher")
+@needs("hydra_plugins.hydra_submitit_launcher", "slurm")
 @pytest.mark.slow
 def test_submitit_local_runs_the_sweep_like_slurm_would(tmp_path):
     proc = run_cli(["fit", "--multirun", *SMOKE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
@@ -301,8 +298,8 @@ def test_submitit_local_runs_the_sweep_like_slurm_would(tmp_path):
     assert len(jobs) == 2 and all(summary(j)["status"] == "completed" for j in jobs)
 
 
+@needs("hydra_plugins.hydra_submitit_launcher", "slurm")
 def test_slurm_preset_composes_with_its_knobs(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = run_cli(["fit", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
                     "--cfg", "hydra", "--package", "hydra.launcher"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -323,7 +320,7 @@ def test_optuna_direction_follows_the_monitored_metric():
     assert (cfg.acc, cfg.loss) == ("maximize", "minimize")
 
 
-@_needs("hydra_optuna_sweeper")
+@needs("hydra_plugins.hydra_optuna_sweeper", "optuna")
 @pytest.mark.slow
 def test_optuna_study_optimises_the_objective_and_continues_from_its_storage(tmp_path):
     proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=2",

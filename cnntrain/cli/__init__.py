@@ -9,7 +9,7 @@ import importlib
 import sys
 
 from cnntrain import __version__
-from cnntrain.errors import UserError, did_you_mean
+from cnntrain.errors import UserError, did_you_mean, user_path_error
 from cnntrain.io import cpus
 
 COMMANDS = {
@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> None:
             importlib.import_module(f"cnntrain.commands.{_COMMAND_MODULES[command]}").main(args)
     except UserError as e:
         _fail(str(e), e.exit_code)
+    except OSError as e:
+        # A path the user gave that cannot be used (a file where a folder must go, a folder where a file must
+        # go, no permission, a full disk): one line naming the key and the path, in every command. Any other
+        # OSError is a bug and keeps its traceback.
+        error = user_path_error(e, args)
+        if error is None:
+            raise
+        _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from cnntrain.cli.resume import expand_resume
-from cnntrain.config.compose import config_dir, hydra_error_message, register_configs, register_resolvers
+from cnntrain.config.compose import (
+    check_options,
+    config_dir,
+    hydra_error_message,
+    register_configs,
+    register_resolvers,
+)
 from cnntrain.errors import UserError
 
 
@@ -24,6 +30,7 @@ def run_fit(args: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
+    check_options(args)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
     register_configs()
     register_resolvers()
     # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.

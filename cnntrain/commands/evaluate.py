@@ -200,11 +200,11 @@ def main(argv: list[str]) -> None:
     args = parse_args(EvaluateArgs, argv, "evaluate", base=base)
     data, x, y = _matching_dataset(args, trained)
     classes = trained.classes
+    out = trained.out_dir("evaluate", args.out, trained.run_dir / "evaluate" / f"{data.name}-{args.split}")
 
     res = run_evaluation(args, trained, x, y)
     cm = figures.confusion_matrix(y, res["pred"], len(classes))
     stats = per_class(cm)
-    out = trained.out_dir("evaluate", args.out or str(trained.run_dir / "evaluate" / f"{data.name}-{args.split}"))
     macro = {k: _num(float(np.nanmean(stats[k]))) if not np.all(np.isnan(stats[k])) else None
              for k in ("precision", "recall", "f1")}
     record = {

@@ -175,6 +175,7 @@ def main(argv: list[str]) -> None:
         ignored_note,
         image_batches,
         load_trained,
+        skipped_note,
     )
 
     if wants_help(argv):
@@ -185,9 +186,8 @@ def main(argv: list[str]) -> None:
     check_choice("on_error", args.on_error, ("error", "skip"))
     if args.batch_size < 1:
         raise UserError(f"batch_size={args.batch_size} must be at least 1")
-    paths, ignored = collect_images(args.inputs)
-    if args.on_error == "error":
-        check_images(paths)  # fail on a non-image before any work, naming the file
+    found, ignored = collect_images(args.inputs)
+    paths = check_images(found, on_error=args.on_error)  # error: fail on a non-image at once; skip: leave it out
     trained = load_trained(args.ckpt, args.device)
     pre, model = trained.preprocess, trained.model
     target = class_index(trained.classes, args.target) if args.target is not None else None
@@ -205,7 +205,8 @@ def main(argv: list[str]) -> None:
     shape = dict(spatial_layers(model, example))[layer]
     out = trained.out_dir("explain", args.out)
     print(f"Grad-CAM of {trained.label} ({trained.checkpoint}) at layer '{layer}' "
-          f"({shape[1]} channels, {shape[2]}x{shape[3]}){ignored_note(ignored)}")
+          f"({shape[1]} channels, {shape[2]}x{shape[3]}) for {len(paths)} image(s)"
+          f"{skipped_note(len(found), len(paths))}{ignored_note(ignored)}")
 
     overview: list[tuple[torch.Tensor, torch.Tensor, str]] = []
     written = 0

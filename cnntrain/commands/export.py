@@ -37,7 +37,8 @@ keys:
   out=DIR              where to write (default: <run dir>/export)
   atol=1e-4            absolute tolerance of the check
   rtol=1e-4            relative tolerance of the check
-  opset=null           ONNX opset version (default: the exporter's)
+  opset=null           ONNX opset version (default: the exporter's); the file is checked to have it,
+                       and an opset no exporter here can write is refused, naming the ones that work
 
 examples:
   cnntrain export ckpt=runs/default/<run>
@@ -116,11 +117,14 @@ def export_state_dict(trained: Any, path: Path) -> Callable:
 
     cfg = model_config(trained.config, trained.checkpoint)
     state = trained.model.state_dict()
-    save_checkpoint(path, {"model": state, "meta": trained.meta, "model_config": asdict(cfg)})
+    # config: the run's whole config, as in best.pt, so that `ckpt=model.state_dict.pt` works like the run's
+    # own checkpoint (evaluate finds the dataset, predict the precision); model_config: the architecture alone.
+    save_checkpoint(path, {"model": state, "meta": trained.meta, "config": trained.config,
+                           "model_config": asdict(cfg)})
     tensors = path.with_name(SAFETENSORS_NAME)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tensors), metadata={
         "format": "pt", "classes": json.dumps(trained.classes), "preprocess": json.dumps(trained.preprocess.to_dict()),
-        "model_config": json.dumps(asdict(cfg)),
+        "model_config": json.dumps(asdict(cfg)), "meta": json.dumps(trained.meta),
     })
     pre = trained.preprocess
     from_checkpoint = build_model(cfg, pre.channels, pre.image_size, len(trained.classes))
@@ -134,12 +138,71 @@ def export_state_dict(trained: Any, path: Path) -> Callable:
     return lambda x: rebuilt(x)
 
 
+def opset_ranges() -> dict[str, tuple[int, int]]:
+    """The ONNX opsets each exporter available here writes as asked: {exporter: (lowest, highest)}.
+
+    The torch.export-based exporter has operator implementations from TORCHLIB_OPSET (18) up and writes any
+    opset up to the newest the onnx package knows; asked for a lower one it exports at 18 and tries a version
+    conversion that, when it fails, silently keeps 18. The TorchScript-based exporter writes its own range."""
+    import onnx
+
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # a torch without the TorchScript-based exporter's table
+        _constants = None
+    ranges = {}
+    if importlib.util.find_spec("onnxscript") is not None:
+        try:
+            from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as lowest
+        except ImportError:
+            lowest = 18
+        ranges["torch.onnx (dynamo)"] = (int(lowest), int(onnx.defs.onnx_opset_version()))
+    ranges["torch.onnx (TorchScript-based)"] = (int(getattr(_constants, "ONNX_MIN_OPSET", 7)),
+                                                int(getattr(_constants, "ONNX_MAX_OPSET", 20)))
+    return ranges
+
+
+def _describe(ranges: dict[str, tuple[int, int]]) -> str:
+    """'7-28' when the ranges join up, else '7-20 or 22-28'."""
+    spans: list[list[int]] = []
+    for lo, hi in sorted(ranges.values()):
+        if spans and lo <= spans[-1][1] + 1:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+    return " or ".join(f"{lo}-{hi}" for lo, hi in spans)
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse, before any work, an opset that no exporter here writes."""
+    if opset is None:
+        return
+    ranges = opset_ranges()
+    if not any(lo <= opset <= hi for lo, hi in ranges.values()):
+        raise UserError(f"opset={opset} cannot be written by the ONNX exporters of this installation (torch "
+                        f"{torch.__version__}): they write opsets {_describe(ranges)}; pass one of those, or "
+                        "opset=null for the exporter's default")
+
+
+def written_opset(path: Path) -> int | None:
+    """The default-domain (ai.onnx) opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> tuple[Callable | None, str]:
-    """Export; return a runner (onnxruntime) or None when it is not installed, and what was used."""
+    """Export; return a runner (onnxruntime) or None when it is not installed, and what was used.
+
+    With opset=N the file must declare opset N: an exporter that wrote another one counts as failed and the
+    next is tried (so opset=13 goes to the TorchScript-based exporter, which writes 13 itself)."""
     if importlib.util.find_spec("onnx") is None:
         raise UserError(f"export format=onnx needs the onnx package, which is not installed: {ONNX_HINT}")
     import onnx
 
+    check_opset(opset)
+    ranges = opset_ranges()
     attempts: list[tuple[str, Callable[[], None]]] = []
     if importlib.util.find_spec("onnxscript") is not None:
         # The torch.export-based exporter (torch's default since 2.9); needs onnxscript.
@@ -156,24 +219,34 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset or 17)
 
     attempts.append(("torch.onnx (TorchScript-based)", legacy))
+    if opset is not None:  # only the exporters that write this opset themselves
+        attempts = [(how, a) for how, a in attempts if ranges[how][0] <= opset <= ranges[how][1]]
     errors = []
     for how, attempt in attempts:  # noqa: B007 - `how` names the exporter that worked
         try:
             with _quiet(fds=True):
                 attempt()
+            got = written_opset(path)
+            if opset is not None and got != opset:
+                raise RuntimeError(f"{how} wrote opset {got}, not the requested {opset}")
             break
         except Exception as e:  # an operator the exporter cannot translate, and the like
             errors.append(_root_cause(e))
     else:
         path.unlink(missing_ok=True)
-        raise UserError(f"ONNX export failed: {errors[0][:300]}; format=torchscript or state_dict work for "
+        at = f" at opset={opset}" if opset is not None else ""
+        raise UserError(f"ONNX export{at} failed: {errors[0][:300]}; format=torchscript or state_dict work for "
                         "every model") from None
     onnx.checker.check_model(str(path))
     if importlib.util.find_spec("onnxruntime") is None:
         return None, how
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. an opset newer than this onnxruntime knows
+        raise UserError(f"onnxruntime {ort.__version__} cannot load the exported {path} ({_root_cause(e)[:200]}); "
+                        "the file is kept; a lower opset= may load") from None
     return (lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])), how
 
 
@@ -208,10 +281,18 @@ def main(argv: list[str]) -> None:
         raise UserError("atol and rtol must not be negative")
     if args.format == "onnx" and importlib.util.find_spec("onnx") is None:
         raise UserError(f"export format=onnx needs the onnx package, which is not installed: {ONNX_HINT}")
+    if args.opset is not None and args.format != "onnx":
+        raise UserError(f"opset={args.opset} is for format=onnx; format={args.format} has no opset")
+    if args.format == "onnx":
+        check_opset(args.opset)  # before the checkpoint is read
     trained = load_trained(args.ckpt, "cpu")  # exported graphs are device-neutral; trace on the CPU
     model = trained.model.float().eval()
     out = trained.out_dir("export", args.out)
     path = out / FILE_NAMES[args.format]
+    for target in (path, path.with_name(SAFETENSORS_NAME), out / "preprocess.json"):
+        if target.is_dir():  # torch.jit.save and torch.save report this as a RuntimeError, not an OSError
+            where = f"out={args.out}: cannot write" if args.out else "cannot write"
+            raise UserError(f"{where} {target}: it is a folder (a file name is needed)")
     example = example_inputs(trained, 2, seed=0)
     check = example_inputs(trained, 5, seed=1)  # another batch size: proves the batch axis is free
 
@@ -226,6 +307,9 @@ def main(argv: list[str]) -> None:
         eager = model(check)
         result: dict[str, Any] = {"format": args.format, "file": path.name, "exporter": how,
                                   "atol": args.atol, "rtol": args.rtol, "check_batch": len(check)}
+        if args.format == "onnx":
+            result["opset"] = written_opset(path)
+            how = f"{how}, opset {result['opset']}"
         if run is None:
             result.update(checked=False, max_abs_diff=None)
             verdict = (f"graph valid (onnx.checker); outputs NOT compared: onnxruntime is not installed "

@@ -18,6 +18,7 @@ from typing import Any
 
 from cnntrain.commands.args import parse_args, print_help, wants_help
 from cnntrain.errors import UserError
+from cnntrain.io.files import output_dir
 
 HELP = """\
 usage: cnntrain lr-find [fit overrides ...] [key=value ...]
@@ -79,7 +80,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(LrFindArgs, ours, "lr-find")
     _check(args)
     cfg = compose_fit_config(overrides)
-    out = Path(args.out) if args.out else _default_out()
+    out = Path(args.out).expanduser() if args.out else _default_out()
+    output_dir(out, "out", given=bool(args.out), create=False)  # before the minutes of work, not after
     run(cfg, args, out, overrides)
 
 
@@ -88,22 +90,23 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     import dataclasses
 
     from cnntrain.config import FitConfig
+    from cnntrain.config.compose import key_hint, option_error
     from cnntrain.errors import did_you_mean
 
     own = {f.name for f in dataclasses.fields(LrFindArgs)}
     fit_top = {f.name for f in dataclasses.fields(FitConfig)}
     ours, rest = [], []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("-"):
-            raise UserError(f"cnntrain lr-find takes no option '{arg}'; pass key=value arguments "
-                            "(see `cnntrain lr-find --help`)")
+            raise option_error(arg, argv[i + 1] if i + 1 < len(argv) else None, "lr-find")
         key = arg.split("=", 1)[0].lstrip("+~")
         if key in own:
             ours.append(arg)
         elif "." in key or "/" in key or key in fit_top or key == "experiment":
             rest.append(arg)
         else:
-            raise UserError(f"unknown key '{key}' for cnntrain lr-find{did_you_mean(key, sorted(own | fit_top))}; "
+            hint = did_you_mean(key, sorted(own | fit_top)) or key_hint(key)
+            raise UserError(f"unknown key '{key}' for cnntrain lr-find{hint}; "
                             f"its keys are {', '.join(sorted(own))}, plus any fit override (group=option, a.b=value)")
     return ours, rest
 
@@ -251,7 +254,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     how = ("steepest descent of the smoothed loss" if chosen == steepest and args.suggest == "steepest"
            else "lowest smoothed loss / 10")
     result = Result(lrs, losses, smoothed, curve, chosen, steepest, min10, stopped_early)
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out, "out")
     _write_csv(out / "lr_find.csv", result)
     _write_json(out / "lr_find.json", result, how, cfg, overrides or [])
     _plot(out / "lr_find.png", result, how, f"{cfg.model.name}{'/' + cfg.model.arch if cfg.model.arch else ''}",

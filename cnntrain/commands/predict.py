@@ -61,6 +61,7 @@ def main(argv: list[str]) -> None:
         logits_of,
         precision_for,
         prepare,
+        skipped_note,
     )
 
     if wants_help(argv):
@@ -72,9 +73,10 @@ def main(argv: list[str]) -> None:
     check_choice("precision", args.precision, ("auto", "32", "bf16", "fp16"))
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("top_k and batch_size must be at least 1")
-    paths, ignored = collect_images(args.inputs)
-    if args.on_error == "error":
-        check_images(paths)  # fail on a non-image before any work, naming the file
+    found, ignored = collect_images(args.inputs)
+    # Every header before any work: error fails on a non-image, naming it; skip leaves it out here, so the
+    # count below is the number of rows the CSV gets (less any file whose pixel data then fails to decode).
+    paths = check_images(found, on_error=args.on_error)
     trained = load_trained(args.ckpt, args.device)
     precision, channels_last = precision_for(trained, args.precision)
     prepare(trained, channels_last)
@@ -86,16 +88,18 @@ def main(argv: list[str]) -> None:
     pre = trained.preprocess
     h, w = pre.image_size
     con.print(f"{trained.label}: {len(paths):,} image(s) -> {pre.channels}x{h}x{w}, "
-              f"{len(trained.classes)} classes ({trained.checkpoint}){ignored_note(ignored)}")
+              f"{len(trained.classes)} classes ({trained.checkpoint}){skipped_note(len(found), len(paths))}"
+              f"{ignored_note(ignored)}")
     table = Table(show_lines=False, title_justify="left")
     table.add_column("image", overflow="fold")
     for i in range(k):
         table.add_column("predicted" if i == 0 else f"#{i + 1}", no_wrap=True)
     done = 0
+    undecodable: list = []
     with open(csv_path, "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(["path"] + [f"{name}_{i + 1}" for i in range(k) for name in ("class", "prob")])
-        for batch_paths, x in image_batches(paths, pre, args.batch_size, args.on_error):
+        for batch_paths, x in image_batches(paths, pre, args.batch_size, args.on_error, undecodable):
             probs = logits_of(trained, x, precision, channels_last).softmax(1)
             top_p, top_i = torch.topk(probs, k, dim=1)
             for path, ps, idx in zip(batch_paths, top_p.tolist(), top_i.tolist(), strict=True):
@@ -108,4 +112,5 @@ def main(argv: list[str]) -> None:
         con.print(table)
     if done > args.show > 0:
         con.print(f"... and {done - args.show:,} more rows in the CSV")
-    con.print(f"wrote {done:,} prediction(s) to {csv_path}")
+    late = f"; skipped {len(undecodable)} more whose pixel data could not be decoded" if undecodable else ""
+    con.print(f"wrote {done:,} prediction(s) to {csv_path}{late}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnntrain.errors import UserError
+from cnntrain.errors import UserError, os_reason, path_error
 from cnntrain.io.files import read_json
 from cnntrain.sweep.jobs import job_overrides, rerun_command
 
@@ -227,7 +227,7 @@ def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> N
 def main(argv: list[str]) -> None:
     from cnntrain.commands.args import check_choice, parse_args, print_help, wants_help
 
-    if wants_help(argv) or not argv:
+    if wants_help(argv):
         print_help(HELP)
         return
     positional = [a for a in argv if "=" not in a]
@@ -236,15 +236,24 @@ def main(argv: list[str]) -> None:
     keyed = [a for a in argv if "=" in a] + [f"dir={positional[0]}" for _ in positional[:1]]
     args = parse_args(ReportArgs, keyed, "report")
     if not args.dir:
-        raise UserError("report needs a directory: cnntrain report runs/<name>/multirun/<sweep>")
+        raise UserError("report needs a directory: cnntrain report runs/<name>/multirun/<sweep> "
+                        "(see `cnntrain report --help`)")
     check_choice("sort", args.sort, ("metric", "job", "time"))
     root = Path(args.dir).expanduser()
     jobs = sort_jobs(collect(root), args.sort)
     common, keys = split_overrides(jobs)
+    if args.csv is not None:  # first: a CSV path that cannot be written fails before any output
+        given = args.csv != "auto"
+        path = Path(args.csv).expanduser() if given else root / "report.csv"
+        try:
+            write_csv(path, jobs, keys)
+        except OSError as e:
+            if given:
+                raise path_error(e, "csv", args.csv, "cannot write") from None
+            raise UserError(f"cannot write the report's CSV {e.filename or path}: {os_reason(e)}; "
+                            "pass csv=FILE to write it elsewhere, or csv=null for none") from None
     render(jobs, common, keys, root)
     if args.csv is not None:
-        path = root / "report.csv" if args.csv == "auto" else Path(args.csv).expanduser()
-        write_csv(path, jobs, keys)
         print(f"csv: {path}")
     counts: dict[str, int] = {}
     for j in jobs:

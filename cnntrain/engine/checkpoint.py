@@ -100,6 +100,7 @@ def _check_container(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             damaged = z.testzip()  # reads every record and compares its CRC-32
+            names = z.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         size = path.stat().st_size
         raise UserError(f"cannot read checkpoint {path} ({size:,} bytes): it is truncated or not a torch "
@@ -107,6 +108,12 @@ def _check_container(path: Path) -> None:
     if damaged is not None:
         raise UserError(f"checkpoint {path} is corrupt: the checksum of its record '{damaged}' does not match "
                         "(the file changed after it was written); use another checkpoint, e.g. best.pt")
+    if any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in names):
+        raise UserError(f"{path} is a TorchScript program (as `cnntrain export format=torchscript` writes), not a "
+                        "checkpoint: it holds a traced graph for torch.jit.load, without the model config, class "
+                        "names and input recipe that cnntrain needs, so it cannot be used here; use the run's "
+                        "checkpoints/best.pt, or the model.state_dict.pt or model.safetensors of "
+                        "`cnntrain export format=state_dict`")
 
 
 def find_checkpoint(spec: str) -> Path:

@@ -22,9 +22,10 @@ from torch import nn
 from cnntrain.engine.checkpoint import load_checkpoint
 from cnntrain.engine.inputs import Normalise
 from cnntrain.errors import UserError
-from cnntrain.io.files import BEST, LAST
+from cnntrain.io.files import BEST, LAST, output_dir
 
-CKPT_HELP = "checkpoint file, or a run directory (its checkpoints/best.pt: the weights fit tested)"
+CKPT_HELP = ("checkpoint file (best.pt, last.pt, or export's model.state_dict.pt or model.safetensors), "
+             "or a run directory (its checkpoints/best.pt: the weights fit tested)")
 _META_KEYS = ("classes", "channels", "image_size", "mean", "std")
 
 
@@ -77,10 +78,11 @@ class Trained:
         parent = self.checkpoint.parent
         return parent.parent if parent.name == "checkpoints" else parent
 
-    def out_dir(self, command: str, out: str | None) -> Path:
-        path = Path(out).expanduser() if out else self.run_dir / command
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def out_dir(self, command: str, out: str | None, default: Path | None = None) -> Path:
+        """out= (created), or by default <run dir>/<command>; a path that cannot be used is a one-line error."""
+        if out:
+            return output_dir(Path(out).expanduser(), "out")
+        return output_dir(default or self.run_dir / command, "out", given=False)
 
     @property
     def label(self) -> str:
@@ -125,11 +127,17 @@ def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
     from cnntrain.models import build_model
 
     path = resolve_checkpoint(spec)
-    state = load_checkpoint(path)
+    state = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
     meta, config = state.get("meta"), state.get("config")
-    if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS) or not isinstance(config, dict):
-        raise UserError(f"{path} lacks the preprocessing record (meta) that cnntrain fit writes; "
-                        "it cannot be used for inference")
+    if not isinstance(config, dict) and isinstance(state.get("model_config"), dict):
+        config = {"model": state["model_config"]}  # export format=state_dict of cnntrain <= 0.1: the model only
+    if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
+        missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
+        raise UserError(f"{path} lacks the preprocessing record (meta: {', '.join(missing)}) that cnntrain fit "
+                        "writes; it cannot be used for inference")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"{path} lacks the model config (config or model_config) that cnntrain fit and export "
+                        "write, so the architecture cannot be rebuilt; it cannot be used for inference")
     classes = [str(c) for c in meta["classes"]]
     size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
     pre = Preprocess(int(meta["channels"]), size, tuple(float(v) for v in meta["mean"]),
@@ -146,6 +154,48 @@ def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
         device = resolve_device(device)
     model.to(device).eval()
     return Trained(model, pre, classes, meta, config, dict(state.get("progress") or {}), path, device)
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little")
+                                             < path.stat().st_size)
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """model.safetensors of `cnntrain export format=state_dict` as a checkpoint: its weights, and the class
+    names, input recipe and model config from its metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), no iteration
+    except Exception as e:  # SafetensorError: truncated, bad header...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {path}: it is truncated or not a safetensors file ({first[:160]})") from None
+    try:
+        info = {k: json.loads(metadata[k]) for k in ("classes", "preprocess", "model_config") if k in metadata}
+        meta = json.loads(metadata["meta"]) if "meta" in metadata else {}
+    except ValueError as e:
+        raise UserError(f"{path}: its metadata is not valid JSON ({e})") from None
+    if "preprocess" in info and "classes" in info:
+        pre = info["preprocess"]
+        meta = {**meta, "classes": info["classes"], **{k: pre[k] for k in ("channels", "image_size", "mean", "std")
+                                                        if k in pre}}
+    else:
+        meta = None  # a safetensors file from elsewhere: refused as lacking the record
+    state: dict[str, Any] = {"model": tensors, "meta": meta}
+    if "model_config" in info:
+        state["config"] = {"model": info["model_config"]}
+    return state
 
 
 def precision_for(trained: Trained, spec: str) -> tuple[Any, bool]:
@@ -213,8 +263,10 @@ def collect_images(spec: str, key: str = "inputs") -> tuple[list[Path], list[Pat
     raise UserError(f"{key}={path}: no such file or folder")
 
 
-def check_images(paths: Sequence[Path], key: str = "inputs") -> list[Path]:
-    """Read every header before any work: a file that is not an image fails at once, naming it."""
+def check_images(paths: Sequence[Path], key: str = "inputs", on_error: str = "error") -> list[Path]:
+    """Read every header before any work: a file that is not an image fails at once, naming it; with
+    on_error=skip it is left out (a warning each) and the readable files are returned, so a command counts
+    the images it will really process."""
     from PIL import Image
 
     def probe(p: Path) -> str | None:
@@ -225,18 +277,31 @@ def check_images(paths: Sequence[Path], key: str = "inputs") -> list[Path]:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return first
 
+    readable = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for p, why in zip(paths, pool.map(probe, paths), strict=True):
-            if why is not None:
+            if why is None:
+                readable.append(p)
+            elif on_error == "skip":
+                print(f"cnntrain: warning: skipped {p}: not an image that can be read ({why})", file=sys.stderr)
+            else:
                 raise UserError(f"{p} is not an image that can be read ({why}); "
-                                f"remove it or point {key}= at image files only")
-    return list(paths)
+                                f"remove it or point {key}= at image files only, or pass on_error=skip")
+    if not readable:
+        raise UserError(f"{key}=: none of the {len(paths)} file(s) is an image that can be read")
+    return readable
 
 
-def image_batches(paths: Sequence[Path], pre: Preprocess, batch_size: int,
-                  on_error: str = "error") -> Iterator[tuple[list[Path], torch.Tensor]]:
+def skipped_note(found: int, kept: int) -> str:
+    """'; skipped 1 of 2 file(s) that are not readable images' for a header, or ''."""
+    return f"; skipped {found - kept} of {found} file(s) that are not readable images" if kept < found else ""
+
+
+def image_batches(paths: Sequence[Path], pre: Preprocess, batch_size: int, on_error: str = "error",
+                  skipped: list[Path] | None = None) -> Iterator[tuple[list[Path], torch.Tensor]]:
     """Decode `batch_size` files at a time (threads; PIL releases the GIL), so thousands of files
-    never sit in memory together. on_error=skip drops files that fail to decode, with a warning."""
+    never sit in memory together. on_error=skip drops files that fail to decode (a header that reads
+    but pixel data that does not), with a warning, and adds them to `skipped`."""
     h, w = pre.image_size
     with ThreadPoolExecutor(max_workers=8) as pool:
         for start in range(0, len(paths), batch_size):
@@ -249,6 +314,8 @@ def image_batches(paths: Sequence[Path], pre: Preprocess, batch_size: int,
                     keep.append(i)
                 elif on_error == "skip":
                     print(f"cnntrain: warning: skipped {chunk[i]}: cannot decode it ({why})", file=sys.stderr)
+                    if skipped is not None:
+                        skipped.append(chunk[i])
                 else:
                     raise UserError(f"cannot decode image {chunk[i]} ({why}); fix or delete it, or pass on_error=skip")
             if keep:

@@ -58,6 +58,12 @@ class Session:
     skips: int = 0  # trainer.on_nonfinite=skip: length of the current run of skipped steps...
     last_skip: int = 0  # ...and the step after the last one skipped
     watch: CollapseWatch | None = None  # CPU runs: says so once if other processes make the threads collapse
+    seconds_before: float = 0.0  # training time of the sessions before this one (a resumed run's)
+    started: float = field(default_factory=time.perf_counter)  # when this session's training began
+
+    def seconds(self) -> float:
+        """Training time of this session so far."""
+        return time.perf_counter() - self.started
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> float:
@@ -85,13 +91,14 @@ def train(run: Run) -> float:
     if p.epoch >= t.epochs and completed(run.run_dir):
         raise UserError(f"the run in {run.run_dir} already finished {p.epoch} epochs; "
                         f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further")
-    s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs})
+    s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs},
+                seconds_before=p.train_seconds)
     if run.device.type == "cpu":
         s.watch = CollapseWatch(torch.get_num_threads(), run.reporter.print)
     _record(run, s.summary)
     run.reporter.start("cnntrain fit", start_rows(run))
     s.stop.install()
-    t_run = time.perf_counter()
+    s.started = time.perf_counter()
     try:
         try:
             while p.epoch < t.epochs and _epoch(run, s):
@@ -101,7 +108,7 @@ def train(run: Run) -> float:
         if not d.main:
             distributed.barrier(d)  # rank 0 tests the best checkpoint alone
             return float(p.best_metric)
-        result = finish(run, s, time.perf_counter() - t_run)
+        result = finish(run, s, s.seconds())
         distributed.barrier(d)
         return result
     except TrainingDiverged:
@@ -118,7 +125,7 @@ def _save_interrupted(run: Run, s: Session) -> None:
     p = run.progress
     if p.global_step > 0:
         check_finite(p.sums["loss"].item(), p.epoch + 1, p.global_step, run.cfg)
-        save(run, LAST)
+        _save(run, s, LAST)
     s.summary["status"] = "interrupted"
     _record(run, s.summary)
     run.reporter.print(f"stopped by signal {s.stop.signum or signal.SIGTERM}; checkpoint saved. Resume with:\n"
@@ -134,6 +141,12 @@ def _open_log(run: Run) -> RunLog | NullLog:
                provenance(describe(run.device), t.seed, run.data.fingerprint(), sys.argv))
     return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None,
                   resume_step=p.global_step + 1 if resumed else None)
+
+
+def _save(run: Run, s: Session, name: str) -> None:
+    """A checkpoint, holding the run's training time up to now (all sessions): a resume goes on from it."""
+    run.progress.train_seconds = s.seconds_before + s.seconds()
+    save(run, name)
 
 
 def _record(run: Run, summary: dict[str, Any]) -> None:
@@ -179,8 +192,8 @@ def _epoch(run: Run, s: Session) -> bool:
     p.epoch, p.step_in_epoch = epoch, 0
     improved = _track_best(p, val, t)
     if improved:
-        save(run, BEST)
-    save(run, LAST)
+        _save(run, s, BEST)
+    _save(run, s, LAST)
     s.summary.update(status="running", epochs_done=epoch, best_epoch=p.best_epoch,
                      **{f"best_{t.monitor.replace('/', '_')}": p.best_metric})
     _record(run, s.summary)
@@ -273,7 +286,7 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
             check_finite(sums["loss"].item(), epoch, p.global_step, cfg)
             p.times["wall"] = wall_before + time.perf_counter() - t_epoch
             s.log.flush()  # a crash after this checkpoint must not lose the events before it
-            save(run, LAST)
+            _save(run, s, LAST)
     p.times["wall"] = wall_before + time.perf_counter() - t_epoch
 
 
@@ -320,7 +333,9 @@ def completed(run_dir: Path) -> bool:
 
 
 def finish(run: Run, s: Session, elapsed: float) -> float:
-    """Test the best checkpoint, record everything, print the final table."""
+    """Test the best checkpoint, record everything, print the final table. `elapsed`: this session's
+    training time; summary.json's train_seconds is the run's total, train_seconds_after_resume this
+    session's part of it when the run was resumed."""
     t, p, log, summary, stop = run.cfg.trainer, run.progress, s.log, s.summary, s.stop
     best_path = run.run_dir / "checkpoints" / BEST
     run.model.load_state_dict(ckpt.load_checkpoint(best_path)["model"])
@@ -336,9 +351,12 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     log.scalar("test/acc", test["acc"], p.global_step)
     key = f"best_{t.monitor.replace('/', '_')}"
     summary.update(status="completed", epochs_done=p.epoch, best_epoch=p.best_epoch, **{key: p.best_metric},
-                   test_loss=test["loss"], test_acc=test["acc"], train_seconds=round(elapsed, 2),
+                   test_loss=test["loss"], test_acc=test["acc"], train_seconds=round(s.seconds_before + elapsed, 2),
                    global_step=p.global_step, skipped_steps=p.skipped_steps, parameters=count_parameters(run.model),
                    checkpoint=str(best_path))
+    resumed = run.cfg.resume is not None
+    if resumed:
+        summary["train_seconds_after_resume"] = round(elapsed, 2)
     write_json(run.run_dir / "summary.json", summary)
     log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
                                 "hparam/test_loss": test["loss"]})
@@ -351,7 +369,7 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
         ("test acc", f"{test['acc']:.4f}"),
         ("test loss", f"{test['loss']:.4f}"),
-        ("time", f"{elapsed:.1f}s"),
+        ("time", f"{s.seconds_before + elapsed:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
         ("run dir", str(run.run_dir)),
         ("tensorboard", f"tensorboard --logdir {run.run_dir}"),
     ])

@@ -33,6 +33,9 @@ class Progress:
     # Running sums of the epoch under way (tensors on the device, synced only when read).
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
+    # Wall time of training (epochs, validation, checkpoints) over every session of the run, up to the last
+    # checkpoint; a resume adds its own. A checkpoint written before this field existed counts as 0.
+    train_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -44,7 +47,8 @@ class Progress:
     def from_dict(cls, p: dict[str, Any], device: torch.device) -> Progress:
         return cls(p["epoch"], p["step_in_epoch"], p["global_step"], p["best_metric"], p["best_epoch"],
                    p.get("epochs_without_improvement", 0), p.get("skipped_steps", 0),
-                   {k: v.to(device) for k, v in p["sums"].items()}, dict(p["times"]))
+                   {k: v.to(device) for k, v in p["sums"].items()}, dict(p["times"]),
+                   float(p.get("train_seconds", 0.0)))
 
 
 @dataclass

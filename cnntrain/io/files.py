@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cnntrain.errors import UserError, os_reason, path_error
+
 # Checkpoint files under <run>/checkpoints/.
 LAST = "last.pt"  # trainer state at the last epoch end (or step checkpoint): what resume reads
 BEST = "best.pt"  # weights of the best epoch by trainer.monitor: what the test and inference use
@@ -46,3 +48,37 @@ def discard_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     with contextlib.suppress(OSError):
         run_dir.parent.rmdir()  # the experiment's folder, if this was its only run
+
+
+def output_dir(path: Path, key: str = "out", given: bool = True, create: bool = True) -> Path:
+    """The folder a command writes into, created with its parents. A file in the way, a missing permission or
+    a read-only disk is a one-line UserError that names the path and the key that set it (`given`), or, for
+    a default folder, the key that moves it elsewhere. create=False only checks that it could be created
+    (a command that works for minutes checks before it starts)."""
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            _check_creatable(path)
+    except OSError as e:
+        if given:
+            raise path_error(e, key, path, "cannot create the folder") from None
+        raise UserError(f"cannot create the folder {e.filename or path} for the results: {os_reason(e)}; "
+                        f"pass {key}=DIR to write elsewhere") from None
+    return path
+
+
+def _check_creatable(path: Path) -> None:
+    """Raise the OSError that path.mkdir(parents=True, exist_ok=True) would raise, without creating anything."""
+    import errno
+
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(probe))
+        probe = probe.parent
+    if not probe.is_dir():
+        code = errno.EEXIST if probe == path else errno.ENOTDIR
+        raise OSError(code, os.strerror(code), str(probe))
+    if probe != path and not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(probe))

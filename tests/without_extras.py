@@ -1,0 +1,41 @@
+"""Run pytest as on a machine with only `make install` (no optional extras), whatever is installed here.
+
+    python tests/without_extras.py --collect-only -q      # what .ci/run does before installing the extras
+
+The modules of the extras in pyproject.toml (onnx, optuna, joblib, slurm) become unimportable, exactly as
+when they are missing: `import onnx` and `importlib.util.find_spec("hydra_plugins.x")` raise
+ModuleNotFoundError. Every test must then still be collected, and a test of an extra is skipped, saying which
+extra installs what it needs.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+
+# Top-level packages that only the optional extras install.
+HIDDEN = ("hydra_plugins", "onnx", "onnxruntime", "onnxscript", "optuna", "submitit")
+
+
+class HideExtras(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.split(".", 1)[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+def hide() -> None:
+    for name in list(sys.modules):  # anything imported before us (a .pth file) goes too
+        if name.split(".", 1)[0] in HIDDEN:
+            del sys.modules[name]
+    sys.meta_path.insert(0, HideExtras())
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    hide()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.conftest` and the checkout's cnntrain
+    import pytest
+
+    sys.exit(pytest.main(sys.argv[1:]))
