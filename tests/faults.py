@@ -71,6 +71,7 @@ def install(faults: list[str]) -> None:
     import torch.nn.functional as F
 
     from cnntrain.engine import checkpoint
+    from cnntrain.io.files import BEST, LAST
 
     spec = dict(f.split("=", 1) if "=" in f else (f, "") for f in faults)
     counts = {"step": 0, "save": 0, "rename": 0, "eval": 0, "loss": 0}
@@ -96,9 +97,9 @@ def install(faults: list[str]) -> None:
 
     save = checkpoint.save_checkpoint
 
-    def counted_save(path, state):
-        save(path, state)
-        if os.path.basename(path) == checkpoint.LAST:
+    def counted_save(path, state, **kwargs):
+        save(path, state, **kwargs)
+        if os.path.basename(path) == LAST:
             counts["save"] += 1
             if counts["save"] == int(spec.get("kill-after-save", 0)):
                 _kill()
@@ -108,7 +109,7 @@ def install(faults: list[str]) -> None:
     replace = os.replace
 
     def counted_replace(src, dst, *args, **kwargs):
-        if os.path.basename(str(dst)) == checkpoint.LAST and str(src).endswith(".tmp"):
+        if os.path.basename(str(dst)) == LAST and str(src).endswith(".tmp"):
             counts["rename"] += 1
             if counts["rename"] == int(spec.get("kill-before-rename", 0)):
                 _kill()
@@ -119,7 +120,7 @@ def install(faults: list[str]) -> None:
     load = checkpoint.load_checkpoint
 
     def watched_load(path):
-        if os.path.basename(str(path)) == checkpoint.BEST and "signal-at-test" in spec:
+        if os.path.basename(str(path)) == BEST and "signal-at-test" in spec:
             _signal(spec["signal-at-test"])
         return load(path)
 

@@ -93,17 +93,36 @@ CASES = [
     Case("resume-missing", ["resume={data}/nowhere"], ["checkpoint or run directory not found: {data}/nowhere"]),
     Case("resume-not-a-run", ["resume={data}/a_file"], ["{data} is not a cnntrain run directory"]),
     Case("resume-no-checkpoint", ["resume={run}"], ["no checkpoint in run directory {run}"], damage="remove"),
-    Case("resume-truncated", ["resume={run}"], ["cannot read checkpoint {run}/checkpoints/last.pt", "truncated"],
+    Case("resume-last-missing", ["resume={run}"],
+         ["no checkpoint in run directory {run}", "cnntrain fit resume={run}/checkpoints/last.prev.pt"],
+         damage="remove-last"),
+    Case("resume-truncated", ["resume={run}"], ["cannot read checkpoint {run}/checkpoints/last.pt", "truncated",
+                                                 "cnntrain fit resume={run}/checkpoints/last.prev.pt"],
          damage="truncate"),
-    Case("resume-corrupt", ["resume={run}"], ["checkpoint {run}/checkpoints/last.pt is corrupt", "checksum"],
+    Case("resume-corrupt", ["resume={run}"], ["checkpoint {run}/checkpoints/last.pt is corrupt", "checksum",
+                                              "cnntrain fit resume={run}/checkpoints/last.prev.pt"],
          damage="flip"),
     Case("resume-pickled-code", ["resume={run}"], ["refusing to load {run}/checkpoints/last.pt", "posix.system"],
          damage="booby-trap"),
+    # A resume continues the run it names: what would make it another run is refused, with the way out.
     Case("resume-other-architecture", ["resume={run}", "model=resnet8"],
-         ["checkpoint {run}/checkpoints/last.pt holds a simple_cnn model", "asks for resnet8"], damage="none"),
+         ["resume cannot change model.name (simple_cnn -> resnet8)",
+          "as a new run: cnntrain fit experiment=smoke model=resnet8 model.weights={run}/checkpoints/last.pt"],
+         damage="none"),
+    Case("resume-other-dataset", ["resume={run}", "dataset=fashion_mnist"],
+         ["resume cannot change dataset.name (mnist5k -> fashion_mnist)", "would mix two datasets",
+          "model.weights={run}/checkpoints/last.pt"], damage="none"),
+    Case("resume-other-subset", ["resume={run}", "dataset.subset=500", "trainer.epochs=5"],
+         ["resume cannot change dataset.subset (1000 -> 500)"], damage="none"),
+    Case("resume-other-recipe", ["resume={run}", "optimizer.lr=0.1", "trainer.epochs=5"],
+         ["resume cannot change optimizer.lr (0.003 -> 0.1)"], damage="none"),
+    Case("resume-other-data", ["resume={run}", "trainer.epochs=5"],
+         ["resume: the mnist5k data (embedded) are not the data the run in {run} was trained on",
+          "data fingerprint", "model.weights={run}/checkpoints/last.pt"], damage="fingerprint"),
     Case("resume-other-class-count", ["resume={run}"],
          ["checkpoint {run}/checkpoints/last.pt was trained for 5 classes", "the dataset has 10"], damage="classes"),
-    Case("resume-weights-only", ["resume={run}/checkpoints/best.pt"], ["{run}/checkpoints/best.pt holds model weights only"],
+    Case("resume-weights-only", ["resume={run}/checkpoints/best.pt"],
+         ["{run}/checkpoints/best.pt holds model weights only", "model.weights={run}/checkpoints/best.pt"],
          damage="none"),
     Case("resume-finished-run", ["resume={run}"], ["already finished 3 epochs", "trainer.epochs=N"], damage="none"),
 ]
@@ -161,6 +180,8 @@ def _damage(run: Path, how: str, marker: Path) -> None:
     last = run / "checkpoints" / "last.pt"
     if how == "remove":
         shutil.rmtree(run / "checkpoints")
+    elif how == "remove-last":
+        last.unlink()
     elif how == "truncate":
         last.write_bytes(last.read_bytes()[:1000])
     elif how == "flip":
@@ -182,6 +203,10 @@ def _damage(run: Path, how: str, marker: Path) -> None:
     elif how == "classes":
         state = torch.load(last, weights_only=True)
         state["meta"]["classes"] = state["meta"]["classes"][:5]
+        torch.save(state, last)
+    elif how == "fingerprint":  # the run was trained on other images than the ones there now
+        state = torch.load(last, weights_only=True)
+        state["meta"]["data_fingerprint"] = "0" * 64
         torch.save(state, last)
 
 

@@ -289,20 +289,50 @@ def folder_cfg(root: Path, **kw) -> DatasetConfig:
 
 
 def test_imagefolder_train_val_layout_grayscale(tmp_path):
-    for split, n in (("train", 4), ("val", 2)):
+    for split, n in (("train", 10), ("val", 2)):
         for k, cls in enumerate(("ants", "bees")):
             for i in range(n):
                 save(tmp_path / split / cls / f"{i}.png", gray(100 + 50 * k))
     (tmp_path / "train" / "ants" / "notes.txt").write_text("not an image")
-    with pytest.warns(UserWarning, match="test split is the validation split"):
+    with pytest.warns(UserWarning, match="holding out 2 images of train/"):
         d = load_dataset(folder_cfg(tmp_path))
     assert d.classes == ["ants", "bees"] and d.channels == 1 and d.image_size == (8, 8)
-    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (8, 4, 4)
-    assert torch.equal(d.test_x, d.val_x)
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (18, 4, 2)
     # Labels follow the folders, pixels survive the PNG round trip.
     assert d.train_x[d.train_y == 0].unique().tolist() == [100]
     assert d.train_x[d.train_y == 1].unique().tolist() == [150]
     assert d.mean[0] == pytest.approx(125 / 255)
+
+
+def test_imagefolder_without_test_folder_holds_out_a_real_test_split(tmp_path):
+    # Every image distinct, so the splits can be compared image by image.
+    for split, n in (("train", 20), ("val", 4)):
+        for k, cls in enumerate(("a", "b", "c")):
+            for i in range(n):
+                save(tmp_path / split / cls / f"{i}.png", gray(8 * i + k + (100 if split == "val" else 0)))
+    with pytest.warns(UserWarning, match="no .*test; holding out 6 images of train/"):
+        d = load_dataset(folder_cfg(tmp_path))
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (54, 12, 6)
+    # Not the validation split (which picks the best epoch), and none of it trained on.
+    keys = {name: {bytes(img.numpy()) for img in getattr(d, f"{name}_x")} for name in ("train", "val", "test")}
+    assert not keys["test"] & keys["val"] and not keys["test"] & keys["train"]
+    assert torch.bincount(d.test_y).tolist() == [2, 2, 2]  # stratified
+    assert d.test_split is not None and "dataset.test_fraction=0.1" in d.test_split  # recorded (summary.json)
+    with pytest.warns(UserWarning):
+        again = load_dataset(folder_cfg(tmp_path))
+    assert torch.equal(again.test_x, d.test_x)  # seeded: evaluate split=test sees the same images
+    with pytest.warns(UserWarning):
+        other = load_dataset(folder_cfg(tmp_path, split_seed=1))
+    assert not torch.equal(other.test_x, d.test_x)
+    # Only train/: validation and test are both held out from it, disjoint.
+    import shutil
+
+    shutil.rmtree(tmp_path / "val")
+    with pytest.warns(UserWarning):
+        d = load_dataset(folder_cfg(tmp_path))
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (48, 6, 6)
+    keys = {name: {bytes(img.numpy()) for img in getattr(d, f"{name}_x")} for name in ("train", "val", "test")}
+    assert not keys["test"] & keys["val"] and not keys["test"] & keys["train"] and not keys["val"] & keys["train"]
 
 
 def test_imagefolder_uses_test_folder(tmp_path):
@@ -339,12 +369,12 @@ def test_imagefolder_channels_inferred_and_forced(tmp_path):
     save(tmp_path / "train" / "b" / "0.png", rgb((255, 0, 0)))
     save(tmp_path / "val" / "a" / "0.bmp", gray(40), "BMP")
     save(tmp_path / "val" / "b" / "0.webp", rgb((255, 0, 0)), "WEBP")
-    with pytest.warns(UserWarning):
-        d = load_dataset(folder_cfg(tmp_path))
+    save(tmp_path / "test" / "a" / "0.png", gray(40))
+    save(tmp_path / "test" / "b" / "0.png", gray(40))
+    d = load_dataset(folder_cfg(tmp_path))
     assert d.channels == 3  # one colour image makes the set RGB
     assert d.train_x[d.train_y == 0].unique().tolist() == [40]  # grey replicated to 3 channels
-    with pytest.warns(UserWarning):
-        d = load_dataset(folder_cfg(tmp_path, channels=1))
+    d = load_dataset(folder_cfg(tmp_path, channels=1))
     assert d.channels == 1
     assert d.train_x[d.train_y == 1].float().mean().item() == pytest.approx(76, abs=1.5)  # luma of pure red
     # A palette image whose palette is all greys counts as grayscale; 16-bit greys are scaled, not clipped.
@@ -352,8 +382,7 @@ def test_imagefolder_channels_inferred_and_forced(tmp_path):
     Image.fromarray(gray(90)).convert("P").save(tmp_path / "train" / "b" / "0.png")
     Image.fromarray(np.full((8, 8), 128 * 257, dtype=np.uint16)).save(tmp_path / "val" / "b" / "1.png")
     (tmp_path / "val" / "b" / "0.webp").unlink()
-    with pytest.warns(UserWarning):
-        d = load_dataset(folder_cfg(tmp_path))
+    d = load_dataset(folder_cfg(tmp_path))
     assert d.channels == 1
     assert d.train_x[d.train_y == 1].unique().tolist() == [90]
     assert d.val_x[d.val_y == 1].unique().tolist() == [128]  # PIL would clip it to 255

@@ -34,6 +34,8 @@ def test_lr_find_plots_the_sweep_and_suggests_an_lr_without_a_training_run(tmp_p
     assert math.isfinite(s) and 1e-6 <= s <= 1
     assert f"optimizer.lr={s:.2g}" in proc.stdout
     assert f"cnntrain fit experiment=smoke optimizer.lr={s:.2g}" in proc.stdout
+    log = (out / "lr_find.log").read_text()  # the command's log beside its results, from the start
+    assert "cnntrain lr-find" in log and f"optimizer.lr={s:.2g}" in log
     # A throwaway run: no run directory of the experiment, nothing but the lr_find folder.
     assert run_dirs(tmp_path) == [] and not (tmp_path / "runs" / "smoke").exists()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lr_find"]

@@ -7,6 +7,7 @@ Every run is CPU, `trainer.deterministic=true`, so "the same" means bit for bit.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -122,3 +123,105 @@ def test_resume_after_sigkills_is_bitwise_equal_to_an_uninterrupted_run(killed_m
     for tag in CURVES:
         assert got_curves[tag] == want_curves[tag], tag
     assert [s for s, _ in got_curves["train/loss_step"]] == list(range(5, 96, 5))
+
+
+def _flip_a_byte(checkpoint: Path) -> None:
+    """Change one byte inside the largest tensor record, as a disk or a copy could (the CRC no longer matches)."""
+    import zipfile
+
+    with zipfile.ZipFile(checkpoint) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+        offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 10
+    raw = bytearray(checkpoint.read_bytes())
+    raw[offset] ^= 0x40
+    checkpoint.write_bytes(bytes(raw))
+
+
+def _error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("cnntrain: error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_corrupt_last_pt_leaves_last_prev_pt_and_resume_from_it_is_exact(reference, tmp_path):
+    # Killed right after the 5th last.pt (step 40, in epoch 2); the one before it (step 32) is last.prev.pt.
+    proc = run_faulty(["kill-after-save=5"], ["fit", *COMMON], tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    last, previous = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.prev.pt"
+    assert load_checkpoint(previous)["progress"]["global_step"] == 32
+    _flip_a_byte(last)
+
+    # The message offers a command that works, and that command continues the run exactly.
+    line = _error_line(run_cli(["fit", f"resume={run_dir}"], tmp_path, env={"PYTHONPATH": str(REPO)}))
+    command = f"cnntrain fit resume={previous}"
+    assert "is corrupt" in line and line.endswith(command), line
+    proc = run_cli(command.split()[1:], tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert run_dirs(tmp_path) == [run_dir]
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(reference / "checkpoints" / name, run_dir / "checkpoints" / name)
+    assert csv_rows(run_dir) == csv_rows(reference)  # epoch 2 trained again from step 32, its row rewritten
+    assert summary(run_dir)["test_acc"] == summary(reference)["test_acc"]
+    # The damaged file was replaced, not kept: the checkpoint before the last one is whole again.
+    assert load_checkpoint(previous)["progress"]["global_step"] == 90
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_dataset_model_or_recipe_and_the_way_out_works(smoke_run, tmp_path):
+    run_dir = _copy(smoke_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in [*(run_dir / ".hydra").glob("*.yaml"), run_dir / "metrics.csv"]}
+    env = {"PYTHONPATH": str(REPO)}
+    for change, key in (("dataset=fashion_mnist", "dataset.name (mnist5k -> fashion_mnist)"),
+                        ("dataset.split_seed=3", "dataset.split_seed (0 -> 3)"),
+                        ("model=lenet5", "model.name (simple_cnn -> lenet5)"),
+                        ("trainer.batch_size=64", "trainer.batch_size (32 -> 64)")):
+        line = _error_line(run_cli(["fit", f"resume={run_dir}", "trainer.epochs=5", change], tmp_path, env=env))
+        assert f"resume cannot change {key}" in line, line
+    # Nothing of the run changed, and no other run was started.
+    assert {p.name: p.read_bytes() for p in [*(run_dir / ".hydra").glob("*.yaml"), run_dir / "metrics.csv"]} == before
+    assert run_dirs(tmp_path) == [run_dir]
+
+    # What may change does: more epochs, another thread count, display and checkpoint cadence.
+    proc = run_cli(["fit", f"resume={run_dir}", "trainer.epochs=4", "trainer.num_threads=1",
+                    "trainer.progress=none", "trainer.checkpoint_every_n_steps=7"], tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert summary(run_dir)["epochs_done"] == 4
+
+    # The way out the message names: a new run that starts from the run's last.pt.
+    line = _error_line(run_cli(["fit", f"resume={run_dir}", "dataset.subset=300"], tmp_path, env=env))
+    way_out = shlex.split(line.split("as a new run: ", 1)[1])
+    assert way_out[:2] == ["cnntrain", "fit"] and f"model.weights={run_dir}/checkpoints/last.pt" in way_out
+    proc = run_cli([*(a for a in way_out[1:] if not a.startswith("trainer.epochs=")), "trainer.epochs=1"], tmp_path,
+                   env=env)
+    assert proc.returncode == 0, proc.stderr
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]
+    assert summary(new)["status"] == "completed"
+    assert f"model.weights={run_dir}/checkpoints/last.pt: 10 tensors loaded" in (new / "fit.log").read_text()
+    assert summary(run_dir)["epochs_done"] == 4  # the old run is untouched
+
+
+def test_resume_may_change_only_the_identity_free_keys():
+    from cnntrain.config import FitConfig
+    from cnntrain.config.identity import RESUME_FREE, check_resume, flatten, identity_changes
+    from cnntrain.errors import UserError
+
+    recorded = OmegaConf.to_container(OmegaConf.structured(FitConfig))
+    keys = flatten(recorded)
+    assert keys.keys() >= RESUME_FREE  # every key on the list exists
+    for key in keys:
+        requested = OmegaConf.create(recorded)
+        old = OmegaConf.select(requested, key)
+        new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "x",
+               list: lambda v: [*v, 0.5]}.get(type(old), lambda v: "something")(old)
+        OmegaConf.update(requested, key, new)
+        changed = identity_changes(recorded, OmegaConf.to_container(requested))
+        if key in RESUME_FREE:
+            assert changed == [], key
+        else:
+            assert [k for k, _, _ in changed] == [key]
+            with pytest.raises(UserError, match=f"resume cannot change {key} "):
+                check_resume(recorded, OmegaConf.to_container(requested), "runs/x/1", "cnntrain fit ...")
+    # 3 and 3.0 (YAML and the command line) are the same value; a key the old record lacks is not compared.
+    assert identity_changes({"optimizer": {"lr": 3}}, {"optimizer": {"lr": 3.0, "eps": 1e-8}}) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -322,7 +323,7 @@ def test_optuna_direction_follows_the_monitored_metric():
 
 @needs("hydra_plugins.hydra_optuna_sweeper", "optuna")
 @pytest.mark.slow
-def test_optuna_study_optimises_the_objective_and_continues_from_its_storage(tmp_path):
+def test_optuna_study_optimises_the_objective_and_continues_from_its_storage_with_new_points(tmp_path):
     proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=2",
                     "trainer.progress=none"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -339,6 +340,49 @@ def test_optuna_study_optimises_the_objective_and_continues_from_its_storage(tmp
     with sqlite3.connect(db) as con:  # the second run added its trial to the same stored study
         assert con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] == 3
         assert con.execute("select direction from study_directions").fetchone()[0] == "MAXIMIZE"
+        rows = con.execute("select trial_id, param_name, param_value from trial_params").fetchall()
+    # ...and proposed a new point: a sampler seeded alike every time would propose the first trial again.
+    trials: dict[int, dict[str, float]] = {}
+    for trial, name, value in rows:
+        trials.setdefault(trial, {})[name] = value
+    points = [tuple(sorted(p.items())) for p in trials.values()]
+    assert len(points) == 3 and len(set(points)) == 3, points
+
+
+@needs("hydra_plugins.hydra_optuna_sweeper", "optuna")
+@pytest.mark.slow
+def test_optuna_sweep_in_a_pipe_prints_plain_lines_and_logs_library_chatter(tmp_path):
+    proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=1", "dataset.subset=200",
+                    "trainer.progress=plain"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "\x1b[" not in out  # no colour codes in a pipe
+    assert "setup plugin" not in out and "A new study created" not in out  # SQLAlchemy/alembic and Optuna chatter
+    assert "#0 : " in proc.stdout and "Best value" in proc.stdout  # Hydra's own lines about the sweep stay
+    log = (_sweep_dir(tmp_path) / "multirun.log").read_text()  # the chatter is in the sweep's log
+    assert "A new study created" in log and "#0 : " in log
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_prints_the_command_that_continues_the_whole_sweep(tmp_path):
+    from tests.faults import run_faulty
+
+    args = ["fit", "--multirun", "experiment=smoke", "trainer.epochs=1", "dataset.subset=200", "trainer.progress=plain",
+            "optimizer.lr=1e-3,3e-3"]
+    proc = run_faulty(["signal-at-step=INT:10"], args, tmp_path)  # 7 steps a job: job 1, its 3rd step
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    command = shlex.join(["cnntrain", *args, "resume=auto"])
+    assert proc.stdout.rstrip().endswith(command), proc.stdout
+    assert "resume=/" not in proc.stdout and "resume=runs" not in proc.stdout  # not one job's own resume
+    sweep = _sweep_dir(tmp_path)
+    done, stopped = _job_dirs(sweep)
+    assert summary(done)["status"] == "completed" and summary(stopped)["status"] == "interrupted"
+
+    proc = run_cli(shlex.split(command)[1:], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _sweep_dir(tmp_path) == sweep and _job_dirs(sweep) == [done, stopped]
+    assert summary(done)["status"] == summary(stopped)["status"] == "completed"
 
 
 def test_a_missing_plugin_is_named_with_the_extra_that_installs_it():

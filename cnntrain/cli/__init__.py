@@ -64,13 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     cpus.mark_start()  # the default thread count looks at how busy the cores were while we started
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'{did_you_mean(command, COMMANDS)}; commands: {', '.join(COMMANDS)}", 2)
-    try:
-        if command == "fit":
-            from cnntrain.cli.fit import run_fit
+    from cnntrain.io import logs
 
-            run_fit(args)
-        else:
-            importlib.import_module(f"cnntrain.commands.{_COMMAND_MODULES[command]}").main(args)
+    logs.setup_command()  # warnings as one line on stderr (and in the log file); fit's Hydra takes over from here
+    try:
+        with logs.closed_stdout_safe():  # `cnntrain fit | head` stops the display, not the run
+            if command == "fit":
+                from cnntrain.cli.fit import run_fit
+
+                run_fit(args)
+            else:
+                importlib.import_module(f"cnntrain.commands.{_COMMAND_MODULES[command]}").main(args)
     except UserError as e:
         _fail(str(e), e.exit_code)
     except OSError as e:

@@ -43,6 +43,7 @@ def run_fit(args: list[str]) -> None:
 
     saved_argv = sys.argv
     scratch = None
+    command = list(args)
     try:
         args = expand_resume(args)
         job.snapshot_resumed_run(args)
@@ -59,6 +60,11 @@ def run_fit(args: list[str]) -> None:
         raise _with_sweep_hint(e) from None
     except KeyboardInterrupt:
         job.restore_resumed_run()
+        _sweep_resume_hint(command, job)
+        raise
+    except SystemExit as e:
+        if isinstance(e.code, int) and e.code > 128:  # a job stopped by a signal (130, 143): it saved last.pt
+            _sweep_resume_hint(command, job)
         raise
     except Exception as e:  # Hydra / OmegaConf composition and override errors
         message = hydra_error_message(e)
@@ -75,6 +81,18 @@ def run_fit(args: list[str]) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _sweep_resume_hint(command: list[str], job: _JobState) -> None:
+    """A sweep stopped by Ctrl-C or SIGTERM: print the command that continues all of it (resume=auto: finished
+    jobs are not run again, stopped ones continue from their last.pt, the rest start)."""
+    if not (job.sweep or "-m" in command or "--multirun" in command):
+        return
+    import shlex
+
+    again = [a for a in command if a.split("=", 1)[0].lstrip("+~") != "resume"]
+    print(f"the sweep was stopped; continue it with:\n  {shlex.join(['cnntrain', 'fit', *again, 'resume=auto'])}",
+          flush=True)
+
+
 def _job(cfg: Any, job: _JobState) -> float | None:
     """One job: adjust the config at the top, freeze it, train; clean up or record a failure once."""
     from hydra.core.hydra_config import HydraConfig
@@ -88,6 +106,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
     job.started = True
     hc = HydraConfig.get()
     single = hc.mode == RunMode.RUN
+    job.sweep = not single
     run_dir = Path(hc.runtime.output_dir)
     resuming = cfg.resume is not None
     try:
@@ -125,6 +144,7 @@ class _JobState:
 
     def __init__(self) -> None:
         self.started = False  # Hydra got as far as calling the task (the run directory exists)
+        self.sweep = False  # ... as a job of a sweep (--multirun)
         self.failure: UserError | None = None  # a single run's error, raised once Hydra has returned
         self._saved: dict[Path, bytes] = {}
         self._last: tuple[Path, tuple[int, int] | None] | None = None

@@ -34,7 +34,25 @@ def expand_resume(args: list[str]) -> list[str]:
         override = str(override)
         if key(override) != "resume":
             merged[key(override)] = override
+    _check_same_run(run_dir, path, list(merged.values()))
     return [*merged.values(), f"resume={path}", f"hydra.run.dir={run_dir}"]
+
+
+def _check_same_run(run_dir: Path, path: Path, overrides: list[str]) -> None:
+    """Refuse a resume whose overrides change what the run is (its dataset, model, recipe), before Hydra
+    touches the run directory; `engine.state.restore` checks the same against the checkpoint, and the data
+    against their recorded fingerprint."""
+    recorded = run_dir / ".hydra" / "config.yaml"
+    if not recorded.is_file():
+        return  # nothing to compare here; restore compares with the checkpoint's config
+    from omegaconf import OmegaConf
+
+    from cnntrain.config.identity import check_resume
+
+    task = [o for o in _overrides_only(overrides) if not o.lstrip("+~").startswith("hydra")]
+    requested = OmegaConf.to_container(compose_fit([*task, f"resume={path}"]), resolve=True)
+    check_resume(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True), requested, str(run_dir),
+                 sweep.weights_command(path, task))
 
 
 # Hydra flags that take a value: the token after them is not an override.

@@ -114,10 +114,8 @@ def console() -> Any:
 
 
 def plain_warnings() -> None:
-    """Warnings (e.g. from a dataset loader) as one `cnntrain: warning:` line, not a source excerpt."""
-    import warnings
+    """Warnings (e.g. from a dataset loader) as one `cnntrain: warning:` line, not a source excerpt, on the
+    console and in the command's log file (cnntrain.io.logs)."""
+    from cnntrain.io.logs import route_warnings
 
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        print(f"cnntrain: warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
+    route_warnings()

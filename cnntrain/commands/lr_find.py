@@ -190,6 +190,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     from cnntrain.config import validate
     from cnntrain.engine.build import build_run, start_rows
     from cnntrain.engine.inputs import epoch_order
+    from cnntrain.io.logs import log_to
     from cnntrain.models import freeze_norm_stats
 
     validate(cfg)
@@ -255,6 +256,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
            else "lowest smoothed loss / 10")
     result = Result(lrs, losses, smoothed, curve, chosen, steepest, min10, stopped_early)
     output_dir(out, "out")
+    log_to(out / "lr_find.log")  # what was logged so far (the table, the steps, warnings), and what follows
     _write_csv(out / "lr_find.csv", result)
     _write_json(out / "lr_find.json", result, how, cfg, overrides or [])
     _plot(out / "lr_find.png", result, how, f"{cfg.model.name}{'/' + cfg.model.arch if cfg.model.arch else ''}",

@@ -14,7 +14,7 @@ import torch
 from cnntrain.config import DatasetConfig
 from cnntrain.data.batches import FileImages
 from cnntrain.data.decode import IMAGE_EXTENSIONS, decode_into, probe
-from cnntrain.data.images import ImageData, carve_val, finish, take, three_way, warn_ignored
+from cnntrain.data.images import ImageData, carve_val, finish, hold_out, take, three_way, warn_ignored
 from cnntrain.errors import UserError
 from cnntrain.registry import DATASETS
 
@@ -131,24 +131,34 @@ def load_imagefolder(cfg: DatasetConfig) -> ImageData:
     def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return take(x, y, np.flatnonzero(which == order.index(name)))
 
+    held_out = (f"dataset.test_fraction={cfg.test_fraction} of {{}}, stratified by class, "
+                f"seeded by dataset.split_seed={cfg.split_seed} (no test/ folder)")
+    test_split = None
     if "all" in splits:
         train, val, test = three_way(x, y, cfg, str(root))
+        test_split = held_out.format(root)
     else:
-        warn_ignored(cfg, ("test_fraction",))  # the split folders decide; no pool to carve a test split from
         train = part("train")
+        if "test" in splits:
+            warn_ignored(cfg, ("test_fraction",))  # the test/ folder is the test split
+            test = part("test")
         if "val" in splits:
             val = part("val")
-        else:
-            train, val = carve_val(*train, cfg, str(root / "train"))
+        if "test" not in splits:
+            # Never the validation split, which picked the best epoch: a score on it is not a test.
+            if "val" in splits:
+                train, test = hold_out(*train, cfg.test_fraction, [cfg.split_seed, 2], str(root / "train"), "test")
+            else:
+                train, val, test = three_way(*train, cfg, str(root / "train"))
+            test_split = held_out.format(root / "train")
+            warnings.warn(f"imagefolder: no {root / 'test'}; holding out {len(test[1])} images of train/ "
+                          f"(dataset.test_fraction={cfg.test_fraction}) as the test split", stacklevel=2)
+        if "val" not in splits:
+            if "test" in splits:
+                train, val = carve_val(*train, cfg, str(root / "train"))
             warnings.warn(f"imagefolder: no {root / 'val'}; holding out dataset.val_fraction={cfg.val_fraction} "
                           "of train/ for validation", stacklevel=2)
-        if "test" in splits:
-            test = part("test")
-        else:
-            test = val
-            warnings.warn(f"imagefolder: no {root / 'test'}; the test split is the validation split, "
-                          "so test scores are not independent of model selection", stacklevel=2)
         for split_name, (sx, _) in (("train", train), ("val", val), ("test", test)):
             if len(sx) == 0:
                 raise UserError(f"the {split_name} split under {root} has no decodable images")
-    return finish("imagefolder", classes, train, val, test, cfg, source=str(root.resolve()))
+    return finish("imagefolder", classes, train, val, test, cfg, source=str(root.resolve()), test_split=test_split)

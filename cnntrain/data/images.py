@@ -35,6 +35,9 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    # Where the test images came from when the source has no test split of its own and cnntrain held one
+    # out (recorded in summary.json); None when the source provides it.
+    test_split: str | None = None
 
     def __post_init__(self) -> None:
         # Catch a loader bug here rather than as a shape error deep inside the loop.
@@ -136,12 +139,17 @@ def three_way(x: torch.Tensor, y: torch.Tensor, cfg: DatasetConfig, what: str) -
 
 def carve_val(x: torch.Tensor, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tuple:
     """train and val from a training set, val being dataset.val_fraction of it."""
+    return hold_out(x, y, cfg.val_fraction, cfg.split_seed, what, "validation")
+
+
+def hold_out(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: Any, what: str, split: str) -> tuple:
+    """(rest, held out): `fraction` of a training set held out, stratified by class and seeded."""
     n = len(y)
-    n_val = split_count(n, cfg.val_fraction)
-    if not 1 <= n_val < n:
-        raise UserError(f"{what} has only {n} training images: too few to hold out a validation split; add images")
-    val, train = stratified_split(y.numpy(), [n_val], cfg.split_seed)
-    return take(x, y, train), take(x, y, val)
+    k = split_count(n, fraction)
+    if not 1 <= k < n:
+        raise UserError(f"{what} has only {n} training images: too few to hold out a {split} split; add images")
+    held, rest = stratified_split(y.numpy(), [k], seed)
+    return take(x, y, rest), take(x, y, held)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -164,7 +172,7 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def finish(name: str, classes: list[str], train: tuple, val: tuple, test: tuple, cfg: DatasetConfig,
-            source: str) -> ImageData:
+           source: str, test_split: str | None = None) -> ImageData:
     """Apply dataset.subset to the train split, compute normalisation statistics, build the ImageData."""
     train_x, train_y = train
     subset = getattr(cfg, "subset", None)
@@ -179,7 +187,8 @@ def finish(name: str, classes: list[str], train: tuple, val: tuple, test: tuple,
             warnings.warn(f"dataset.subset={subset} is not below the {len(train_y)} training images; using all",
                           stacklevel=3)
     mean, std = channel_stats(train_x)
-    return ImageData(name, list(classes), train_x, train_y, *val, *test, mean=mean, std=std, source=source)
+    return ImageData(name, list(classes), train_x, train_y, *val, *test, mean=mean, std=std, source=source,
+                     test_split=test_split)
 
 
 def warn_ignored(cfg: DatasetConfig, keys: Sequence[str]) -> None:

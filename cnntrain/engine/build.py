@@ -17,6 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from cnntrain.augment import build_augment
 from cnntrain.data import load_dataset
 from cnntrain.engine import distributed
+from cnntrain.engine.checkpoint import find_checkpoint
 from cnntrain.engine.device import (
     configure_torch,
     describe,
@@ -29,6 +30,7 @@ from cnntrain.engine.state import Progress, Run, restore
 from cnntrain.engine.step import TrainStep
 from cnntrain.errors import UserError
 from cnntrain.io.console import make_reporter
+from cnntrain.io.files import LAST
 from cnntrain.models import build_model, count_parameters, set_backbone_trainable
 from cnntrain.optim import build_optimizer, build_scheduler
 
@@ -64,6 +66,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if t.ema_decay is not None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     progress = Progress() if cfg.resume is None else restore(cfg, step, scheduler, ema, data, device)
+    last = run_dir / "checkpoints" / LAST
+    keep_last = cfg.resume is None or (last.is_file() and find_checkpoint(cfg.resume).resolve() == last.resolve())
     if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
         set_backbone_trainable(model, True)
     # Resident data: moved once; non_blocking lets the copies overlap on CUDA.
@@ -75,7 +79,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         step.forward = torch.compile(ddp) if t.compile else ddp
     return Run(cfg=cfg, run_dir=run_dir, data=data, tensors=tensors, step=step, plain=plain, ema=ema,
                scheduler=scheduler, dist=dist, steps=steps, progress=progress,
-               reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note)
+               reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note,
+               keep_last=keep_last, data_fingerprint=data.fingerprint())
 
 
 def start_rows(run: Run) -> list[tuple[str, str]]:

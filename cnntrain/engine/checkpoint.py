@@ -18,15 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from cnntrain.errors import UserError
-from cnntrain.io.files import LAST
+from cnntrain.io.files import LAST, PREV
 
 FORMAT_VERSION = 1
 # What a trainer checkpoint (last.pt) must hold besides the model, to continue a run exactly.
 TRAINER_KEYS = ("optimizer", "scheduler", "scaler", "progress", "rng")
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` so that a crash at any moment leaves the old file or the new one, whole."""
+def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = None) -> None:
+    """Write ``state`` to ``path`` so that a crash at any moment leaves the old file or the new one, whole.
+
+    With ``previous``, the file about to be replaced is first kept there, by the same protocol (a hard link,
+    or a copy, renamed into place): a damaged newest checkpoint then still leaves the one before it.
+    """
     import torch
 
     path = Path(path)
@@ -41,14 +45,32 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        if previous is not None and path.is_file():
+            _keep(path, Path(previous))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     # Temp files of writes that were killed (SIGKILL, power loss) before their rename.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    for name in (path.name, *([Path(previous).name] if previous is not None else [])):
+        for stale in path.parent.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def _keep(path: Path, previous: Path) -> None:
+    """Make `previous` a whole copy of `path` (the checkpoint about to be replaced), atomically."""
+    import shutil
+
+    tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)  # no copy: the two names share the file until path is replaced
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, previous)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -107,7 +129,7 @@ def _check_container(path: Path) -> None:
                         f"checkpoint ({' '.join(str(e).split())[:120]})") from None
     if damaged is not None:
         raise UserError(f"checkpoint {path} is corrupt: the checksum of its record '{damaged}' does not match "
-                        "(the file changed after it was written); use another checkpoint, e.g. best.pt")
+                        "(the file changed after it was written)")
     if any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in names):
         raise UserError(f"{path} is a TorchScript program (as `cnntrain export format=torchscript` writes), not a "
                         "checkpoint: it holds a traced graph for torch.jit.load, without the model config, class "
@@ -122,7 +144,9 @@ def find_checkpoint(spec: str) -> Path:
     if path.is_dir():
         candidate = path / "checkpoints" / LAST
         if not candidate.is_file():
-            raise UserError(f"no checkpoint in run directory {path} (looked for {candidate})")
+            previous = path / "checkpoints" / PREV
+            hint = f"; resume from the checkpoint before it: cnntrain fit resume={previous}" if previous.is_file() else ""
+            raise UserError(f"no checkpoint in run directory {path} (looked for {candidate}){hint}")
         return candidate
     if not path.exists():
         raise UserError(f"checkpoint or run directory not found: {path}")

@@ -23,6 +23,7 @@ from cnntrain.engine.checkpoint import load_checkpoint
 from cnntrain.engine.inputs import Normalise
 from cnntrain.errors import UserError
 from cnntrain.io.files import BEST, LAST, output_dir
+from cnntrain.io.logs import log_to
 
 CKPT_HELP = ("checkpoint file (best.pt, last.pt, or export's model.state_dict.pt or model.safetensors), "
              "or a run directory (its checkpoints/best.pt: the weights fit tested)")
@@ -80,9 +81,10 @@ class Trained:
 
     def out_dir(self, command: str, out: str | None, default: Path | None = None) -> Path:
         """out= (created), or by default <run dir>/<command>; a path that cannot be used is a one-line error."""
-        if out:
-            return output_dir(Path(out).expanduser(), "out")
-        return output_dir(default or self.run_dir / command, "out", given=False)
+        path = output_dir(Path(out).expanduser(), "out") if out else output_dir(default or self.run_dir / command,
+                                                                                  "out", given=False)
+        log_to(path / f"{command}.log")  # the command's warnings and info, beside what it writes
+        return path
 
     @property
     def label(self) -> str:

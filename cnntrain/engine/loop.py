@@ -35,6 +35,7 @@ from cnntrain.io.files import BEST, LAST, write_json
 from cnntrain.io.provenance import provenance
 from cnntrain.io.runlog import NullLog, RunLog
 from cnntrain.models import count_parameters, freeze_norm_stats, set_backbone_trainable
+from cnntrain.sweep import jobs as sweep_jobs
 
 # trainer.on_nonfinite=skip passes over a few bad batches; this many in a row means the model is broken.
 MAX_SKIPS_IN_A_ROW = 10
@@ -128,9 +129,15 @@ def _save_interrupted(run: Run, s: Session) -> None:
         _save(run, s, LAST)
     s.summary["status"] = "interrupted"
     _record(run, s.summary)
-    run.reporter.print(f"stopped by signal {s.stop.signum or signal.SIGTERM}; checkpoint saved. Resume with:\n"
-                       f"  cnntrain fit resume={run.run_dir}")
+    run.reporter.print(f"stopped by signal {s.stop.signum or signal.SIGTERM}; checkpoint saved.{_resume_hint(run)}")
     raise SystemExit(s.stop.exit_code if s.stop else 128 + signal.SIGTERM)
+
+
+def _resume_hint(run: Run) -> str:
+    """How to continue: this run's own command; in a sweep the CLI prints the sweep's (resume=auto) instead."""
+    if sweep_jobs.in_sweep():
+        return ""
+    return f" Resume with:\n  cnntrain fit resume={run.run_dir}"
 
 
 def _open_log(run: Run) -> RunLog | NullLog:
@@ -138,7 +145,7 @@ def _open_log(run: Run) -> RunLog | NullLog:
         return NullLog()
     t, p, resumed = run.cfg.trainer, run.progress, run.cfg.resume is not None
     write_json(run.run_dir / "provenance.json",
-               provenance(describe(run.device), t.seed, run.data.fingerprint(), sys.argv))
+               provenance(describe(run.device), t.seed, run.data_fingerprint, sys.argv))
     return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None,
                   resume_step=p.global_step + 1 if resumed else None)
 
@@ -344,8 +351,7 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     if stop:  # training is complete and checkpointed; a resume runs only the test
         summary["status"] = "interrupted"
         write_json(run.run_dir / "summary.json", summary)
-        run.reporter.print(f"stopped by signal {stop.signum} during the test; resume with:\n"
-                           f"  cnntrain fit resume={run.run_dir}")
+        run.reporter.print(f"stopped by signal {stop.signum} during the test.{_resume_hint(run)}")
         raise SystemExit(stop.exit_code)
     log.scalar("test/loss", test["loss"], p.global_step)
     log.scalar("test/acc", test["acc"], p.global_step)
@@ -357,6 +363,8 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     resumed = run.cfg.resume is not None
     if resumed:
         summary["train_seconds_after_resume"] = round(elapsed, 2)
+    if run.data.test_split is not None:  # held out by cnntrain: say how, so the figure can be trusted
+        summary["test_split"] = run.data.test_split
     write_json(run.run_dir / "summary.json", summary)
     log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
                                 "hparam/test_loss": test["loss"]})

@@ -11,12 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from cnntrain.config.identity import check_resume
 from cnntrain.data.images import ImageData
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine import distributed
 from cnntrain.engine.step import TrainStep
 from cnntrain.errors import UserError
-from cnntrain.io.files import BEST, LAST
+from cnntrain.io.files import BEST, LAST, PREV, read_json
+from cnntrain.sweep.jobs import job_overrides, weights_command
 
 
 @dataclass
@@ -68,6 +70,11 @@ class Run:
     progress: Progress
     reporter: Any
     threads_note: str = ""  # why torch runs this many CPU threads (configure_torch), for the start table
+    # Whether checkpoints/last.pt is this run's own latest state (fresh, or resumed from it), which the next
+    # save keeps as last.prev.pt. Resumed from another file (last.prev.pt), last.pt is a state being
+    # abandoned: it is replaced, not kept.
+    keep_last: bool = True
+    data_fingerprint: str = ""  # data.fingerprint(), computed once: provenance.json and every checkpoint hold it
 
     @property
     def model(self) -> nn.Module:
@@ -92,16 +99,19 @@ def save(run: Run, name: str) -> None:
     validated = run.ema.module if run.ema is not None else run.model
     state = {
         "model": (validated if name == BEST else run.model).state_dict(),
-        "meta": meta(run.cfg, run.data),
+        "meta": {**meta(run.cfg, run.data), "data_fingerprint": run.data_fingerprint},
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "progress": run.progress.to_dict(),
     }
+    folder, previous = run.run_dir / "checkpoints", None
     if name == LAST:
         state.update(optimizer=run.step.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                      scaler=run.step.scaler.state_dict(), rng=ckpt.capture_rng())
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
-    ckpt.save_checkpoint(run.run_dir / "checkpoints" / name, state)
+        previous = folder / PREV if run.keep_last else None
+        run.keep_last = True
+    ckpt.save_checkpoint(folder / name, state, previous=previous)
 
 
 def load_weights_checked(cfg: DictConfig, model: nn.Module, state: dict[str, Any], path: Path,
@@ -124,9 +134,15 @@ def restore(cfg: DictConfig, step: TrainStep, scheduler: Any, ema: AveragedModel
             device: torch.device) -> Progress:
     """Put a trainer checkpoint (cfg.resume) back into what was just built; return where it stood."""
     path = ckpt.find_checkpoint(cfg.resume)
-    state = ckpt.load_checkpoint(path)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    try:
+        state = ckpt.load_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"{e}; {_other_checkpoint(path, run_dir)}") from None
     if "optimizer" not in state:
-        raise UserError(f"{path} holds model weights only; resume needs a last.pt trainer checkpoint")
+        raise UserError(f"{path} holds model weights only; resume needs a trainer checkpoint ({LAST} or {PREV}); "
+                        f"to start a new run from these weights: {weights_command(path, job_overrides(run_dir) or [])}")
+    check_same_run(cfg, state, path, run_dir, data)
     load_weights_checked(cfg, step.model, state, path, data)
     try:
         step.optimizer.load_state_dict(state["optimizer"])
@@ -141,3 +157,31 @@ def restore(cfg: DictConfig, step: TrainStep, scheduler: Any, ema: AveragedModel
     progress = Progress.from_dict(state["progress"], device)
     ckpt.restore_rng(state["rng"])
     return progress
+
+
+def _other_checkpoint(path: Path, run_dir: Path) -> str:
+    """What a user can run instead when the checkpoint to resume from cannot be read."""
+    previous = path.with_name(PREV)
+    if path.name != PREV and previous.is_file():
+        return f"resume from the checkpoint before it: cnntrain fit resume={previous}"
+    best = run_dir / "checkpoints" / BEST
+    if best.is_file():
+        return f"to start a new run from the best weights: {weights_command(best, job_overrides(run_dir) or [])}"
+    return "no other checkpoint of this run is left; start it again"
+
+
+def check_same_run(cfg: DictConfig, state: dict[str, Any], path: Path, run_dir: Path, data: ImageData) -> None:
+    """A resume continues the run it resumes: refuse a config or data that would make it another one
+    (the CLI checks the config earlier, against .hydra/config.yaml; this is the checkpoint's own record)."""
+    way_out = weights_command(path, job_overrides(run_dir) or [])
+    if isinstance(state.get("config"), dict):
+        check_resume(state["config"], OmegaConf.to_container(cfg, resolve=True), str(run_dir), way_out)
+    recorded = state.get("meta", {}).get("data_fingerprint")
+    if recorded is None:  # checkpoints written before the fingerprint went into them
+        recorded = (read_json(run_dir / "provenance.json") or {}).get("data_fingerprint")
+    now = data.fingerprint() if recorded else None
+    if recorded and recorded != now:
+        raise UserError(f"resume: the {data.name} data ({data.source}) are not the data the run in {run_dir} "
+                        f"was trained on (data fingerprint {str(now)[:12]}, recorded "
+                        f"{str(recorded)[:12]}), so it would mix two datasets; to train on from its weights as a "
+                        f"new run: {way_out}")

@@ -1,12 +1,20 @@
-"""Terminal output: a rich live view on a terminal, plain lines in CI and pipes, or nothing."""
+"""Terminal output: a rich live view on a terminal, plain lines in CI and pipes, or nothing.
+
+Every line a reporter shows also goes to the log (the `cnntrain` logger at info level: fit.log), so the run's
+record does not depend on the display. A closed standard output (`cnntrain fit | head`) stops the display,
+not the run: see `cnntrain.io.logs.closed_stdout_safe`.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+log = logging.getLogger("cnntrain")
 
 
 def make_reporter(mode: str) -> Reporter:
@@ -41,6 +49,7 @@ class Reporter:
         self.console = Console(no_color=True, highlight=False, force_terminal=False, width=200, soft_wrap=True)
 
     def print(self, *args: Any) -> None:
+        log.info("%s", " ".join(str(a) for a in args))
         if not self.quiet:
             self.console.print(*args)
 
@@ -75,6 +84,7 @@ class RichReporter(Reporter):
         self._progress = None
 
     def start(self, title: str, rows: list[tuple[str, str]]) -> None:
+        _log_rows(title, rows)
         table = Table(title=title, show_header=False, box=None, title_justify="left", title_style="bold")
         table.add_column(style="cyan", no_wrap=True)
         table.add_column()
@@ -113,12 +123,19 @@ class RichReporter(Reporter):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.console.print(line)
+        self.print(line)
 
     def final(self, title: str, rows: list[tuple[str, str]]) -> None:
+        _log_rows(title, rows)
         table = Table(title=title, show_header=False, title_justify="left", title_style="bold green")
         table.add_column(style="cyan", no_wrap=True)
         table.add_column(overflow="fold")
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
+
+
+def _log_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    log.info("%s", title)
+    for key, value in rows:
+        log.info("  %s %s", f"{key:<14}", value)

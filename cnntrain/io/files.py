@@ -16,6 +16,7 @@ from cnntrain.errors import UserError, os_reason, path_error
 
 # Checkpoint files under <run>/checkpoints/.
 LAST = "last.pt"  # trainer state at the last epoch end (or step checkpoint): what resume reads
+PREV = "last.prev.pt"  # the last.pt before it: a damaged last.pt still leaves a resumable checkpoint
 BEST = "best.pt"  # weights of the best epoch by trainer.monitor: what the test and inference use
 
 

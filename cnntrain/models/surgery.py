@@ -159,6 +159,7 @@ def load_weights(model: nn.Module, path: str, label: str) -> list[str]:
             f"{_examples(problems)}); was it saved from another architecture or channel count?"
         )
     model.load_state_dict(load, strict=False)
+    log.info("model.weights=%s: %d tensors loaded into %s", path, len(load), label)
     fresh = [k for k in target if is_head(k) and k not in load]
     if fresh:
         log.warning(

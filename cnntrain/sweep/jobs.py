@@ -235,6 +235,14 @@ def rerun_command(overrides: Iterable[str]) -> str:
     return shlex.join(["cnntrain", "fit", *kept])
 
 
+def weights_command(checkpoint: Path, overrides: Iterable[str]) -> str:
+    """The command that starts a new run from a checkpoint's weights, with a run's overrides."""
+    kept = [str(o) for o in overrides
+            if str(o).split("=", 1)[0].lstrip("+~") not in ("resume", "model.weights")
+            and not str(o).lstrip("+~").startswith("hydra")]
+    return shlex.join(["cnntrain", "fit", *kept, f"model.weights={checkpoint}"])
+
+
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """Leave a failed job's error where `cnntrain report` and people look: its summary.json."""
     path = run_dir / "summary.json"

@@ -1,0 +1,97 @@
+"""What a run *is*, as far as `resume` is concerned: the keys a resumed run may change, and the check.
+
+A run directory holds one recipe trained on one dataset: its metrics.csv, best epoch and best.pt only make
+sense if every epoch was trained the same way on the same data. So `resume` may change how, where and how
+long the run goes on (the keys in RESUME_FREE), and nothing else: not the dataset (name, root, subset,
+splits; the data themselves are checked by their fingerprint when they are loaded), not the model, not the
+optimizer, schedule, augmentation or batch. Continuing on other data or with another recipe is a new run
+that starts from the weights: `cnntrain fit model.weights=<run>/checkpoints/last.pt ...`.
+
+Pure functions on plain containers: the CLI checks before Hydra runs (no torch), `engine.state.restore`
+checks again against the config saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cnntrain.errors import UserError
+
+# Keys that do not change what a run is: where and how fast it runs, how long, what it shows and writes.
+RESUME_FREE = frozenset({
+    "resume",
+    "trainer.epochs",
+    "trainer.early_stopping_patience",
+    "trainer.early_stopping_min_delta",
+    "trainer.device",
+    "trainer.num_threads",
+    "trainer.precision",
+    "trainer.channels_last",
+    "trainer.compile",
+    "trainer.deterministic",
+    "trainer.eval_batch_size",
+    "trainer.on_nonfinite",
+    "trainer.progress",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.dry_run",
+    "dataset.download",
+    "dataset.in_memory",
+    "dataset.memory_limit_mb",
+    "dataset.on_corrupt",
+})
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested mapping (lists are values)."""
+    out: dict[str, Any] = {}
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif prefix:
+        out[prefix[:-1]] = node
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)  # 3 and 3.0 from YAML
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def identity_changes(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, requested value) for each key outside RESUME_FREE that differs.
+
+    A key only one side knows (the schema grew since the run was recorded) is not compared.
+    """
+    old, new = flatten(recorded), flatten(requested)
+    return [(key, old[key], new[key]) for key in old
+            if key in new and key not in RESUME_FREE and not _same(old[key], new[key])]
+
+
+def _what(key: str) -> str:
+    if key.startswith("dataset."):
+        return "mix two datasets"
+    if key.startswith("model."):
+        return "go on with another model"
+    return "no longer be what its recorded config says"
+
+
+def check_resume(recorded: Mapping[str, Any], requested: Mapping[str, Any], run: str, way_out: str) -> None:
+    """Refuse, in one line that names the key, a resume whose config changes what the run is."""
+    changes = identity_changes(recorded, requested)
+    if not changes:
+        return
+    key, was, now = changes[0]
+    more = f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
+    raise UserError(f"resume cannot change {key} ({_show(was)} -> {_show(now)}){more}: the run in {run} would "
+                    f"{_what(key)}; to train on from its weights as a new run: {way_out}")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
