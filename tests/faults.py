@@ -38,10 +38,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_faulty(faults: list[str], args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`cnntrain ARGS` under these faults, to the end; a SIGKILLed run returns -9."""
+def run_faulty(faults: list[str], args: list[str], cwd: Path, timeout: float = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`cnntrain ARGS` under these faults, to the end; a SIGKILLed run returns -9. env: more variables."""
     return subprocess.run([sys.executable, __file__, *faults, "--", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=_env())
+                          timeout=timeout, env={**_env(), **(env or {})})
 
 
 def start_faulty(faults: list[str], args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:

@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import REPO
 
 ROOT = os.geteuid() == 0
+PLUGINS = REPO / "tests" / "plugins"
 
 
 @dataclass
@@ -89,6 +90,41 @@ CASES = [
          ["{data}/mismatched_idx/train-images-idx3-ubyte has 60 images", "train-labels-idx1-ubyte has 50 labels"]),
     Case("model-too-big-for-images", ["dataset=imagefolder", "dataset.root={data}/tiny_images", "model=simple_cnn"],
          ["model simple_cnn needs images of at least 18x18 pixels", "4x4"]),
+    # Your own model, dataset and CSV (the modules are tests/plugins/mynets.py and mydata.py, on PYTHONPATH).
+    Case("custom-without-target", ["model=custom"], ["model=custom needs model._target_=module.name"]),
+    Case("target-without-custom", ["model._target_=mynets.TinyNet"],
+         ["model._target_=mynets.TinyNet applies to model=custom only", "add model=custom"]),
+    Case("custom-module-missing", ["model=custom", "model._target_=nosuchmodule.Net"],
+         ["model._target_=nosuchmodule.Net: cannot import module 'nosuchmodule'", "PYTHONPATH"]),
+    Case("custom-class-missing", ["model=custom", "model._target_=mynets.TinyNte"],
+         ["model._target_=mynets.TinyNte: mynets", "has no attribute 'TinyNte' (did you mean 'TinyNet'?)"]),
+    Case("custom-wrong-outputs", ["model=custom", "model._target_=mynets.WrongOutputs", "dataset.subset=100"],
+         ["model mynets.WrongOutputs gives outputs of shape (2, 3) for a batch of 2; expected (2, 10)"]),
+    Case("custom-unknown-argument", ["model=custom", "model._target_=mynets.TinyNet", "+model.colour=red"],
+         ["model.colour=red is not an argument of mynets.TinyNet", "width"]),
+    Case("custom-not-a-class", ["model=custom", "model._target_=mynets.NOT_CALLABLE"],
+         ["mynets.NOT_CALLABLE is a int, not an nn.Module class or a function"]),
+    Case("custom-freeze-without-head", ["model=custom", "model._target_=mynets.NoHead", "model.freeze_backbone=true",
+                                        "dataset.subset=100"],
+         ["model.freeze_backbone=true does not apply to model mynets.NoHead", "no classifier layer"]),
+    Case("builtin-model-own-key", ["model=resnet8", "+model.depth=3"], ["unknown key 'model.depth' in 'model'"]),
+    Case("dataset-wrong-type", ["dataset=custom", "dataset._target_=mydata.wrong_type"],
+         ["mydata.wrong_type[0]: the image is a torch.float32 tensor", "uint8"]),
+    Case("dataset-not-a-dataset", ["dataset=custom", "dataset._target_=mydata.not_a_dataset"],
+         ["mydata.not_a_dataset is a generator, not a map-style torch Dataset"]),
+    Case("dataset-unknown-argument", ["dataset=custom", "dataset._target_=mydata.build", "+dataset.colour=red"],
+         ["dataset.colour=red is not an argument of mydata.build"]),
+    Case("csv-missing-file", ["dataset=csv", "dataset.root={data}/csv_missing", "dataset.on_corrupt=error"],
+         ["labels.csv line 4: {data}/csv_missing/img/gone.png does not exist"]),
+    Case("csv-unknown-split", ["dataset=csv", "dataset.root={data}/csv_split", "dataset.on_corrupt=error"],
+         ["labels.csv line 3: split 'training' is not one of train, val, test"]),
+    Case("csv-duplicate-path", ["dataset=csv", "dataset.root={data}/csv_duplicate", "dataset.on_corrupt=error"],
+         ["labels.csv line 5: img/0.png is listed already (line 2)"]),
+    Case("csv-empty-class", ["dataset=csv", "dataset.root={data}/csv_gap", "dataset.on_corrupt=error"],
+         ["{data}/csv_gap/labels.csv: class 1 has no training images"]),
+    Case("csv-no-path-column", ["dataset=csv", "dataset.root={data}/csv_header"], ["has no 'path' column"]),
+    Case("csv-no-labels-file", ["dataset=csv", "dataset.root={data}/csv_missing", "dataset.file=nope.csv"],
+         ["dataset.file=nope.csv: no such file {data}/csv_missing/nope.csv"]),
     # Resume.
     Case("resume-missing", ["resume={data}/nowhere"], ["checkpoint or run directory not found: {data}/nowhere"]),
     Case("resume-not-a-run", ["resume={data}/a_file"], ["{data} is not a cnntrain run directory"]),
@@ -170,6 +206,24 @@ def _make_data(data: Path) -> None:
     _idx_set(data / "mismatched_idx", 60, 50)
     (data / "read_only").mkdir()
     (data / "read_only").chmod(0o555)
+    _csv(data / "csv_missing", ["img/0.png,a", "img/1.png,b", "img/gone.png,a"])
+    _csv(data / "csv_split", ["img/0.png,a,train", "img/1.png,b,training"], header="path,label,split")
+    _csv(data / "csv_duplicate", ["img/0.png,a", "img/1.png,b", "img/2.png,a", "img/0.png,b"])
+    _csv(data / "csv_gap", ["img/0.png,0", "img/1.png,2", "img/2.png,0", "img/3.png,2"])
+    _csv(data / "csv_header", ["img/0.png,a", "img/1.png,b"], header="file,label")
+
+
+def _csv(folder: Path, rows: list[str], header: str = "path,label") -> None:
+    """A CSV folder: labels.csv with these rows, and an 8x8 image for each path in them except img/gone.png."""
+    from PIL import Image
+
+    (folder / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for row in rows:
+        path = row.split(",")[0]
+        if path != "img/gone.png" and not (folder / path).exists():
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / path)
+    (folder / "labels.csv").write_text("\n".join([header, *rows]) + "\n")
 
 
 def _damage(run: Path, how: str, marker: Path) -> None:
@@ -232,7 +286,8 @@ def _attempt(case: Case, base: Path, data: Path, finished_run: Path) -> Outcome:
         shutil.copytree(finished_run, run)
         _damage(run, case.damage, data / "pwned")
         recorded = {p.name: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    # tests/plugins: the model and dataset modules of the custom rows.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(PLUGINS)])}
     env.pop("HYDRA_FULL_ERROR", None)
     args = [_fill(a, data, run) for a in case.args]
     proc = subprocess.run([sys.executable, "-m", "cnntrain", "fit", *args], cwd=cwd, capture_output=True, text=True,

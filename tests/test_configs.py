@@ -18,9 +18,13 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yam
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
+# Options that need a key of the user's to be complete.
+NEEDS = {("model", "custom"): ["model._target_=mynets.TinyNet"], ("dataset", "custom"): ["dataset._target_=mydata.build"]}
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_option_composes_and_validates(group, option):
-    cfg = compose_fit([f"{group}={option}"])
+    cfg = compose_fit([f"{group}={option}", *NEEDS.get((group, option), [])])
     validate(cfg)
 
 

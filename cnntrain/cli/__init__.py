@@ -18,14 +18,15 @@ COMMANDS = {
     "predict": "classify image files (file, folder or glob) with a checkpoint; top-k table and CSV",
     "explain": "Grad-CAM heat maps: which pixels drove each prediction",
     "export": "write the model as TorchScript, ONNX or a state_dict, checked against the eager model",
-    "list": "the options of every config group, with descriptions",
+    "list": "the options of every config group (yours and installed plug-ins' too), with descriptions",
     "report": "one table of a sweep's jobs (overrides, best metric, test, time, status, errors), plus a CSV",
     "lr-find": "learning-rate range test: loss against an exponentially growing lr, plot and suggested lr",
+    "init": "write a project of your own: configs/experiment/example.yaml, models.py, README.md",
 }
 
 # Every other command is a module of cnntrain.commands with main(argv); imported only when it runs.
 _COMMAND_MODULES = {"evaluate": "evaluate", "predict": "predict", "explain": "explain", "export": "export",
-                    "list": "catalog", "report": "report", "lr-find": "lr_find"}
+                    "list": "catalog", "report": "report", "lr-find": "lr_find", "init": "init"}
 
 USAGE = """\
 usage: cnntrain <command> [options and Hydra overrides]
@@ -45,6 +46,8 @@ examples:
   cnntrain fit resume=runs/default/<run>            # continue an interrupted run
   cnntrain evaluate ckpt=runs/default/<run>         # test metrics, confusion matrix, figures
   cnntrain predict ckpt=runs/default/<run> inputs=photos/
+  cnntrain fit model=custom model._target_=mynets.TinyNet +model.width=16   # your own nn.Module
+  cnntrain init myproject                           # a project folder with your configs and models.py
 
 Run `cnntrain <command> --help` for a command's own help. Version {version}.
 """

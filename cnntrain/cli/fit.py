@@ -21,6 +21,7 @@ from cnntrain.config.compose import (
     hydra_error_message,
     register_configs,
     register_resolvers,
+    take_config_dir_flags,
 )
 from cnntrain.errors import UserError
 
@@ -31,6 +32,7 @@ def run_fit(args: list[str]) -> None:
     from omegaconf import DictConfig
 
     check_options(args)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
+    args = take_config_dir_flags(args)  # the user's config folder joins the search path (register_configs)
     register_configs()
     register_resolvers()
     # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.

@@ -63,7 +63,12 @@ def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, A
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    from cnntrain.config import OPEN_GROUPS
+
     cfg = OmegaConf.structured(schema)
+    open_nodes = [f.name for f in dataclasses.fields(schema) if f.name in OPEN_GROUPS]
+    for name in open_nodes:
+        OmegaConf.set_struct(cfg[name], False)  # a stored custom dataset's own keys (its arguments)
     try:
         if base:
             cfg = OmegaConf.merge(cfg, base)
@@ -74,6 +79,9 @@ def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, A
                 raise UserError(f"cannot read argument '{arg}': write it as key=value "
                                 f"(see `cnntrain {command} --help`)")
             tp = _field_type(schema, key)
+            parent = key.rpartition(".")[0]
+            if tp is None and parent in open_nodes and _takes_own_keys(cfg, parent, base):
+                tp = Any  # a custom dataset's own argument, checked by its loader: the value as YAML reads it
             if tp is None:
                 parent, _, leaf = key.rpartition(".")
                 parent_type = _field_type(schema, parent) if parent else schema
@@ -92,6 +100,14 @@ def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, A
         key = getattr(e, "full_key", "") or ""
         msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
         raise UserError(f"{key}: {msg}" if key else msg) from None
+
+
+def _takes_own_keys(cfg: Any, group: str, base: dict[str, Any] | None) -> bool:
+    """Keys of its own under `group`: before the checkpoint is read (base None) any, then only for a
+    custom or plug-in dataset."""
+    from cnntrain.config import takes_own_keys
+
+    return base is None or takes_own_keys(group, str(cfg[group].name))
 
 
 def print_help(text: str) -> None:

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from cnntrain.errors import UserError, did_you_mean
 
 HELP = """\
-usage: cnntrain list [GROUP]
+usage: cnntrain list [GROUP] [--config-dir DIR]
 
 The options of each config group of `cnntrain fit` (pick one with GROUP=OPTION), with the
 description at the top of its YAML file; the default option is marked. GROUP limits the
 list to one group: dataset, model, augment, optimizer, scheduler, trainer, experiment.
+
+Options from your own config folder (./configs, or --config-dir DIR) are marked "yours";
+those of installed plug-in packages (entry points cnntrain.models / cnntrain.datasets)
+name their package.
 
 examples:
   cnntrain list
@@ -52,28 +57,61 @@ def _defaults(config_dir: Path) -> dict[str, str | None]:
     return out
 
 
-def catalog(config_dir: Path) -> dict[str, list[tuple[str, str, bool]]]:
-    """group -> [(option, description, is default)], groups in the order of fit.yaml's defaults."""
+@dataclass
+class Option:
+    name: str
+    description: str
+    default: bool = False
+    origin: str = ""  # "" built-in, "yours", "yours, replaces the built-in", "plug-in: <package> <version>"
+
+
+def _group_dirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml"))]
+
+
+def catalog(config_dir: Path, user_dir: Path | None = None, plugins: bool = False) -> dict[str, list[Option]]:
+    """group -> its options, groups in the order of fit.yaml's defaults: the built-in ones, the user's
+    (user_dir: marked, and replacing a built-in of the same name) and installed plug-ins' (plugins=True)."""
     defaults = _defaults(config_dir)
-    groups = sorted(p for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
+    found: dict[str, dict[str, Option]] = {}
+    for g in _group_dirs(config_dir):
+        found[g.name] = {f.stem: Option(f.stem, describe(f), defaults.get(g.name) == f.stem)
+                         for f in sorted(g.glob("*.yaml"))}
+    if plugins:
+        from cnntrain.registry import DATASETS, MODELS
+
+        for group, registry in (("model", MODELS), ("dataset", DATASETS)):
+            for name, plugin in registry.plugins().items():
+                if name in found.get(group, {}):
+                    continue  # a built-in of the same name wins
+                found.setdefault(group, {})[name] = Option(
+                    name, f"{plugin.value}", origin=f"plug-in: {plugin.package} {plugin.version}")
+    if user_dir is not None:
+        for g in _group_dirs(user_dir):
+            for f in sorted(g.glob("*.yaml")):
+                replaces = f.stem in found.get(g.name, {}) and not found[g.name][f.stem].origin
+                found.setdefault(g.name, {})[f.stem] = Option(
+                    f.stem, describe(f), defaults.get(g.name) == f.stem,
+                    "yours, replaces the built-in" if replaces else "yours")
     order = {name: i for i, name in enumerate(defaults)}
-    groups.sort(key=lambda p: (order.get(p.name, len(order)), p.name))
-    return {g.name: [(f.stem, describe(f), defaults.get(g.name) == f.stem) for f in sorted(g.glob("*.yaml"))]
-            for g in groups}
+    groups = sorted(found, key=lambda g: (order.get(g, len(order)), g))
+    return {g: sorted(found[g].values(), key=lambda o: o.name) for g in groups}
 
 
 def main(argv: list[str]) -> None:
     from rich.table import Table
 
     from cnntrain.commands.args import console, print_help, wants_help
-    from cnntrain.config.compose import config_dir
+    from cnntrain.config.compose import config_dir, take_config_dir_flags, user_config_dir
 
     if wants_help(argv):
         print_help(HELP)
         return
+    argv = take_config_dir_flags(argv)
     if len(argv) > 1:
         raise UserError(f"cnntrain list takes at most one group name, got: {' '.join(argv)}")
-    groups = catalog(config_dir())
+    user = user_config_dir()
+    groups = catalog(config_dir(), user, plugins=True)
     if argv:
         name = ALIASES.get(argv[0], argv[0])
         if name not in groups:
@@ -81,10 +119,17 @@ def main(argv: list[str]) -> None:
                             f"groups: {', '.join(groups)}")
         groups = {name: groups[name]}
     con = console()
+    if user is not None:
+        con.print(f"your config folder: {user} (its options are marked 'yours')")
     for group, options in groups.items():
         table = Table(title=f"{group}   (cnntrain fit {group}=OPTION)", title_justify="left", title_style="bold")
         table.add_column("option", style="cyan", no_wrap=True)
         table.add_column("description", overflow="fold")
-        for option, text, is_default in options:
-            table.add_row(option + (" (default)" if is_default else ""), text)
+        if any(o.origin for o in options):
+            table.add_column("from", overflow="fold")
+        for o in options:
+            cells = [o.name + (" (default)" if o.default else ""), o.description]
+            if any(x.origin for x in options):
+                cells.append(o.origin or "built-in")
+            table.add_row(*cells)
         con.print(table)

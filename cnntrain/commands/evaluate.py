@@ -57,12 +57,13 @@ class EvaluateArgs:
 
 def _matching_dataset(args: EvaluateArgs, trained: Any) -> Any:
     """Load the dataset; check it fits the model; map its labels onto the model's classes."""
+    from cnntrain.config import takes_own_keys
     from cnntrain.data import load_dataset
 
     pre = trained.preprocess
     cfg = args.dataset
-    if cfg.name == "imagefolder":
-        # New folders are read at the model's input format unless told otherwise.
+    if cfg.name in ("imagefolder", "csv") or takes_own_keys("dataset", cfg.name):
+        # New folders (and the user's own datasets) are read at the model's input format unless told otherwise.
         cfg.channels = cfg.channels or pre.channels
         if cfg.image_size is None and pre.image_size[0] == pre.image_size[1]:
             cfg.image_size = pre.image_size[0]
@@ -71,7 +72,8 @@ def _matching_dataset(args: EvaluateArgs, trained: Any) -> Any:
     if (c, (h, w)) != (pre.channels, pre.image_size):
         mh, mw = pre.image_size
         raise UserError(f"dataset {data.name} gives {c}x{h}x{w} images but the model takes {pre.channels}x{mh}x{mw}; "
-                        f"for an image folder set dataset.image_size={mh} dataset.channels={pre.channels}")
+                        f"for an image folder, CSV or custom dataset set dataset.image_size={mh} "
+                        f"dataset.channels={pre.channels}")
     x, y = getattr(data, f"{args.split}_x"), getattr(data, f"{args.split}_y")
     if list(data.classes) != trained.classes:
         unknown = [name for name in data.classes if name not in trained.classes]

@@ -107,12 +107,10 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
 def export_state_dict(trained: Any, path: Path) -> Callable:
     """The weights twice: a cnntrain checkpoint (usable with ckpt=) and model.safetensors, the format other
     tools read; both are loaded back into a freshly built model, and the check runs on the safetensors one."""
-    from dataclasses import asdict
-
     from safetensors.torch import load_file, save_file
 
     from cnntrain.engine.checkpoint import save_checkpoint
-    from cnntrain.engine.inference import model_config
+    from cnntrain.engine.inference import model_config, model_record
     from cnntrain.models import build_model
 
     cfg = model_config(trained.config, trained.checkpoint)
@@ -120,11 +118,11 @@ def export_state_dict(trained: Any, path: Path) -> Callable:
     # config: the run's whole config, as in best.pt, so that `ckpt=model.state_dict.pt` works like the run's
     # own checkpoint (evaluate finds the dataset, predict the precision); model_config: the architecture alone.
     save_checkpoint(path, {"model": state, "meta": trained.meta, "config": trained.config,
-                           "model_config": asdict(cfg)})
+                           "model_config": model_record(cfg)})
     tensors = path.with_name(SAFETENSORS_NAME)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tensors), metadata={
         "format": "pt", "classes": json.dumps(trained.classes), "preprocess": json.dumps(trained.preprocess.to_dict()),
-        "model_config": json.dumps(asdict(cfg)), "meta": json.dumps(trained.meta),
+        "model_config": json.dumps(model_record(cfg)), "meta": json.dumps(trained.meta),
     })
     pre = trained.preprocess
     from_checkpoint = build_model(cfg, pre.channels, pre.image_size, len(trained.classes))

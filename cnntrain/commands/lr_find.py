@@ -76,7 +76,9 @@ def main(argv: list[str]) -> None:
     if wants_help(argv):
         print_help(HELP)
         return
-    ours, overrides = _split(argv)
+    from cnntrain.config.compose import take_config_dir_flags
+
+    ours, overrides = _split(take_config_dir_flags(argv))
     args = parse_args(LrFindArgs, ours, "lr-find")
     _check(args)
     cfg = compose_fit_config(overrides)
@@ -191,7 +193,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     from cnntrain.engine.build import build_run, start_rows
     from cnntrain.engine.inputs import epoch_order
     from cnntrain.io.logs import log_to
-    from cnntrain.models import freeze_norm_stats
+    from cnntrain.models import freeze_norm_stats, model_label
 
     validate(cfg)
     built = build_run(cfg, out)
@@ -259,7 +261,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     log_to(out / "lr_find.log")  # what was logged so far (the table, the steps, warnings), and what follows
     _write_csv(out / "lr_find.csv", result)
     _write_json(out / "lr_find.json", result, how, cfg, overrides or [])
-    _plot(out / "lr_find.png", result, how, f"{cfg.model.name}{'/' + cfg.model.arch if cfg.model.arch else ''}",
+    _plot(out / "lr_find.png", result, how, model_label(cfg.model),
           built.data.name, cfg.optimizer.name, bs)
     keep = [o for o in (overrides or []) if not o.startswith(("optimizer.lr=", "trainer.progress="))]
     command = " ".join(["cnntrain fit", *keep, f"optimizer.lr={chosen:.2g}"])

@@ -16,12 +16,18 @@ from cnntrain.errors import UserError, did_you_mean
 
 @dataclass
 class DatasetConfig:
-    # Registry key in cnntrain.registry.DATASETS.
+    # Registry key in cnntrain.registry.DATASETS, or the name of an installed plug-in.
     name: str = "mnist5k"
+    # dataset=custom: the dotted path of a callable that returns a torch Dataset of (image, label)
+    # pairs, or a dict of them with keys train (and optionally val, test). Keys of `dataset` that
+    # this schema does not declare are passed to it as keyword arguments.
+    _target_: str | None = None
     # Directory holding the data; None means the dataset's default location.
     root: str | None = None
     # Fetch the files from the internet when they are not under root (torchvision sets).
     download: bool = False
+    # dataset=csv: the CSV of labels (columns path,label[,split]), relative to root.
+    file: str | None = None
     # Fraction of the training data held out for validation (seeded, stratified).
     val_fraction: float = 0.1
     # Fraction held out for testing, for sources that ship no test split.
@@ -31,22 +37,26 @@ class DatasetConfig:
     split_seed: int = 0
     # Keep only this many training images (stratified), for quick runs.
     subset: int | None = None
-    # Image folders: resize every image to image_size x image_size.
+    # Image folders, CSV and custom datasets: resize every image to image_size x image_size.
     image_size: int | None = None
-    # Image folders: 1 (grayscale) or 3 (RGB); None infers it from the images.
+    # Image folders, CSV and custom datasets: 1 (grayscale) or 3 (RGB); None infers it from the images.
     channels: int | None = None
-    # Image folders: what to do with a file that cannot be decoded: skip | error.
+    # What to do with a file that cannot be decoded (and, for CSV, a row that names a missing file,
+    # an unknown split or a path twice): skip (counted in one warning) | error.
     on_corrupt: str = "skip"
-    # Image folders: decode everything into memory (true), stream files through DataLoader
-    # workers (false), or decide by size (auto: in memory below memory_limit_mb of uint8 pixels).
+    # Image folders, CSV and custom datasets: decode everything into memory (true), stream through
+    # DataLoader workers (false), or decide by size (auto: in memory below memory_limit_mb of uint8 pixels).
     in_memory: str = "auto"
     memory_limit_mb: int = 4096
 
 
 @dataclass
 class ModelConfig:
-    # Registry key in cnntrain.registry.MODELS.
+    # Registry key in cnntrain.registry.MODELS, or the name of an installed plug-in.
     name: str = "simple_cnn"
+    # model=custom: the dotted path of an nn.Module class or a function that returns one. Keys of
+    # `model` that this schema does not declare are passed to it as keyword arguments.
+    _target_: str | None = None
     # model=torchvision: the torchvision architecture, e.g. resnet18.
     arch: str | None = None
     # Base channel width; None means the architecture's own default (its builder's keyword default).
@@ -197,11 +207,39 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# Groups whose node also takes keys of the user's own: the keyword arguments of a `_target_`
+# (model=custom, dataset=custom) or of an installed plug-in.
+OPEN_GROUPS = ("model", "dataset")
+
+
+def takes_own_keys(group: str, name: str) -> bool:
+    """Whether `group.name` passes undeclared keys on as keyword arguments (custom, or a plug-in)."""
+    from cnntrain.registry import DATASETS, MODELS
+
+    registry = {"model": MODELS, "dataset": DATASETS}.get(group)
+    return registry is not None and (name == "custom" or name in registry.plugins())
+
+
+def own_keys(node: Any, schema: type) -> dict[str, Any]:
+    """The keys of a model/dataset node (a DictConfig or the dataclass made from it) that `schema` does
+    not declare: the user's keyword arguments for a `_target_` or plug-in, as plain values."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    known = {f.name for f in dataclasses.fields(schema)}
+    if isinstance(node, DictConfig):
+        return {str(k): OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in node.items() if k not in known}
+    return {k: v for k, v in vars(node).items() if k not in known}
+
+
 def check_known_keys(cfg: Any, prefix: str = "") -> None:
     """Refuse keys the schema does not declare.
 
     Hydra opens the config to apply `+key=value`, so `+trainer.epoch=3` would otherwise be
-    composed in and silently ignored.
+    composed in and silently ignored. `model` and `dataset` take keys of their own only for
+    a `_target_` (name custom) or an installed plug-in, whose arguments they are.
     """
     import dataclasses
 
@@ -211,6 +249,9 @@ def check_known_keys(cfg: Any, prefix: str = "") -> None:
         return
     schema = OmegaConf.get_type(cfg)
     if not dataclasses.is_dataclass(schema):
+        return
+    group = prefix.rstrip(".")
+    if group in OPEN_GROUPS and takes_own_keys(group, str(cfg.get("name"))):
         return
     known = [f.name for f in dataclasses.fields(schema)]
     for key in cfg:
@@ -222,9 +263,24 @@ def check_known_keys(cfg: Any, prefix: str = "") -> None:
         check_known_keys(cfg._get_node(key), f"{prefix}{key}.")
 
 
+def check_targets(cfg: Any) -> None:
+    """`_target_` goes with name custom, and custom needs one."""
+    for group, example in (("model", "mynets.TinyNet"), ("dataset", "mydata.build")):
+        node = getattr(cfg, group)
+        target, name = node._target_, node.name
+        if name == "custom" and not target:
+            raise UserError(f"{group}=custom needs {group}._target_=module.name, the dotted path of your "
+                            f"{'nn.Module class or factory' if group == 'model' else 'dataset function or class'} "
+                            f"(e.g. {group}._target_={example})")
+        if target and name != "custom":
+            raise UserError(f"{group}._target_={target} applies to {group}=custom only (this config has "
+                            f"{group}={name}); add {group}=custom, or remove {group}._target_")
+
+
 def validate(cfg: Any) -> None:
     """Reject values that are well-typed but impossible, naming the key and the fix."""
     check_known_keys(cfg)
+    check_targets(cfg)
     for key, options in CHOICES.items():
         value = str(_get(cfg, key))
         if value.lower() not in options:  # `true`/`false` on the command line arrive as booleans

@@ -3,11 +3,18 @@ messages for the errors Hydra and OmegaConf raise while composing.
 
 Used by `cnntrain fit` (the Hydra app) and by the commands that compose a fit config without running
 it (lr-find, resume=auto).
+
+The search path, first match wins: the user's config folder (``--config-dir DIR`` / ``--config-path DIR``,
+else ``./configs`` when there is one), then cnntrain's own ``configs/``, then the options of installed
+plug-ins (``model=<entry point name>``). So a user's groups add options to the built-in ones, and a
+user's file with the name of a built-in one replaces it (with a notice).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,103 @@ def config_dir() -> Path:
             return candidate
     raise UserError(f"cannot find cnntrain's configs (looked in {here / 'configs'} and {here.parent / 'configs'}); "
                     "reinstall cnntrain")
+
+
+# The user's config folder for this process: unset (look for ./configs), or a folder, or None (none).
+_UNSET = object()
+_user_dir: Any = _UNSET
+# Flags that name the user's config folder (Hydra's spellings; cnntrain handles them itself).
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
+
+
+def user_config_dir() -> Path | None:
+    """The user's config folder: the one given by a flag, else ./configs (when it is not cnntrain's own)."""
+    return _default_user_dir() if _user_dir is _UNSET else _user_dir
+
+
+def _default_user_dir() -> Path | None:
+    candidate = Path.cwd() / "configs"
+    if not candidate.is_dir():
+        return None
+    try:
+        if candidate.resolve() == config_dir().resolve():
+            return None  # a clone of cnntrain: its configs are the built-in ones
+    except UserError:
+        pass
+    return candidate.resolve()
+
+
+def take_config_dir_flags(args: list[str]) -> list[str]:
+    """Remove --config-dir/--config-path DIR (or -cd/-cp, or --flag=DIR) from args and make DIR the user's
+    config folder for this process; without them, ./configs is (when it exists). Returns the other args."""
+    global _user_dir
+    rest, given, i = [], None, 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in CONFIG_DIR_FLAGS and arg.startswith("-"):
+            if not eq:
+                if i + 1 >= len(args):
+                    raise UserError(f"{flag} needs a folder: {flag} DIR")
+                value = args[i + 1]
+                i += 1
+            given = (flag, value)
+        else:
+            rest.append(arg)
+        i += 1
+    if given is not None:
+        flag, value = given
+        folder = Path(value).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"{flag} {value}: no such folder; give the folder that holds your config groups "
+                            "(experiment/, model/, ...)")
+        _user_dir = folder.resolve()
+    else:
+        _user_dir = _UNSET
+    return rest
+
+
+def user_options(folder: Path | None = None) -> dict[str, list[str]]:
+    """group -> option names in the user's config folder (group folders with .yaml files; nested with '/')."""
+    folder = folder if folder is not None else user_config_dir()
+    out: dict[str, list[str]] = {}
+    if folder is None:
+        return out
+    for f in sorted(folder.rglob("*.yaml")):
+        rel = f.relative_to(folder)
+        if len(rel.parts) < 2:
+            continue  # a primary config (fit.yaml) is not an option of a group
+        out.setdefault("/".join(rel.parts[:-1]), []).append(rel.stem)
+    return out
+
+
+def clashes() -> list[tuple[str, str]]:
+    """(group, option) of the user's files that replace a built-in file of the same name."""
+    folder = user_config_dir()
+    if folder is None:
+        return []
+    builtin = config_dir()
+    found = [(g, o) for g, options in user_options(folder).items() for o in options
+             if (builtin / g / f"{o}.yaml").is_file()]
+    if (folder / "fit.yaml").is_file():
+        found.insert(0, ("", "fit"))
+    return found
+
+
+_noticed = False
+
+
+def notice_clashes() -> None:
+    """Once per process (rank 0 only under torchrun): say which built-in configs the user's files replace."""
+    global _noticed
+    if _noticed or os.environ.get("RANK", "0") != "0":
+        return
+    _noticed = True
+    folder = user_config_dir()
+    for group, option in clashes():
+        what = "the primary config fit.yaml" if not group else f"the built-in {group} option '{option}'"
+        path = folder / group / f"{option}.yaml" if group else folder / "fit.yaml"
+        print(f"cnntrain: note: your {path} replaces {what}", file=sys.stderr, flush=True)
 
 
 def register_resolvers() -> None:
@@ -90,10 +194,29 @@ def _stored_trials(storage: str, study_name: str) -> int:
 
 
 def register_configs() -> None:
-    """Make the schema available to Hydra as ``fit_schema`` (named first in fit.yaml)."""
+    """Make the schema available to Hydra as ``fit_schema`` (named first in fit.yaml), put the user's
+    config folder on the search path, and give each installed plug-in an option of its group."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="fit_schema", node=FitConfig)
+    from cnntrain.config import OPEN_GROUPS
+    from cnntrain.config.searchpath import install
+    from cnntrain.registry import DATASETS, MODELS
+
+    schema = OmegaConf.structured(FitConfig)
+    for group in OPEN_GROUPS:
+        # Open for the keyword arguments of a _target_ or plug-in, from YAML files too;
+        # config.check_known_keys still refuses unknown keys for every other option.
+        OmegaConf.set_struct(schema[group], False)
+    store = ConfigStore.instance()
+    store.store(name="fit_schema", node=schema)
+    builtin = config_dir()
+    for group, registry in (("model", MODELS), ("dataset", DATASETS)):
+        for name in registry.plugins():
+            if not (builtin / group / f"{name}.yaml").is_file():  # a built-in name wins
+                store.store(group=group, name=name, node={"name": name}, provider="cnntrain-plugins")
+    install(user_config_dir())
+    notice_clashes()
 
 
 def compose_fit(overrides: list[str], return_hydra_config: bool = False) -> Any:

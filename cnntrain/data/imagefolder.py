@@ -1,10 +1,15 @@
-"""Your own images: root/<class>/* or root/{train,val[,test]}/<class>/*, decoded into memory or streamed."""
+"""Your own images: root/<class>/* or root/{train,val[,test]}/<class>/*, decoded into memory or streamed.
+
+:func:`read_files` (probe, channels, size, resident or streamed) and :func:`assemble_splits` (given
+splits, or ones carved from a pool) are shared with the CSV loader (csv_labels.py).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import torch
 from cnntrain.config import DatasetConfig
 from cnntrain.data.batches import FileImages
 from cnntrain.data.decode import IMAGE_EXTENSIONS, decode_into, probe
-from cnntrain.data.images import ImageData, carve_val, finish, hold_out, take, three_way, warn_ignored
+from cnntrain.data.images import ImageData, Items, carve_val, finish, hold_out, take, three_way, warn_ignored
 from cnntrain.errors import UserError
 from cnntrain.registry import DATASETS
 
@@ -47,14 +52,111 @@ def _scan(d: Path, classes: list[str] | None, train_dir: Path | None) -> tuple[l
     return classes, [Path(path) for path, _ in samples], [label for _, label in samples]
 
 
-def _corrupt(bad: list[tuple[Path, str]], cfg: DatasetConfig) -> None:
+def corrupt(bad: list[tuple[Path, str]], cfg: DatasetConfig, what: str = "imagefolder") -> None:
+    """Files that could not be decoded: the first one as an error (on_corrupt=error), else one counted warning."""
     if not bad:
         return
     if cfg.on_corrupt == "error":
         path, why = bad[0]
         raise UserError(f"cannot decode image {path} ({why}); fix or delete it, or set dataset.on_corrupt=skip")
     listed = "; ".join(f"{p} ({why})" for p, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-    warnings.warn(f"imagefolder: skipped {len(bad)} file(s) that could not be decoded: {listed}", stacklevel=3)
+    warnings.warn(f"{what}: skipped {len(bad)} file(s) that could not be decoded: {listed}", stacklevel=3)
+
+
+def stream_or_not(cfg: DatasetConfig, nbytes: int) -> bool:
+    """dataset.in_memory: true, false, or auto (stream above dataset.memory_limit_mb of decoded pixels)."""
+    mode = str(cfg.in_memory).lower()
+    return mode == "false" or (mode == "auto" and nbytes > cfg.memory_limit_mb * 2**20)
+
+
+def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode image files as dataset.image_size / channels / in_memory say: (uint8 images or streamed
+    FileImages, the indices into `files` of the images kept). Undecodable files follow dataset.on_corrupt."""
+    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while reading and decoding
+        probes = list(pool.map(probe, files))
+        bad = [(p, r) for p, r in zip(files, probes, strict=True) if isinstance(r, str)]
+        ok = [i for i, r in enumerate(probes) if not isinstance(r, str)]
+        if not ok:  # one error rather than a warning about every file first
+            raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: "
+                            f"{bad[0][1]})")
+        corrupt(bad, cfg, what)
+
+        channels = cfg.channels or (1 if all(probes[i][0] for i in ok) else 3)
+        if cfg.image_size is not None:
+            w = h = int(cfg.image_size)
+        else:
+            sizes = {probes[i][1]: files[i] for i in ok}
+            if len(sizes) > 1:
+                (s1, p1), (s2, p2) = list(sizes.items())[:2]
+                raise UserError(f"images under {root} differ in size ({s1[0]}x{s1[1]} {p1}, {s2[0]}x{s2[1]} {p2}, "
+                                f"...); set dataset.image_size=N to resize all of them to NxN")
+            w, h = next(iter(sizes))
+
+        nbytes = len(ok) * channels * h * w
+        if stream_or_not(cfg, nbytes):
+            logging.getLogger(__name__).info("streaming %d images (%.0f MB decoded) through DataLoader workers",
+                                             len(ok), nbytes / 2**20)
+            return FileImages([files[i] for i in ok], channels, (h, w), cfg.on_corrupt), np.asarray(ok, np.int64)
+        out = np.empty((len(ok), channels, h, w), dtype=np.uint8)
+        fails = list(pool.map(lambda j: decode_into(out, j, files[ok[j]], channels), range(len(ok))))
+    corrupt([(files[ok[j]], why) for j, why in enumerate(fails) if why is not None], cfg, what)
+    good = np.array([j for j, why in enumerate(fails) if why is None], dtype=np.int64)
+    if len(good) == 0:
+        raise UserError(f"no image under {root} could be decoded")
+    x = torch.from_numpy(out if len(good) == len(ok) else out[good])
+    return x, np.asarray(ok, dtype=np.int64)[good]
+
+
+def assemble_splits(x: torch.Tensor, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
+                    what: str, missing: Callable[[str], str]) -> tuple[tuple, tuple, tuple, str | None]:
+    """(train, val, test, how the test split was made) from images tagged by `which` (an index into `present`).
+
+    present == ["all"]: one pool, split by the fractions (seeded, stratified). Otherwise train is given; a
+    missing val or test split is held out of train (each with a warning that `missing(split)` words), never
+    the validation split as the test split: that one picked the best epoch, so a score on it is no test.
+    The last value describes a test split cnntrain held out (None when the source gave one).
+    """
+    def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return take(x, y, np.flatnonzero(which == present.index(name)))
+
+    held_out = (f"dataset.test_fraction={cfg.test_fraction} of {{}}, stratified by class, "
+                f"seeded by dataset.split_seed={cfg.split_seed} (no test split given)")
+    if present == ["all"]:
+        return (*three_way(x, y, cfg, what), held_out.format(what))
+    train, test_split = part("train"), None
+    if "test" in present:
+        warn_ignored(cfg, ("test_fraction",))  # the given test split decides
+        test = part("test")
+    if "val" in present:
+        val = part("val")
+    if "test" not in present:
+        if "val" in present:
+            train, test = hold_out(*train, cfg.test_fraction, [cfg.split_seed, 2], what, "test")
+        else:
+            train, val, test = three_way(*train, cfg, what)
+        test_split = held_out.format(what)
+        warnings.warn(f"{missing('test')}; holding out {len(test[1])} of the training images "
+                      f"(dataset.test_fraction={cfg.test_fraction}) as the test split", stacklevel=3)
+    if "val" not in present:
+        if "test" in present:
+            train, val = carve_val(*train, cfg, what)
+        warnings.warn(f"{missing('val')}; holding out dataset.val_fraction={cfg.val_fraction} "
+                      "of the training images for validation", stacklevel=3)
+    for split_name, (sx, _) in (("train", train), ("val", val), ("test", test)):
+        if len(sx) == 0:
+            raise UserError(f"the {split_name} split of {what} has no decodable images")
+    return train, val, test, test_split
+
+
+def split_recorded(x: torch.Tensor, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
+                   what: str, missing: Callable[[str], str], names: list[str],
+                   column: str) -> tuple[tuple, tuple, tuple, Items, str | None]:
+    """assemble_splits, also saying which of `names` (one per image of x) each split holds."""
+    ids = torch.arange(len(y))
+    *parts, test_split = assemble_splits(ids, y, which, present, cfg, what, missing)
+    index = {split: part[0].numpy() for split, part in zip(("train", "val", "test"), parts, strict=True)}
+    train, val, test = (take(x, y, index[split]) for split in ("train", "val", "test"))
+    return train, val, test, Items(column, names, index), test_split
 
 
 @DATASETS.register("imagefolder")
@@ -86,79 +188,11 @@ def load_imagefolder(cfg: DatasetConfig) -> ImageData:
     files = [p for s in order for p in splits[s][0]]
     labels = np.array([lab for s in order for lab in splits[s][1]], dtype=np.int64)
     which = np.concatenate([np.full(len(splits[s][0]), k) for k, s in enumerate(order)])
-
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while reading and decoding
-        probes = list(pool.map(probe, files))
-        bad = [(p, r) for p, r in zip(files, probes, strict=True) if isinstance(r, str)]
-        ok = [i for i, r in enumerate(probes) if not isinstance(r, str)]
-        if not ok:  # one error rather than a warning about every file first
-            raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: "
-                            f"{bad[0][1]})")
-        _corrupt(bad, cfg)
-
-        channels = cfg.channels or (1 if all(probes[i][0] for i in ok) else 3)
-        if cfg.image_size is not None:
-            w = h = int(cfg.image_size)
-        else:
-            sizes = {probes[i][1]: files[i] for i in ok}
-            if len(sizes) > 1:
-                (s1, p1), (s2, p2) = list(sizes.items())[:2]
-                raise UserError(f"images under {root} differ in size ({s1[0]}x{s1[1]} {p1}, {s2[0]}x{s2[1]} {p2}, "
-                                f"...); set dataset.image_size=N to resize all of them to NxN")
-            w, h = next(iter(sizes))
-
-        nbytes = len(ok) * channels * h * w
-        mode = str(cfg.in_memory).lower()
-        stream = mode == "false" or (mode == "auto" and nbytes > cfg.memory_limit_mb * 2**20)
-        if stream:
-            logging.getLogger(__name__).info("streaming %d images (%.0f MB decoded) through DataLoader workers",
-                                             len(ok), nbytes / 2**20)
-            x = FileImages([files[i] for i in ok], channels, (h, w), cfg.on_corrupt)
-            good = np.arange(len(ok))
-        else:
-            out = np.empty((len(ok), channels, h, w), dtype=np.uint8)
-            fails = list(pool.map(lambda j: decode_into(out, j, files[ok[j]], channels), range(len(ok))))
-    if not stream:
-        bad = [(files[ok[j]], why) for j, why in enumerate(fails) if why is not None]
-        _corrupt(bad, cfg)
-        good = np.array([j for j, why in enumerate(fails) if why is None], dtype=np.int64)
-        if len(good) == 0:
-            raise UserError(f"no image under {root} could be decoded")
-        x = torch.from_numpy(out if len(good) == len(ok) else out[good])
-    kept = np.asarray(ok, dtype=np.int64)[good]
-    y, which = torch.from_numpy(labels[kept]), which[kept]
-
-    def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return take(x, y, np.flatnonzero(which == order.index(name)))
-
-    held_out = (f"dataset.test_fraction={cfg.test_fraction} of {{}}, stratified by class, "
-                f"seeded by dataset.split_seed={cfg.split_seed} (no test/ folder)")
-    test_split = None
-    if "all" in splits:
-        train, val, test = three_way(x, y, cfg, str(root))
-        test_split = held_out.format(root)
-    else:
-        train = part("train")
-        if "test" in splits:
-            warn_ignored(cfg, ("test_fraction",))  # the test/ folder is the test split
-            test = part("test")
-        if "val" in splits:
-            val = part("val")
-        if "test" not in splits:
-            # Never the validation split, which picked the best epoch: a score on it is not a test.
-            if "val" in splits:
-                train, test = hold_out(*train, cfg.test_fraction, [cfg.split_seed, 2], str(root / "train"), "test")
-            else:
-                train, val, test = three_way(*train, cfg, str(root / "train"))
-            test_split = held_out.format(root / "train")
-            warnings.warn(f"imagefolder: no {root / 'test'}; holding out {len(test[1])} images of train/ "
-                          f"(dataset.test_fraction={cfg.test_fraction}) as the test split", stacklevel=2)
-        if "val" not in splits:
-            if "test" in splits:
-                train, val = carve_val(*train, cfg, str(root / "train"))
-            warnings.warn(f"imagefolder: no {root / 'val'}; holding out dataset.val_fraction={cfg.val_fraction} "
-                          "of train/ for validation", stacklevel=2)
-        for split_name, (sx, _) in (("train", train), ("val", val), ("test", test)):
-            if len(sx) == 0:
-                raise UserError(f"the {split_name} split under {root} has no decodable images")
-    return finish("imagefolder", classes, train, val, test, cfg, source=str(root.resolve()), test_split=test_split)
+    x, kept = read_files(files, cfg, root, "imagefolder")
+    y = torch.from_numpy(labels[kept])
+    what = str(root) if order == ["all"] else str(root / "train")
+    names = [files[i].relative_to(root).as_posix() for i in kept.tolist()]
+    train, val, test, items, test_split = split_recorded(x, y, which[kept], order, cfg, what,
+                                                         lambda split: f"imagefolder: no {root / split}", names, "path")
+    return finish("imagefolder", classes, train, val, test, cfg, source=str(root.resolve()), items=items,
+                  test_split=test_split)

@@ -18,8 +18,18 @@ import numpy as np
 import torch
 
 from cnntrain.config import DatasetConfig
-from cnntrain.data.batches import FileImages
+from cnntrain.data.batches import StreamedImages
 from cnntrain.errors import UserError
+
+
+@dataclass
+class Items:
+    """Which source item each image of each split is (a CSV row's path, a dataset's item number), so a
+    run records the splits it made: the loop writes them as splits.csv (column,label,split)."""
+
+    column: str  # the header of the item column: "path" or "item"
+    names: list[str]  # the source items
+    index: dict[str, np.ndarray]  # split -> indices into names, in the order of the split's images
 
 
 @dataclass
@@ -38,6 +48,7 @@ class ImageData:
     # Where the test images came from when the source has no test split of its own and cnntrain held one
     # out (recorded in summary.json); None when the source provides it.
     test_split: str | None = None
+    items: Items | None = None  # which source item each image is, for sources that have names (splits.csv)
 
     def __post_init__(self) -> None:
         # Catch a loader bug here rather than as a shape error deep inside the loop.
@@ -59,12 +70,23 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def split_rows(self) -> list[tuple[str, str, str]]:
+        """(item, class name, split) for every image of train, val and test; [] when not recorded."""
+        if self.items is None:
+            return []
+        rows = []
+        for split in ("train", "val", "test"):
+            labels = getattr(self, f"{split}_y").tolist()
+            for i, label in zip(self.items.index[split].tolist(), labels, strict=True):
+                rows.append((self.items.names[i], self.classes[label], split))
+        return rows
+
     def fingerprint(self) -> str:
         """sha256 over class names and every split, to tell whether a resumed run sees the same data."""
         h = hashlib.sha256(repr(self.classes).encode())
         for t in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y):
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.digest() if isinstance(t, FileImages) else t.contiguous().numpy().data)
+            h.update(t.digest() if isinstance(t, StreamedImages) else t.contiguous().numpy().data)
         return h.hexdigest()
 
 
@@ -122,7 +144,7 @@ def stratified_split(labels: np.ndarray, sizes: Sequence[int], seed: Any) -> lis
 
 def take(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     i = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-    if isinstance(x, FileImages):  # streamed folders select files, not pixels
+    if isinstance(x, StreamedImages):  # streamed data select files (items), not pixels
         return x.subset(idx), y[i].contiguous()
     return x[i].contiguous(), y[i].contiguous()
 
@@ -157,7 +179,7 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
     Exact and memory-light: a 256-bin histogram per channel, moments summed in float64.
     """
-    if isinstance(x, FileImages):  # streamed folders: estimate from an even sample of up to 2,048 images
+    if isinstance(x, StreamedImages):  # streamed data: estimate from an even sample of up to 2,048 images
         x = x[torch.linspace(0, len(x) - 1, min(len(x), 2048)).long()]
     values = np.arange(256, dtype=np.float64)
     means, stds = [], []
@@ -172,7 +194,7 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def finish(name: str, classes: list[str], train: tuple, val: tuple, test: tuple, cfg: DatasetConfig,
-           source: str, test_split: str | None = None) -> ImageData:
+           source: str, test_split: str | None = None, items: Items | None = None) -> ImageData:
     """Apply dataset.subset to the train split, compute normalisation statistics, build the ImageData."""
     train_x, train_y = train
     subset = getattr(cfg, "subset", None)
@@ -183,12 +205,14 @@ def finish(name: str, classes: list[str], train: tuple, val: tuple, test: tuple,
             # A seed stream of its own: the subset is drawn after the split and leaves val/test untouched.
             keep, _ = stratified_split(train_y.numpy(), [subset], [cfg.split_seed, 1])
             train_x, train_y = take(train_x, train_y, keep)
+            if items is not None:
+                items.index["train"] = items.index["train"][keep]
         else:
             warnings.warn(f"dataset.subset={subset} is not below the {len(train_y)} training images; using all",
                           stacklevel=3)
     mean, std = channel_stats(train_x)
     return ImageData(name, list(classes), train_x, train_y, *val, *test, mean=mean, std=std, source=source,
-                     test_split=test_split)
+                     test_split=test_split, items=items)
 
 
 def warn_ignored(cfg: DatasetConfig, keys: Sequence[str]) -> None:

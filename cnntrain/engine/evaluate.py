@@ -20,7 +20,7 @@ TOP5_MIN_CLASSES = 6  # top-5 accuracy says little with fewer classes
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    x_all: torch.Tensor | batches.FileImages,
+    x_all: torch.Tensor | batches.StreamedImages,
     y_all: torch.Tensor,
     normalise: Normalise,
     batch_size: int,

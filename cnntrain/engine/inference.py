@@ -89,7 +89,8 @@ class Trained:
     @property
     def label(self) -> str:
         arch = self.meta.get("arch")
-        return f"{self.meta.get('model')}{'/' + arch if arch else ''} trained on {self.meta.get('dataset')}"
+        name = self.meta.get("target") or f"{self.meta.get('model')}{'/' + arch if arch else ''}"
+        return f"{name} trained on {self.meta.get('dataset')}"
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -108,14 +109,17 @@ def resolve_checkpoint(spec: str) -> Path:
 
 
 def model_config(config: dict[str, Any], path: Path) -> Any:
-    """The checkpoint's ModelConfig, set to build the bare architecture (no download, no weights file)."""
+    """The checkpoint's ModelConfig, set to build the bare architecture (no download, no weights file).
+    A custom model's own keys come along as attributes (see config.own_keys)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from cnntrain.config import ModelConfig
 
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
+        base = OmegaConf.structured(ModelConfig)
+        OmegaConf.set_struct(base, False)  # a custom model's arguments
+        cfg = OmegaConf.merge(base, config["model"])
     except (OmegaConfBaseException, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot read its model config ({first}); was it written by another "
@@ -124,10 +128,36 @@ def model_config(config: dict[str, Any], path: Path) -> Any:
     return OmegaConf.to_object(cfg)
 
 
+def model_record(cfg: Any) -> dict[str, Any]:
+    """A ModelConfig (with a custom model's own keys) as a plain dict."""
+    from dataclasses import asdict
+
+    from cnntrain.config import ModelConfig, own_keys
+
+    return {**asdict(cfg), **own_keys(cfg, ModelConfig)}
+
+
+def _rebuild(config: dict[str, Any], meta: dict[str, Any], path: Path, pre: Preprocess, classes: list[str]) -> nn.Module:
+    """The checkpoint's model, built again; a custom model whose module is not importable here is one line."""
+    from cnntrain.models import build_model
+    from cnntrain.registry import TargetImportError
+
+    try:
+        return build_model(model_config(config, path), pre.channels, pre.image_size, len(classes))
+    except TargetImportError as e:
+        file = meta.get("module_file")
+        if not file:
+            raise
+        folder = Path(file).parent
+        for _ in range(len(str(meta.get("module", "")).split(".")) - 1):
+            folder = folder.parent  # the folder above a package
+        raise UserError(f"checkpoint {path} holds model {meta.get('target')}, whose module '{e.module}' cannot be "
+                        f"imported here; it was {file} when the run trained: run from {folder} or add it to "
+                        f"PYTHONPATH (PYTHONPATH={folder})") from None
+
+
 def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
     """Rebuild the model of a checkpoint (or run directory) with its weights, in eval mode."""
-    from cnntrain.models import build_model
-
     path = resolve_checkpoint(spec)
     state = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
     meta, config = state.get("meta"), state.get("config")
@@ -144,7 +174,7 @@ def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
     size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
     pre = Preprocess(int(meta["channels"]), size, tuple(float(v) for v in meta["mean"]),
                      tuple(float(v) for v in meta["std"]))
-    model = build_model(model_config(config, path), pre.channels, size, len(classes))
+    model = _rebuild(config, meta, path, pre, classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -31,7 +31,7 @@ from cnntrain.engine.state import Progress, Run, save
 from cnntrain.errors import UserError
 from cnntrain.io import figures
 from cnntrain.io.cpus import CollapseWatch
-from cnntrain.io.files import BEST, LAST, write_json
+from cnntrain.io.files import BEST, LAST, write_json, write_splits
 from cnntrain.io.provenance import provenance
 from cnntrain.io.runlog import NullLog, RunLog
 from cnntrain.models import count_parameters, freeze_norm_stats, set_backbone_trainable
@@ -146,6 +146,8 @@ def _open_log(run: Run) -> RunLog | NullLog:
     t, p, resumed = run.cfg.trainer, run.progress, run.cfg.resume is not None
     write_json(run.run_dir / "provenance.json",
                provenance(describe(run.device), t.seed, run.data_fingerprint, sys.argv))
+    if run.data.items is not None:  # the splits this run trained, validated and tested on
+        write_splits(run.run_dir / "splits.csv", run.data.items.column, run.data.split_rows())
     return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None,
                   resume_step=p.global_step + 1 if resumed else None)
 

@@ -18,6 +18,7 @@ from cnntrain.engine import distributed
 from cnntrain.engine.step import TrainStep
 from cnntrain.errors import UserError
 from cnntrain.io.files import BEST, LAST, PREV, read_json
+from cnntrain.models import model_label, model_source
 from cnntrain.sweep.jobs import job_overrides, weights_command
 
 
@@ -60,7 +61,7 @@ class Run:
     cfg: DictConfig
     run_dir: Path
     data: ImageData
-    tensors: dict[str, torch.Tensor]  # the splits on the training device (or streamed FileImages)
+    tensors: dict[str, torch.Tensor]  # the splits on the training device (or streamed StreamedImages)
     step: TrainStep
     plain: nn.Module  # what evaluation calls: the model (maybe compiled), never the DDP wrapper
     ema: AveragedModel | None  # the weight average (trainer.ema_decay): validation, best and test use it
@@ -86,10 +87,12 @@ class Run:
 
 
 def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
-    """What predict/evaluate/export need to use the model without the training data."""
+    """What predict/evaluate/export need to use the model without the training data. The model's own
+    config (a custom model's _target_ and arguments included) is the checkpoint's "config"."""
     m = cfg.model
-    return {"model": m.name, "arch": m.arch, "classes": list(data.classes), "channels": data.channels,
-            "image_size": list(data.image_size), "mean": list(data.mean), "std": list(data.std), "dataset": data.name}
+    return {"model": m.name, "arch": m.arch, **model_source(m), "classes": list(data.classes),
+            "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
+            "std": list(data.std), "dataset": data.name}
 
 
 def save(run: Run, name: str) -> None:
@@ -118,8 +121,10 @@ def load_weights_checked(cfg: DictConfig, model: nn.Module, state: dict[str, Any
                          data: ImageData) -> None:
     """Load a checkpoint's weights into the configured model, naming the mismatch if they do not fit."""
     saved = state.get("meta", {})
-    if saved.get("model") not in (None, cfg.model.name) or saved.get("arch") not in (None, cfg.model.arch):
-        raise UserError(f"checkpoint {path} holds a {saved.get('model')} model, but the config asks for {cfg.model.name}")
+    if (saved.get("model") not in (None, cfg.model.name) or saved.get("arch") not in (None, cfg.model.arch)
+            or saved.get("target") not in (None, cfg.model._target_)):
+        held = saved.get("target") or saved.get("model")
+        raise UserError(f"checkpoint {path} holds a {held} model, but the config asks for {model_label(cfg.model)}")
     if saved.get("classes") is not None and len(saved["classes"]) != data.num_classes:
         raise UserError(f"checkpoint {path} was trained for {len(saved['classes'])} classes, "
                         f"the dataset has {data.num_classes}")

@@ -27,6 +27,19 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_splits(path: Path, column: str, rows: list[tuple[str, str, str]]) -> None:
+    """splits.csv: which image went to which split (column is "path" for files: the CSV then is a valid
+    dataset=csv labels file that reproduces the splits; "item" for a dataset's items)."""
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([column, "label", "split"])
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from a file, or None when it is missing, unreadable or not an object."""
     try:

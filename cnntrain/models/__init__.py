@@ -1,8 +1,9 @@
 """Models: a config -> an nn.Module for the dataset's input shape and class count.
 
 Builders register themselves in cnntrain.registry.MODELS (zoo.py: the CNNs and ResNets written here;
-torchvision.py: any torchvision classifier). build_model checks the result runs on the dataset's
-images, loads weights and freezes what is asked.
+torchvision.py: any torchvision classifier; custom.py: the user's own class or factory, by dotted
+path or installed plug-in). build_model checks the result runs on the dataset's images, loads
+weights and freezes what is asked.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnntrain.config import ModelConfig
+from cnntrain.config import ModelConfig, own_keys
 from cnntrain.errors import UserError
+from cnntrain.models import custom, zoo
 from cnntrain.models import torchvision as tv
-from cnntrain.models import zoo
 from cnntrain.models.surgery import (
     backbone_parameters,
     count_parameters,
+    find_head,
     freeze_norm_stats,
     head_module,
     head_parameters,
@@ -29,8 +31,8 @@ from cnntrain.models.surgery import (
 )
 from cnntrain.registry import MODELS
 
-__all__ = ["backbone_parameters", "build_model", "count_parameters", "freeze_norm_stats", "head_module",
-           "head_parameters", "set_backbone_trainable"]
+__all__ = ["backbone_parameters", "build_model", "count_parameters", "find_head", "freeze_norm_stats",
+           "head_module", "head_parameters", "model_label", "set_backbone_trainable"]
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +109,72 @@ def check_shapes(model: nn.Module, label: str, in_channels: int, image_size: tup
 
 
 
-def build_model(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:
-    """Build cfg.name for the dataset's input, check it runs, load cfg.weights, freeze if asked."""
-    image_size = (int(image_size[0]), int(image_size[1]))
+def model_label(cfg: Any) -> str:
+    """How a model config is named in messages and tables: resnet8, torchvision/resnet18, mynets.TinyNet."""
+    if cfg.name == "custom" and cfg._target_:
+        return str(cfg._target_)
+    plugin = MODELS.plugin(cfg.name)
+    if plugin is not None:
+        return plugin.label
+    return f"{cfg.name}{'/' + cfg.arch if cfg.arch else ''}"
+
+
+def model_source(cfg: Any) -> dict[str, Any]:
+    """Where a custom or plug-in model's code came from, for the checkpoint's record (empty for built-ins)."""
+    import sys
+
+    if cfg.name == "custom" and cfg._target_:
+        target = str(cfg._target_).replace(":", ".")
+        parts = target.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            module = sys.modules.get(".".join(parts[:i]))
+            if module is not None:
+                return {"target": str(cfg._target_), "module": module.__name__,
+                        "module_file": getattr(module, "__file__", None)}
+        return {"target": str(cfg._target_)}
+    plugin = MODELS.plugin(cfg.name)
+    if plugin is not None:
+        return {"plugin": plugin.value, "package": plugin.package, "package_version": plugin.version}
+    return {}
+
+
+def _construct(cfg: Any, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:
+    own = own_keys(cfg, ModelConfig)
+    if cfg.name == "custom":
+        return custom.custom(in_channels, image_size, num_classes, _target_=cfg._target_,
+                             **custom.user_kwargs(cfg, own))
+    if cfg.name not in MODELS and MODELS.plugin(cfg.name) is not None:
+        return custom.build_plugin(cfg.name, cfg, own, in_channels, image_size, num_classes)
     if cfg.name not in MODELS and cfg.name in tv.torchvision_names():
         raise UserError(f"unknown model '{cfg.name}'; torchvision architectures are used as "
                         f"model=torchvision model.arch={cfg.name}")
     builder = MODELS.get(cfg.name)
-    model = builder(in_channels, image_size, num_classes, **builder_kwargs(cfg, builder, cfg.name))
-    label = getattr(model, "cnntrain_label", cfg.name)
+    if own:
+        key, value = next(iter(own.items()))
+        raise UserError(f"model.{key}={value} does not apply to model {cfg.name}, a built-in model (keys of your "
+                        f"own go with model=custom or an installed plug-in); remove it")
+    return builder(in_channels, image_size, num_classes, **builder_kwargs(cfg, builder, cfg.name))
+
+
+def _check_head_options(cfg: Any, model: nn.Module, label: str) -> None:
+    """Freezing and a separate backbone lr need a classifier layer; say so in one line when there is none."""
+    if find_head(model) is not None:
+        return
+    for key, value, active in (("freeze_backbone", "true", cfg.freeze_backbone),
+                               ("backbone_lr_scale", cfg.backbone_lr_scale, cfg.backbone_lr_scale != 1.0)):
+        if active:
+            raise UserError(f"model.{key}={value} does not apply to model {label}: it has no classifier layer "
+                            "(a `head` attribute or an nn.Linear) to tell from the backbone; remove it or give "
+                            "the model a `head` attribute")
+
+
+def build_model(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:
+    """Build cfg.name for the dataset's input, check it runs, load cfg.weights, freeze if asked."""
+    image_size = (int(image_size[0]), int(image_size[1]))
+    model = _construct(cfg, in_channels, image_size, num_classes)
+    label = getattr(model, "cnntrain_label", None) or model_label(cfg)
     check_shapes(model, label, in_channels, image_size, num_classes)
+    _check_head_options(cfg, model, label)
     if cfg.weights:
         load_weights(model, cfg.weights, label)
     if cfg.freeze_backbone:

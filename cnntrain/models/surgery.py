@@ -18,8 +18,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
-def head_module(model: nn.Module) -> nn.Module:
-    """The classifier layer: the module named by model.head_name, else `head`, else the last Linear."""
+def find_head(model: nn.Module) -> nn.Module | None:
+    """The classifier layer: the module named by model.head_name, else a `head` attribute, else the last
+    nn.Linear; None when the model has none of them."""
     model = unwrap(model)
     name = getattr(model, "head_name", None)
     if name:
@@ -27,14 +28,22 @@ def head_module(model: nn.Module) -> nn.Module:
     if isinstance(getattr(model, "head", None), nn.Module):
         return model.head
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ValueError(f"{type(model).__name__} has no recognisable classifier head")
-    return linear[-1]
+    return linear[-1] if linear else None
 
 
-def _head_prefix(model: nn.Module) -> str:
+def head_module(model: nn.Module) -> nn.Module:
+    """The classifier layer (see find_head); a model without one is an error here."""
+    head = find_head(model)
+    if head is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no recognisable classifier head")
+    return head
+
+
+def _head_prefix(model: nn.Module) -> str | None:
     model = unwrap(model)
-    head = head_module(model)
+    head = find_head(model)
+    if head is None:
+        return None
     return next(n for n, m in model.named_modules() if m is head) + "."
 
 
@@ -130,7 +139,7 @@ def load_weights(model: nn.Module, path: str, label: str) -> list[str]:
     prefix = _head_prefix(model)
 
     def is_head(key: str) -> bool:
-        return key.startswith(prefix)
+        return prefix is not None and key.startswith(prefix)
 
     conv = first_conv_key(unwrap(model))
     if conv in state and conv in target:

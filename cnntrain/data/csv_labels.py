@@ -1,0 +1,167 @@
+"""Images plus a CSV of labels (dataset=csv dataset.root=DIR dataset.file=labels.csv).
+
+Columns ``path,label`` and optionally ``split`` (train / val / test), in any order, named by the first
+row. Paths are relative to dataset.root. Labels are class names (classes sorted by name) or integers
+(class i is the i-th, so every integer from 0 to the largest needs images). Without a split column,
+val and test are held out by the fractions, seeded and stratified. Images are read exactly as an
+image folder's: dataset.image_size, channels, in_memory (streamed when large) and on_corrupt.
+
+A row that names a missing file, an unknown split value or a path already listed, and a class without
+training images, are one error line under dataset.on_corrupt=error, or one counted warning under skip
+(the default): such rows are left out, an empty class stays a class (its output is never trained).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnntrain.config import DatasetConfig
+from cnntrain.data.imagefolder import read_files, split_recorded
+from cnntrain.data.images import ImageData, finish
+from cnntrain.errors import UserError
+from cnntrain.registry import DATASETS
+
+COLUMNS = ("path", "label", "split")
+SPLITS = ("train", "val", "test")
+# Problems a row can have, in the words of the warning.
+_PROBLEMS = {"missing": "missing file(s)", "duplicate": "duplicate path(s)", "split": "unknown split value(s)"}
+
+
+class _Rows:
+    """The rows of the CSV that name usable images, and what was wrong with the others."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.labels: list[str] = []
+        self.splits: list[str] = []
+        self.problems: dict[str, list[str]] = {k: [] for k in _PROBLEMS}
+
+
+def _csv_path(cfg: DatasetConfig, root: Path) -> Path:
+    if not cfg.file:
+        raise UserError("dataset=csv needs dataset.file=NAME.csv, the CSV of labels (columns path,label[,split])")
+    path = Path(cfg.file).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise UserError(f"dataset.file={cfg.file}: no such file {path}; give the CSV of labels, relative to "
+                        "dataset.root")
+    return path
+
+
+def _read_rows(path: Path, root: Path, cfg: DatasetConfig) -> tuple[_Rows, bool]:
+    """Parse and check every row; on_corrupt=error stops at the first bad one."""
+    rows = _Rows()
+    seen: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise UserError(f"{path} is empty; its first row names the columns path,label[,split]")
+        names = [h.strip().lower() for h in header]
+        missing = [c for c in ("path", "label") if c not in names]
+        if missing:
+            raise UserError(f"{path} has no {' and no '.join(repr(c) for c in missing)} column (its first row: "
+                            f"{', '.join(header)}); name the columns path,label[,split] in the first row")
+        col = {c: names.index(c) for c in COLUMNS if c in names}
+        has_split = "split" in col
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            cells = [row[col[c]].strip() if col[c] < len(row) else "" for c in col]
+            value = dict(zip(col, cells, strict=True))
+            rel, label = value["path"], value["label"]
+            where = f"{path.name} line {line}"
+            if not label:
+                raise UserError(f"{where}: no label for {rel or 'the row'}; every row needs path and label")
+            split = value.get("split", "").lower()
+            key = os.path.normpath(rel) if rel else ""
+            problem = None
+            if has_split and split not in SPLITS:
+                problem = ("split", f"{where}: split '{value.get('split', '')}' is not one of train, val, test")
+            elif not rel or not (root / rel).is_file():
+                problem = ("missing", f"{where}: {root / rel} does not exist")
+            elif key in seen:
+                problem = ("duplicate", f"{where}: {rel} is listed already (line {seen[key]})")
+            if problem is not None:
+                if cfg.on_corrupt == "error":
+                    raise UserError(f"{problem[1]}; fix the CSV, or set dataset.on_corrupt=skip to leave such rows out")
+                rows.problems[problem[0]].append(problem[1])
+                continue
+            seen[key] = line
+            rows.paths.append(rel)
+            rows.labels.append(label)
+            rows.splits.append(split if has_split else "all")
+    return rows, has_split
+
+
+def _warn_skipped(rows: _Rows, path: Path) -> None:
+    counts = {k: len(v) for k, v in rows.problems.items() if v}
+    if not counts:
+        return
+    total = sum(counts.values())
+    what = ", ".join(f"{n} {_PROBLEMS[k]}" for k, n in counts.items())
+    examples = "; ".join(v[0] for v in rows.problems.values() if v)
+    warnings.warn(f"csv {path}: left out {total} row(s): {what} (e.g. {examples})", stacklevel=3)
+
+
+def _classes(labels: list[str], path: Path) -> tuple[list[str], np.ndarray]:
+    """Class names and each row's class index: integers are indices, anything else is a name."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        ints = np.array([int(label) for label in labels], dtype=np.int64)
+        if ints.min() < 0:
+            raise UserError(f"{path}: label {int(ints.min())} is negative; integer labels are class indices 0, 1, ...")
+        return [str(i) for i in range(int(ints.max()) + 1)], ints
+    classes = sorted(set(labels))
+    lookup = {name: i for i, name in enumerate(classes)}
+    return classes, np.array([lookup[label] for label in labels], dtype=np.int64)
+
+
+def _check_classes(classes: list[str], train_labels: np.ndarray, cfg: DatasetConfig, path: Path) -> None:
+    counts = np.bincount(train_labels, minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if not empty:
+        return
+    listed = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    if cfg.on_corrupt == "error":
+        raise UserError(f"{path}: class {listed} has no training images; every class from 0 to the largest "
+                        "integer label (or every name) needs some, or set dataset.on_corrupt=skip")
+    warnings.warn(f"csv {path}: {len(empty)} class(es) without training images: {listed}; the model keeps an "
+                  "output for each, never trained", stacklevel=3)
+
+
+@DATASETS.register("csv")
+def load_csv(cfg: DatasetConfig) -> ImageData:
+    """Images under dataset.root, labelled by the CSV dataset.file (path,label[,split])."""
+    if cfg.root is None:
+        raise UserError("dataset=csv needs dataset.root=DIR, the folder the CSV's paths are relative to")
+    if cfg.on_corrupt not in ("skip", "error"):
+        raise UserError(f"dataset.on_corrupt={cfg.on_corrupt} is not a valid choice; use one of: skip, error")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset.root={root} does not exist or is not a folder")
+    path = _csv_path(cfg, root)
+    rows, has_split = _read_rows(path, root, cfg)
+    _warn_skipped(rows, path)
+    if not rows.paths:
+        raise UserError(f"{path} lists no usable image (rows are path,label[,split], paths relative to {root})")
+    classes, labels = _classes(rows.labels, path)
+    if len(classes) < 2:
+        raise UserError(f"{path} has a single class ({classes[0]}); a classifier needs at least two")
+    present = [s for s in SPLITS if s in rows.splits] if has_split else ["all"]
+    if has_split and "train" not in present:
+        raise UserError(f"{path} has no rows with split train; the training images are those")
+    which = np.array([present.index(s) for s in rows.splits], dtype=np.int64)
+    x, kept = read_files([root / p for p in rows.paths], cfg, root, "csv")
+    labels, which = labels[kept], which[kept]
+    _check_classes(classes, labels[which == 0] if has_split else labels, cfg, path)  # present[0] is train
+    names = [rows.paths[i] for i in kept.tolist()]
+    train, val, test, items, test_split = split_recorded(
+        x, torch.from_numpy(labels), which, present, cfg, f"{path.name} (train rows)" if has_split else str(path),
+        lambda split: f"csv: {path.name} has no {split} rows", names, "path")
+    return finish("csv", classes, train, val, test, cfg, source=str(path.resolve()), items=items, test_split=test_split)
