@@ -135,3 +135,13 @@ def plain_warnings() -> None:
     from cnntrain.io.logs import route_warnings
 
     route_warnings()
+
+
+def start(argv: list[str], schema: type[T], command: str, help_text: str) -> T | None:
+    """The common opening of a command: `--help` prints its help (and None comes back); otherwise warnings
+    become one line each and the key=value arguments are parsed into `schema`."""
+    if wants_help(argv):
+        print_help(help_text)
+        return None
+    plain_warnings()
+    return parse_args(schema, argv, command)

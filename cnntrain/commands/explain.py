@@ -166,7 +166,7 @@ def overview_figure(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    from cnntrain.commands.args import check_choice, parse_args, plain_warnings, print_help, wants_help
+    from cnntrain.commands.args import check_choice, start
     from cnntrain.engine.inference import (
         CKPT_HELP,
         check_images,
@@ -178,11 +178,9 @@ def main(argv: list[str]) -> None:
         skipped_note,
     )
 
-    if wants_help(argv):
-        print_help(HELP.format(ckpt=CKPT_HELP))
+    args = start(argv, ExplainArgs, "explain", HELP.format(ckpt=CKPT_HELP))
+    if args is None:
         return
-    plain_warnings()
-    args = parse_args(ExplainArgs, argv, "explain")
     check_choice("on_error", args.on_error, ("error", "skip"))
     if args.batch_size < 1:
         raise UserError(f"batch_size={args.batch_size} must be at least 1")

@@ -265,15 +265,13 @@ def compare(eager: torch.Tensor, exported: torch.Tensor, atol: float, rtol: floa
 
 
 def main(argv: list[str]) -> None:
-    from cnntrain.commands.args import check_choice, parse_args, plain_warnings, print_help, wants_help
+    from cnntrain.commands.args import check_choice, start
     from cnntrain.engine.inference import CKPT_HELP, load_trained
     from cnntrain.io.files import write_json
 
-    if wants_help(argv):
-        print_help(HELP.format(ckpt=CKPT_HELP, hint=ONNX_HINT))
+    args = start(argv, ExportArgs, "export", HELP.format(ckpt=CKPT_HELP, hint=ONNX_HINT))
+    if args is None:
         return
-    plain_warnings()
-    args = parse_args(ExportArgs, argv, "export")
     check_choice("format", args.format, FORMATS)
     if args.atol < 0 or args.rtol < 0:
         raise UserError("atol and rtol must not be negative")

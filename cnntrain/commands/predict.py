@@ -50,7 +50,7 @@ class PredictArgs:
 def main(argv: list[str]) -> None:
     from rich.table import Table
 
-    from cnntrain.commands.args import check_choice, console, parse_args, plain_warnings, print_help, wants_help
+    from cnntrain.commands.args import check_choice, console, start
     from cnntrain.engine.inference import (
         CKPT_HELP,
         check_images,
@@ -64,11 +64,9 @@ def main(argv: list[str]) -> None:
         skipped_note,
     )
 
-    if wants_help(argv):
-        print_help(HELP.format(ckpt=CKPT_HELP))
+    args = start(argv, PredictArgs, "predict", HELP.format(ckpt=CKPT_HELP))
+    if args is None:
         return
-    plain_warnings()
-    args = parse_args(PredictArgs, argv, "predict")
     check_choice("on_error", args.on_error, ("error", "skip"))
     check_choice("precision", args.precision, ("auto", "32", "bf16", "fp16"))
     if args.top_k < 1 or args.batch_size < 1:
