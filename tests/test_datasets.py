@@ -294,7 +294,7 @@ def test_imagefolder_train_val_layout_grayscale(tmp_path):
             for i in range(n):
                 save(tmp_path / split / cls / f"{i}.png", gray(100 + 50 * k))
     (tmp_path / "train" / "ants" / "notes.txt").write_text("not an image")
-    with pytest.warns(UserWarning, match="holding out 2 images of train/"):
+    with pytest.warns(UserWarning, match="holding out 2 images of the train split"):
         d = load_dataset(folder_cfg(tmp_path))
     assert d.classes == ["ants", "bees"] and d.channels == 1 and d.image_size == (8, 8)
     assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (18, 4, 2)
@@ -310,7 +310,7 @@ def test_imagefolder_without_test_folder_holds_out_a_real_test_split(tmp_path):
         for k, cls in enumerate(("a", "b", "c")):
             for i in range(n):
                 save(tmp_path / split / cls / f"{i}.png", gray(8 * i + k + (100 if split == "val" else 0)))
-    with pytest.warns(UserWarning, match="no .*test; holding out 6 images of train/"):
+    with pytest.warns(UserWarning, match="no .*test; holding out 6 images of the train split"):
         d = load_dataset(folder_cfg(tmp_path))
     assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (54, 12, 6)
     # Not the validation split (which picks the best epoch), and none of it trained on.

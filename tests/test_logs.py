@@ -55,7 +55,7 @@ def test_fit_log_holds_the_runs_info_and_warnings_and_the_console_one_line_each(
     # Every warning: one line on the console, and in the log.
     warned = _warnings(proc.stderr)
     assert any("skipped 1 file(s) that could not be decoded" in w and "broken.png" in w for w in warned), warned
-    assert any(f"no {root / 'test'}; holding out 30 images of train/" in w for w in warned), warned
+    assert any(f"no {root / 'test'}; holding out 30 images of the train split" in w for w in warned), warned
     for w in warned:
         assert w in log, w
 

@@ -135,7 +135,7 @@ def assemble_splits(x: torch.Tensor, y: torch.Tensor, which: np.ndarray, present
         else:
             train, val, test = three_way(*train, cfg, what)
         test_split = held_out.format(what)
-        warnings.warn(f"{missing('test')}; holding out {len(test[1])} of the training images "
+        warnings.warn(f"{missing('test')}; holding out {len(test[1])} images of the train split "
                       f"(dataset.test_fraction={cfg.test_fraction}) as the test split", stacklevel=3)
     if "val" not in present:
         if "test" in present:
