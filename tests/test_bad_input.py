@@ -145,7 +145,7 @@ CASES = [
          ["resume cannot change model.name (simple_cnn -> resnet8)",
           "as a new run: cnntrain fit experiment=smoke model=resnet8 model.weights={run}/checkpoints/last.pt"],
          damage="none"),
-    Case("resume-other-dataset", ["resume={run}", "dataset=fashion_mnist"],
+    Case("resume-other-dataset", ["resume={run}", "dataset=fashion_mnist", "trainer.epochs=5"],
          ["resume cannot change dataset.name (mnist5k -> fashion_mnist)", "would mix two datasets",
           "model.weights={run}/checkpoints/last.pt"], damage="none"),
     Case("resume-other-subset", ["resume={run}", "dataset.subset=500", "trainer.epochs=5"],
@@ -363,7 +363,8 @@ def test_an_op_without_a_deterministic_kernel_is_named():
 # A path the user gave that cannot be used, in each subcommand: one line naming the key and the path, exit 2,
 # never a traceback. {file} is a regular file, {folder} a folder, {image} an image, {run} a finished run,
 # {runs} the folder of that run (what `report` reads), {blocked} a folder where each command's output file
-# names are folders (so the error comes from deep inside the command, not from the output folder's creation).
+# names are folders (so the error comes from deep inside the command, not from the output folder's creation),
+# {damaged} a copy of the run whose metrics.csv is a folder (the error comes from inside the training job).
 PATH_CASES = [
     ("evaluate-out-is-a-file", ["evaluate", "ckpt={run}", "out={file}"], ["out={file}", "a file is in the way"]),
     ("predict-out-is-a-file", ["predict", "ckpt={run}", "inputs={image}", "out={file}"],
@@ -385,6 +386,8 @@ PATH_CASES = [
      ["out={blocked}", "{blocked}/model.torchscript.pt", "it is a folder"]),
     ("fit-run-dir-is-a-file", ["fit", "experiment=smoke", "hydra.run.dir={file}"],
      ["cannot create the run directory {file}", "hydra.run.dir"]),
+    ("fit-resumed-run-file-is-a-folder", ["fit", "resume={damaged}", "trainer.epochs=4"],
+     ["resume={damaged}", "{damaged}/metrics.csv", "it is a folder"]),
 ]
 
 
@@ -398,8 +401,13 @@ def paths(tmp_path_factory, smoke_run) -> dict[str, str]:
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(base / "digit.png")
     for name in ("predictions.csv", "explain.csv", "per_class.csv", "metrics.json", "model.torchscript.pt"):
         (base / "blocked" / name).mkdir(parents=True)
+    damaged = base / "damaged" / smoke_run.name
+    shutil.copytree(smoke_run, damaged)
+    (damaged / "metrics.csv").unlink()
+    (damaged / "metrics.csv").mkdir()
     return {"file": str(base / "a_file"), "folder": str(base / "a_folder"), "image": str(base / "digit.png"),
-            "run": str(smoke_run), "runs": str(smoke_run.parent), "blocked": str(base / "blocked")}
+            "run": str(smoke_run), "runs": str(smoke_run.parent), "blocked": str(base / "blocked"),
+            "damaged": str(damaged)}
 
 
 @pytest.mark.parametrize("args,expect", [pytest.param(a, e, id=i) for i, a, e in PATH_CASES])

@@ -26,6 +26,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 def cfg_for(name: str, **kw) -> ModelConfig:
     if name == "torchvision":
         kw.setdefault("arch", "resnet18")
+    if name == "custom":  # the tests' own model module (tests/plugins/mynets.py)
+        kw.setdefault("_target_", "tests.plugins.mynets.TinyNet")
     return ModelConfig(name=name, **kw)
 
 

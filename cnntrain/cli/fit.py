@@ -23,7 +23,7 @@ from cnntrain.config.compose import (
     register_resolvers,
     take_config_dir_flags,
 )
-from cnntrain.errors import UserError
+from cnntrain.errors import UserError, user_path_error
 
 
 def run_fit(args: list[str]) -> None:
@@ -38,6 +38,7 @@ def run_fit(args: list[str]) -> None:
     # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     job = _JobState()
+    job.args = list(args)  # as the user typed them (resume= adds more below)
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="fit")
     def app(cfg: DictConfig) -> float | None:
@@ -133,6 +134,8 @@ def _job(cfg: Any, job: _JobState) -> float | None:
         if not single or isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         error = e if isinstance(e, UserError) else nondeterministic_error(e)
+        if error is None and isinstance(e, OSError):  # a path given on the command line that cannot be used
+            error = user_path_error(e, job.args)
         if error is None:
             raise
         # Kept and raised after Hydra returns: raised through Hydra it would first print
@@ -147,6 +150,7 @@ class _JobState:
     def __init__(self) -> None:
         self.started = False  # Hydra got as far as calling the task (the run directory exists)
         self.sweep = False  # ... as a job of a sweep (--multirun)
+        self.args: list[str] = []  # the command line's arguments, before resume= expanded them
         self.failure: UserError | None = None  # a single run's error, raised once Hydra has returned
         self._saved: dict[Path, bytes] = {}
         self._last: tuple[Path, tuple[int, int] | None] | None = None
