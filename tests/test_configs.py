@@ -11,11 +11,26 @@ from omegaconf import OmegaConf
 from cnntrain.config import FitConfig, validate
 from cnntrain.config.compose import compose_fit
 from cnntrain.registry import AUGMENTATIONS, DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
+from tests.conftest import needs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = [f.name for f in dataclasses.fields(FitConfig) if f.default_factory is not dataclasses.MISSING]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
-EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+# Presets of hydra/sweeper and hydra/launcher that come from an optional Hydra plugin: its module and extra.
+PLUGINS = {"optuna_study": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+           "parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+           "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+           "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
+
+
+def _experiment(path: Path):
+    """An experiment as a test parameter, skipped (naming the extra) when it uses a plugin that is not installed."""
+    defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []
+    chosen = [v for d in defaults if isinstance(d, dict) for k, v in d.items() if "/hydra/" in k]
+    return pytest.param(path.stem, marks=[needs(*PLUGINS[v]) for v in chosen if v in PLUGINS])
+
+
+EXPERIMENTS = [_experiment(p) for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]
 
 
 # Options that need a key of the user's to be complete.

@@ -48,9 +48,10 @@ def test_suite_runs_without_the_optional_extras_and_says_what_is_skipped():
     proc = subprocess.run([*script, "--collect-only", "-q"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
-    extras = "slurm_preset or optuna_study or parallel_launcher or submitit or onnxruntime"
-    proc = subprocess.run([*script, "-q", "-rs", "tests/test_sweeps.py", "tests/test_after_training.py", "-k", extras],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    extras = ("slurm_preset or optuna_study or parallel_launcher or submitit or onnxruntime"
+              " or optuna_smoke or (experiment and tune)")
+    proc = subprocess.run([*script, "-q", "-rs", "tests/test_sweeps.py", "tests/test_after_training.py",
+                           "tests/test_configs.py", "-k", extras], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for extra in ("joblib", "slurm", "optuna", "onnx"):
         assert f"is not installed (pip install 'cnntrain[{extra}]')" in proc.stdout, proc.stdout[-3000:]
