@@ -13,6 +13,8 @@ import dataclasses
 import sys
 import types
 import typing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cnntrain.errors import UserError, did_you_mean
@@ -20,6 +22,15 @@ from cnntrain.errors import UserError, did_you_mean
 T = TypeVar("T")
 
 HELP_FLAGS = ("-h", "--help", "help")
+
+
+@dataclass
+class CheckpointArgs:
+    """The keys of every command that runs a trained model (evaluate, predict, explain)."""
+
+    ckpt: str = "???"  # a checkpoint file or a run directory
+    out: str | None = None  # None: a folder named after the command in the run directory
+    device: str = "auto"
 
 
 def wants_help(args: list[str]) -> bool:
@@ -145,3 +156,19 @@ def start(argv: list[str], schema: type[T], command: str, help_text: str) -> T |
         return None
     plain_warnings()
     return parse_args(schema, argv, command)
+
+
+def images_and_model(args: Any) -> tuple[list[Path], str, Any]:
+    """The common start of the commands that read image files (predict, explain): the images to read, in
+    order; a note for the header of what was left out; and the trained model (engine.inference.Trained).
+    Every check runs before the checkpoint is loaded: on_error=error fails on a non-image at once, naming
+    it, and on_error=skip leaves it out here."""
+    from cnntrain.engine.inference import check_images, collect_images, ignored_note, load_trained, skipped_note
+
+    check_choice("on_error", args.on_error, ("error", "skip"))
+    if args.batch_size < 1:
+        raise UserError(f"batch_size={args.batch_size} must be at least 1")
+    found, ignored = collect_images(args.inputs)
+    paths = check_images(found, on_error=args.on_error)
+    trained = load_trained(args.ckpt, args.device)
+    return paths, skipped_note(len(found), len(paths)) + ignored_note(ignored), trained

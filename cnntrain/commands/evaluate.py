@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnntrain.commands.args import CheckpointArgs
 from cnntrain.config import DatasetConfig
 from cnntrain.errors import UserError
 
@@ -43,12 +44,9 @@ examples:
 
 
 @dataclass
-class EvaluateArgs:
-    ckpt: str = "???"
+class EvaluateArgs(CheckpointArgs):
     split: str = "test"
-    out: str | None = None
     batch_size: int | None = None
-    device: str = "auto"
     precision: str = "auto"
     mistakes: int = 16
     tensorboard: bool = True

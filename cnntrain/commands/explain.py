@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnntrain.commands.args import CheckpointArgs
 from cnntrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,11 @@ example:
 
 
 @dataclass
-class ExplainArgs:
-    ckpt: str = "???"
+class ExplainArgs(CheckpointArgs):
     inputs: str = "???"
     target: str | None = None
     layer: str | None = None
-    out: str | None = None
     batch_size: int = 64
-    device: str = "auto"
     on_error: str = "error"
     overview: int = 32  # images in the overview grid
 
@@ -166,27 +164,13 @@ def overview_figure(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    from cnntrain.commands.args import check_choice, start
-    from cnntrain.engine.inference import (
-        CKPT_HELP,
-        check_images,
-        class_index,
-        collect_images,
-        ignored_note,
-        image_batches,
-        load_trained,
-        skipped_note,
-    )
+    from cnntrain.commands.args import images_and_model, start
+    from cnntrain.engine.inference import CKPT_HELP, class_index, image_batches
 
     args = start(argv, ExplainArgs, "explain", HELP.format(ckpt=CKPT_HELP))
     if args is None:
         return
-    check_choice("on_error", args.on_error, ("error", "skip"))
-    if args.batch_size < 1:
-        raise UserError(f"batch_size={args.batch_size} must be at least 1")
-    found, ignored = collect_images(args.inputs)
-    paths = check_images(found, on_error=args.on_error)  # error: fail on a non-image at once; skip: leave it out
-    trained = load_trained(args.ckpt, args.device)
+    paths, note, trained = images_and_model(args)
     pre, model = trained.preprocess, trained.model
     target = class_index(trained.classes, args.target) if args.target is not None else None
     example = pre.normalize(torch.zeros(1, pre.channels, *pre.image_size, dtype=torch.uint8, device=trained.device))
@@ -203,8 +187,7 @@ def main(argv: list[str]) -> None:
     shape = dict(spatial_layers(model, example))[layer]
     out = trained.out_dir("explain", args.out)
     print(f"Grad-CAM of {trained.label} ({trained.checkpoint}) at layer '{layer}' "
-          f"({shape[1]} channels, {shape[2]}x{shape[3]}) for {len(paths)} image(s)"
-          f"{skipped_note(len(found), len(paths))}{ignored_note(ignored)}")
+          f"({shape[1]} channels, {shape[2]}x{shape[3]}) for {len(paths)} image(s){note}")
 
     overview: list[tuple[torch.Tensor, torch.Tensor, str]] = []
     written = 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cnntrain.commands.args import CheckpointArgs
 from cnntrain.errors import UserError
 
 HELP = """\
@@ -35,14 +36,11 @@ examples:
 
 
 @dataclass
-class PredictArgs:
-    ckpt: str = "???"
+class PredictArgs(CheckpointArgs):
     inputs: str = "???"
     top_k: int = 5
-    out: str | None = None
     show: int = 20
     batch_size: int = 256
-    device: str = "auto"
     precision: str = "auto"
     on_error: str = "error"
 
@@ -50,32 +48,18 @@ class PredictArgs:
 def main(argv: list[str]) -> None:
     from rich.table import Table
 
-    from cnntrain.commands.args import check_choice, console, start
-    from cnntrain.engine.inference import (
-        CKPT_HELP,
-        check_images,
-        collect_images,
-        ignored_note,
-        image_batches,
-        load_trained,
-        logits_of,
-        precision_for,
-        prepare,
-        skipped_note,
-    )
+    from cnntrain.commands.args import check_choice, console, images_and_model, start
+    from cnntrain.engine.inference import CKPT_HELP, image_batches, logits_of, precision_for, prepare
 
     args = start(argv, PredictArgs, "predict", HELP.format(ckpt=CKPT_HELP))
     if args is None:
         return
-    check_choice("on_error", args.on_error, ("error", "skip"))
     check_choice("precision", args.precision, ("auto", "32", "bf16", "fp16"))
-    if args.top_k < 1 or args.batch_size < 1:
-        raise UserError("top_k and batch_size must be at least 1")
-    found, ignored = collect_images(args.inputs)
-    # Every header before any work: error fails on a non-image, naming it; skip leaves it out here, so the
-    # count below is the number of rows the CSV gets (less any file whose pixel data then fails to decode).
-    paths = check_images(found, on_error=args.on_error)
-    trained = load_trained(args.ckpt, args.device)
+    if args.top_k < 1:
+        raise UserError(f"top_k={args.top_k} must be at least 1")
+    # The count in the header below is the number of rows the CSV gets (less any file whose pixel data then
+    # fails to decode).
+    paths, note, trained = images_and_model(args)
     precision, channels_last = precision_for(trained, args.precision)
     prepare(trained, channels_last)
     k = min(args.top_k, len(trained.classes))
@@ -86,8 +70,7 @@ def main(argv: list[str]) -> None:
     pre = trained.preprocess
     h, w = pre.image_size
     con.print(f"{trained.label}: {len(paths):,} image(s) -> {pre.channels}x{h}x{w}, "
-              f"{len(trained.classes)} classes ({trained.checkpoint}){skipped_note(len(found), len(paths))}"
-              f"{ignored_note(ignored)}")
+              f"{len(trained.classes)} classes ({trained.checkpoint}){note}")
     table = Table(show_lines=False, title_justify="left")
     table.add_column("image", overflow="fold")
     for i in range(k):
