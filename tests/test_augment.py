@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,17 @@ def test_invalid_policy_is_a_user_error():
         build_augment(AugmentConfig(policy="randaugmnt"), 10)
     with pytest.raises(UserError, match="policy_magnitude"):
         build_augment(AugmentConfig(policy="randaugment", policy_magnitude=31), 10)
+
+
+@pytest.mark.parametrize("policy", ["none", "trivialaugment"])
+def test_randaugment_keys_under_another_policy_warn_that_they_are_ignored(policy):
+    cfg = dataclasses.replace(AugmentConfig(), policy=policy, policy_ops=3)
+    with pytest.warns(UserWarning, match=rf"augment.policy_ops=3 only apply to augment.policy=randaugment, not '{policy}'"):
+        build_augment(cfg, 10)
+    cfg = dataclasses.replace(AugmentConfig(), policy="randaugment", policy_ops=3, policy_magnitude=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_augment(cfg, 10) is not None
 
 
 def test_crop_padding_larger_than_image_is_a_user_error():

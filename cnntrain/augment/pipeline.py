@@ -7,7 +7,9 @@ pad-and-crop -> policy (RandAugment / TrivialAugment) -> random erasing -> Mixup
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from dataclasses import fields
 from functools import partial
 
 import torch
@@ -62,6 +64,13 @@ def policy(cfg: AugmentConfig, num_classes: int) -> Stage | None:
             raise UserError(f"augment.policy_magnitude={cfg.policy_magnitude} must be in 0..{ops.MAX_MAGNITUDE} "
                             "(torchvision's bins)")
         return _images_only(partial(ops.random_policy, num_ops=cfg.policy_ops, magnitude=cfg.policy_magnitude))
+    # policy_ops/policy_magnitude are RandAugment's; elsewhere a changed value would be silently ignored.
+    defaults = {f.name: f.default for f in fields(AugmentConfig)}
+    changed = [f"augment.{k}={getattr(cfg, k)}" for k in ("policy_ops", "policy_magnitude")
+               if getattr(cfg, k) != defaults[k]]
+    if changed:
+        warnings.warn(f"{' and '.join(changed)} only apply to augment.policy=randaugment, not "
+                      f"'{cfg.policy}'; ignored", stacklevel=2)
     if cfg.policy == "trivialaugment":
         return _images_only(partial(ops.random_policy, num_ops=1, magnitude=None))
     return None

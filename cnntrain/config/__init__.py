@@ -81,21 +81,20 @@ class ModelConfig:
 class AugmentConfig:
     # Name of the preset, for the record; the fields below say what is done.
     name: str = "none"
-    # Random horizontal / vertical flip probability.
-    hflip: float = 0.0
-    vflip: float = 0.0
-    # Affine warp, drawn per image: rotation in +-degrees, isotropic scale range,
-    # translation as a fraction of the image size.
-    rotate: float = 0.0
-    scale_min: float = 1.0
+    # Flips: the probability of each, per image.
+    hflip: float = 0.0  # left-right
+    vflip: float = 0.0  # upside down (wrong for digits and text)
+    # Affine warp, drawn per image; off while all four keep these values.
+    rotate: float = 0.0  # degrees, uniform in +-rotate
+    scale_min: float = 1.0  # isotropic zoom, uniform in [scale_min, scale_max]
     scale_max: float = 1.0
-    translate: float = 0.0
+    translate: float = 0.0  # shift per axis, uniform in +-translate of the image size
     # Pad by this many pixels (reflect) and crop back at a random offset.
     crop_padding: int = 0
-    # Automatic policy: none | randaugment | trivialaugment.
+    # Automatic policy: none | randaugment | trivialaugment (one op per image, random magnitude).
     policy: str = "none"
-    policy_ops: int = 2
-    policy_magnitude: int = 9
+    policy_ops: int = 2  # randaugment: ops applied one after another
+    policy_magnitude: int = 9  # randaugment: strength in torchvision's bins, 0..30
     # Random erasing probability (one rectangle per image).
     erasing: float = 0.0
     # Mixup / CutMix Beta(alpha, alpha); 0 disables. When both are set, each batch
