@@ -32,23 +32,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
     [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 ENV.pop("HYDRA_FULL_ERROR", None)
 
-# SIGKILL this process right after its N-th optimizer step (GradScaler.update runs once per step), then run
-# the CLI as `python -m cnntrain` would: a crash from outside, with no hook in cnntrain.
-KILL_AT_STEP = """
-import os, runpy, signal, sys
-import torch
-kill_at, steps = int(sys.argv[1]), [0]
-update = torch.amp.GradScaler.update
-def counted(self, *args, **kwargs):
-    out = update(self, *args, **kwargs)
-    steps[0] += 1
-    if steps[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-torch.amp.GradScaler.update = counted
-sys.argv = ["cnntrain", *sys.argv[2:]]
-runpy.run_module("cnntrain", run_name="__main__", alter_sys=True)
-"""
+# SIGKILL the CLI right after its N-th optimizer step: a crash from outside, with no hook in cnntrain.
+FAULTS = REPO / "tests" / "faults.py"
 
 
 class CheckFailed(Exception):
@@ -181,7 +166,7 @@ class Checks:
                 "trainer.progress=none"]
         whole, broken = self.work / "resume-whole", self.work / "resume-killed"
         fit(args, self.work, whole)
-        proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP, "45", "fit", *args, f"hydra.run.dir={broken}"],
+        proc = subprocess.run([sys.executable, str(FAULTS), "kill-at-step=45", "--", "fit", *args, f"hydra.run.dir={broken}"],
                               cwd=self.work, capture_output=True, text=True, timeout=600, env=ENV)
         if proc.returncode != -9:
             raise CheckFailed(f"the run to kill ended with {proc.returncode}, not SIGKILL:\n{proc.stderr[-1500:]}")
@@ -251,7 +236,10 @@ class Checks:
              f"trainer.batch_size={batch}", f"trainer.epochs={epochs}", "trainer.eval_batch_size=1024",
              "scheduler=none"], self.work, run_dir)
         ours = float(metrics(run_dir)[-1]["images_per_s"])
-        precision = "bf16" if (not self.cuda or torch.cuda.is_bf16_supported()) else "fp16"
+        from cnntrain.engine.device import resolve_precision
+
+        # The bare loop runs what the fit's precision=auto ran: a CPU without native bf16 trains fp32 there.
+        precision = resolve_precision("auto", torch.device(self.device)).label
         bare = bare_loop(model, self.device, n_train, batch, n_train // batch, precision)
         self.speed.append((model, ours, bare))
         return f"cnntrain {ours:,.0f} images/s, bare loop {bare:,.0f}: cnntrain is {ours / bare:.2f}x"

@@ -68,26 +68,11 @@ FIT_FLAGS = ("trainer.device=cpu", "trainer.deterministic=true", "trainer.num_th
 TIME_KEY = re.compile(r"time|second|wall|elapsed|duration|_s$")
 EXCLUDED = "<excluded: wall time>"
 
-# A wrapper that runs the CLI and SIGKILLs it right after the N-th training step (a crash mid-epoch).
-# It counts GradScaler.update, which the training loop calls once per optimizer step: a torch API,
-# so the wrapper depends on no cnntrain module path. If that stopped holding, the run would not be
+# Runs the CLI and SIGKILLs it right after the N-th training step (a crash mid-epoch): tests/faults.py's
+# kill-at-step, which counts GradScaler.update (a torch API, called once per optimizer step) and so depends
+# on no cnntrain module path: it kills a checkout of any layout. If that stopped holding, the run would not be
 # killed and the case fails on its exit code.
-KILL_AT_STEP = """\
-import os, runpy, signal, sys
-import torch
-kill_at, steps = int(sys.argv[1]), [0]
-update = torch.amp.GradScaler.update
-def counted(self, *args, **kwargs):
-    out = update(self, *args, **kwargs)
-    steps[0] += 1
-    if steps[0] == kill_at:
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-torch.amp.GradScaler.update = counted
-sys.argv = ["cnntrain", *sys.argv[2:]]
-runpy.run_module("cnntrain", run_name="__main__", alter_sys=True)
-"""
+FAULTS = REPO / "tests" / "faults.py"
 
 
 # --------------------------------------------------------------------------- the table of cases
@@ -342,7 +327,7 @@ def run_cmd(cmd: Cmd, case_dir: Path, work: Path, repo: Path) -> str:
     """Run one command; a wrong exit code raises CaseFailed with the end of its output."""
     args = [a.format(dir=case_dir, tmp=work) for a in cmd.args]
     if cmd.kill_at_step is not None:
-        argv = [sys.executable, "-c", KILL_AT_STEP, str(cmd.kill_at_step), *args]
+        argv = [sys.executable, str(FAULTS), f"kill-at-step={cmd.kill_at_step}", "--", *args]
     else:
         argv = [sys.executable, "-m", "cnntrain", *args]
     proc = subprocess.run(argv, cwd=work, env=cli_env(repo), capture_output=True, text=True, timeout=1800)

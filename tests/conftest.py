@@ -14,6 +14,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The longest files first. `make test` gives each file to one worker (pytest-xdist, --dist loadscope), so a
+# long file that happened to start last would run alone for minutes after the others finished.
+LONGEST_FIRST = ("test_bad_input.py", "test_benchmarks.py", "test_gpu_check.py", "test_plugins.py",
+                 "test_fashion_accuracy.py", "test_sweeps.py", "test_resume.py", "test_signals.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def installed(module: str) -> bool:
     """Whether `module` can be imported, without importing it. find_spec("a.b") imports "a" and raises
     when "a" itself is missing (hydra_plugins.x without any Hydra plugin), so that counts as not installed."""
@@ -38,6 +49,19 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str
         [sys.executable, "-m", "cnntrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env=full_env,
     )
+
+
+def cli_in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`cnntrain ARGS` in this process (where the test's monkeypatching reaches): (exit code, stdout, stderr)."""
+    from cnntrain import cli
+
+    code = 0
+    try:
+        cli.main(args)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def run_dirs(root: Path) -> list[Path]:

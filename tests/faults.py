@@ -58,6 +58,19 @@ def csv_rows(run_dir: Path, drop: set[str] = TIMING) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
+def flip_a_byte(checkpoint: Path) -> None:
+    """Change one byte inside the largest tensor record of a checkpoint, as a disk or a copy could: the file
+    still opens as a zip, but the record's CRC no longer matches."""
+    import zipfile
+
+    with zipfile.ZipFile(checkpoint) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+        offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 10
+    raw = bytearray(checkpoint.read_bytes())
+    raw[offset] ^= 0x40
+    checkpoint.write_bytes(bytes(raw))
+
+
 def _kill() -> None:
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -70,9 +83,6 @@ def _signal(name: str) -> None:
 def install(faults: list[str]) -> None:
     import torch
     import torch.nn.functional as F
-
-    from cnntrain.engine import checkpoint
-    from cnntrain.io.files import BEST, LAST
 
     spec = dict(f.split("=", 1) if "=" in f else (f, "") for f in faults)
     counts = {"step": 0, "save": 0, "rename": 0, "eval": 0, "loss": 0}
@@ -95,6 +105,33 @@ def install(faults: list[str]) -> None:
         return out
 
     torch.amp.GradScaler.update = counted_update
+    # The faults above need only torch, so scripts/golden.py can kill a checkout of any layout with them.
+    if spec.keys() & {"kill-after-save", "kill-before-rename", "signal-at-test"}:
+        _watch_checkpoints(spec, counts)
+
+    cross_entropy = F.cross_entropy
+    nan_at = {int(n) for n in spec.get("nan-at-step", "").split(",") if n}
+
+    def faulty_cross_entropy(*args, **kwargs):
+        loss = cross_entropy(*args, **kwargs)
+        if kwargs.get("reduction") == "sum":  # evaluation batches (the training loss is a mean)
+            counts["eval"] += 1
+            if "signal-at-eval" in spec:
+                sig, n = spec["signal-at-eval"].split(":")
+                if counts["eval"] == int(n):
+                    _signal(sig)
+        elif torch.is_grad_enabled():
+            counts["loss"] += 1
+            if counts["loss"] in nan_at:
+                loss = loss * float("nan")
+        return loss
+
+    F.cross_entropy = faulty_cross_entropy
+
+
+def _watch_checkpoints(spec: dict[str, str], counts: dict[str, int]) -> None:
+    from cnntrain.engine import checkpoint
+    from cnntrain.io.files import BEST, LAST
 
     save = checkpoint.save_checkpoint
 
@@ -126,25 +163,6 @@ def install(faults: list[str]) -> None:
         return load(path)
 
     checkpoint.load_checkpoint = watched_load
-
-    cross_entropy = F.cross_entropy
-    nan_at = {int(n) for n in spec.get("nan-at-step", "").split(",") if n}
-
-    def faulty_cross_entropy(*args, **kwargs):
-        loss = cross_entropy(*args, **kwargs)
-        if kwargs.get("reduction") == "sum":  # evaluation batches (the training loss is a mean)
-            counts["eval"] += 1
-            if "signal-at-eval" in spec:
-                sig, n = spec["signal-at-eval"].split(":")
-                if counts["eval"] == int(n):
-                    _signal(sig)
-        elif torch.is_grad_enabled():
-            counts["loss"] += 1
-            if counts["loss"] in nan_at:
-                loss = loss * float("nan")
-        return loss
-
-    F.cross_entropy = faulty_cross_entropy
 
 
 if __name__ == "__main__":

@@ -16,22 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cnntrain import cli
 from cnntrain.config import DatasetConfig
 from cnntrain.data import load_dataset
 from cnntrain.engine.inference import load_trained
-from tests.conftest import needs, run_cli, summary
-
-
-def cli_run(args: list[str], capsys) -> tuple[int, str, str]:
-    """cnntrain ARGS in this process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        cli.main(args)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.conftest import cli_in_process, needs, run_cli, summary
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -84,7 +72,7 @@ def test_fit_leaves_figures_and_tensorboard_images(smoke_run):
 
 
 def test_evaluate_reports_match_fit_and_are_written(smoke_run, capsys):
-    code, out, err = cli_run(["evaluate", f"ckpt={smoke_run}"], capsys)
+    code, out, err = cli_in_process(["evaluate", f"ckpt={smoke_run}"], capsys)
     assert code == 0, err
     folder = smoke_run / "evaluate" / "mnist5k-test"
     assert str(folder) in out.replace("\n", "")
@@ -111,13 +99,13 @@ def test_evaluate_reports_match_fit_and_are_written(smoke_run, capsys):
 
 
 def test_evaluate_other_split_and_bad_keys(smoke_run, tmp_path, capsys):
-    code, _, err = cli_run(["evaluate", f"ckpt={smoke_run}", "split=val", f"out={tmp_path}", "tensorboard=false",
+    code, _, err = cli_in_process(["evaluate", f"ckpt={smoke_run}", "split=val", f"out={tmp_path}", "tensorboard=false",
                             "precision=32"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "metrics.json").read_text())["split"] == "val"
-    code, _, err = cli_run(["evaluate", f"ckpt={smoke_run}", "dataset.rot=/x"], capsys)
+    code, _, err = cli_in_process(["evaluate", f"ckpt={smoke_run}", "dataset.rot=/x"], capsys)
     assert code == 2 and "dataset.root" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli_run(["evaluate", f"ckpt={smoke_run}", "split=holdout"], capsys)
+    code, _, err = cli_in_process(["evaluate", f"ckpt={smoke_run}", "split=holdout"], capsys)
     assert code == 2 and "split=holdout" in err and "test, val, train" in err
 
 
@@ -145,7 +133,7 @@ def test_predict_any_file_format_gives_the_models_class(smoke_run, digits, confi
     for i in idx:
         exact.update({f"d{i}_{k}": v for k, v in _write_variants(folder, digits.test_x[i, 0].numpy(), f"d{i}").items()})
     out = tmp_path / "out"
-    code, stdout, err = cli_run(["predict", f"ckpt={smoke_run}", f"inputs={folder}", f"out={out}", "precision=32",
+    code, stdout, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={folder}", f"out={out}", "precision=32",
                                  "batch_size=5", "top_k=3"], capsys)
     assert code == 0, err
     got = {Path(r["path"]).stem: r for r in rows(out / "predictions.csv")}
@@ -164,11 +152,11 @@ def test_predict_any_file_format_gives_the_models_class(smoke_run, digits, confi
 def test_predict_single_file_and_glob(smoke_run, digits, tmp_path, capsys):
     for i in range(3):
         Image.fromarray(digits.test_x[i, 0].numpy()).save(tmp_path / f"x{i}.png")
-    code, _, err = cli_run(["predict", f"ckpt={smoke_run}/checkpoints/best.pt", f"inputs={tmp_path / 'x1.png'}",
+    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}/checkpoints/best.pt", f"inputs={tmp_path / 'x1.png'}",
                             f"out={tmp_path / 'one'}"], capsys)
     assert code == 0, err
     assert len(rows(tmp_path / "one" / "predictions.csv")) == 1
-    code, _, err = cli_run(["predict", f"ckpt={smoke_run}", f"inputs={tmp_path}/x*.png", f"out={tmp_path / 'glob'}"],
+    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={tmp_path}/x*.png", f"out={tmp_path / 'glob'}"],
                            capsys)
     assert code == 0, err
     assert [Path(r["path"]).name for r in rows(tmp_path / "glob" / "predictions.csv")] == ["x0.png", "x1.png", "x2.png"]
@@ -196,20 +184,20 @@ def test_predict_errors_are_one_line(smoke_run, digits, tmp_path, capsys):
         (["inputs=x.png", "topk=3"], "did you mean 'top_k'"),
     ]
     for args, expected in cases:
-        code, _, err = cli_run(["predict", f"ckpt={smoke_run}", *args], capsys)
+        code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}", *args], capsys)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (args, err)
     for ckpt, expected in ((tmp_path / "nothing.pt", "not found"), (corrupt, "corrupt"), (empty, "no checkpoint in")):
-        code, _, err = cli_run(["predict", f"ckpt={ckpt}", f"inputs={mixed / 'ok.png'}"], capsys)
+        code, _, err = cli_in_process(["predict", f"ckpt={ckpt}", f"inputs={mixed / 'ok.png'}"], capsys)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (ckpt, err)
     # on_error=skip: the readable images are still classified.
-    code, _, err = cli_run(["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip",
+    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip",
                             f"out={tmp_path / 'skip'}"], capsys)
     assert code == 0 and "skipped" in err and len(rows(tmp_path / "skip" / "predictions.csv")) == 1
 
 
 def test_commands_help_and_subprocess_wiring(tmp_path, capsys):
     for command in ("evaluate", "predict", "explain", "export", "list"):
-        code, out, _ = cli_run([command, "--help"], capsys)
+        code, out, _ = cli_in_process([command, "--help"], capsys)
         assert code == 0 and f"cnntrain {command}" in out, command
     proc = run_cli(["predict", "inputs=x.png"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
@@ -229,7 +217,7 @@ def _eager(smoke_run):
 
 def test_export_torchscript_and_state_dict_match_the_eager_model(smoke_run, tmp_path, capsys):
     trained, x, expected = _eager(smoke_run)
-    code, out, err = cli_run(["export", f"ckpt={smoke_run}", f"out={tmp_path}"], capsys)
+    code, out, err = cli_in_process(["export", f"ckpt={smoke_run}", f"out={tmp_path}"], capsys)
     assert code == 0, err
     assert "outputs match the eager model" in out
     import warnings
@@ -239,7 +227,7 @@ def test_export_torchscript_and_state_dict_match_the_eager_model(smoke_run, tmp_
         scripted = torch.jit.load(str(tmp_path / "model.torchscript.pt"))
     torch.testing.assert_close(scripted(x), expected, atol=1e-4, rtol=1e-4)
 
-    code, out, err = cli_run(["export", f"ckpt={smoke_run}", "format=state_dict", f"out={tmp_path}"], capsys)
+    code, out, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=state_dict", f"out={tmp_path}"], capsys)
     assert code == 0, err
     saved = torch.load(tmp_path / "model.state_dict.pt", weights_only=True)
     from cnntrain.config import ModelConfig
@@ -259,9 +247,9 @@ def test_export_onnx_without_the_package_names_the_extra(smoke_run, monkeypatch,
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
-    code, _, err = cli_run(["export", f"ckpt={smoke_run}", "format=onnx"], capsys)
+    code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=onnx"], capsys)
     assert code == 2 and "pip install 'cnntrain[onnx]'" in err
-    code, _, err = cli_run(["export", f"ckpt={smoke_run}", "format=tflite"], capsys)
+    code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=tflite"], capsys)
     assert code == 2 and "torchscript, onnx, state_dict" in err
 
 
@@ -272,7 +260,7 @@ def test_export_onnx_runs_in_onnxruntime_like_the_eager_model(smoke_run, tmp_pat
     import onnxruntime as ort
 
     _, x, expected = _eager(smoke_run)
-    code, out, err = cli_run(["export", f"ckpt={smoke_run}", "format=onnx", f"out={tmp_path}"], capsys)
+    code, out, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=onnx", f"out={tmp_path}"], capsys)
     assert code == 0, err
     assert "outputs match the eager model" in out
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -285,17 +273,17 @@ def test_every_pytorch_file_export_writes_works_as_ckpt(smoke_run, digits, tmp_p
     TorchScript file is refused, saying what it is and what to use instead."""
     out = tmp_path / "export"
     for fmt in ("state_dict", "torchscript"):
-        code, _, err = cli_run(["export", f"ckpt={smoke_run}", f"format={fmt}", f"out={out}"], capsys)
+        code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", f"format={fmt}", f"out={out}"], capsys)
         assert code == 0, err
     image = tmp_path / "digit.png"
     Image.fromarray(digits.test_x[0, 0].numpy()).save(image)
-    _, want, _ = cli_run(["predict", f"ckpt={smoke_run}", f"inputs={image}", f"out={tmp_path / 'p0'}"], capsys)
+    _, want, _ = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={image}", f"out={tmp_path / 'p0'}"], capsys)
     expected = rows(tmp_path / "p0" / "predictions.csv")
     for name in ("model.state_dict.pt", "model.safetensors"):
-        code, _, err = cli_run(["predict", f"ckpt={out / name}", f"inputs={image}", f"out={tmp_path / name}"], capsys)
+        code, _, err = cli_in_process(["predict", f"ckpt={out / name}", f"inputs={image}", f"out={tmp_path / name}"], capsys)
         assert code == 0, (name, err)
         assert rows(tmp_path / name / "predictions.csv") == expected, name
-        code, text, err = cli_run(["evaluate", f"ckpt={out / name}", f"out={tmp_path / name / 'eval'}"], capsys)
+        code, text, err = cli_in_process(["evaluate", f"ckpt={out / name}", f"out={tmp_path / name / 'eval'}"], capsys)
         assert code == 0, (name, err)
         metrics = json.loads((tmp_path / name / "eval" / "metrics.json").read_text())
         assert metrics["acc"] == pytest.approx(summary(smoke_run)["test_acc"]), name
@@ -303,12 +291,12 @@ def test_every_pytorch_file_export_writes_works_as_ckpt(smoke_run, digits, tmp_p
     old = torch.load(out / "model.state_dict.pt", weights_only=True)
     del old["config"]
     torch.save(old, tmp_path / "old.state_dict.pt")
-    code, _, err = cli_run(["predict", f"ckpt={tmp_path / 'old.state_dict.pt'}", f"inputs={image}",
+    code, _, err = cli_in_process(["predict", f"ckpt={tmp_path / 'old.state_dict.pt'}", f"inputs={image}",
                             f"out={tmp_path / 'old'}"], capsys)
     assert code == 0, err
     assert rows(tmp_path / "old" / "predictions.csv") == expected
 
-    code, _, err = cli_run(["predict", f"ckpt={out / 'model.torchscript.pt'}", f"inputs={image}"], capsys)
+    code, _, err = cli_in_process(["predict", f"ckpt={out / 'model.torchscript.pt'}", f"inputs={image}"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "is a TorchScript program" in err and "model.state_dict.pt or model.safetensors" in err
 
@@ -318,7 +306,7 @@ def test_predict_skip_counts_only_the_images_it_classifies(smoke_run, digits, tm
     mixed.mkdir()
     Image.fromarray(digits.test_x[0, 0].numpy()).save(mixed / "ok.png")
     (mixed / "notes.png").write_text("this is not an image")
-    code, out, err = cli_run(["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip",
+    code, out, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip",
                               f"out={tmp_path / 'skip'}"], capsys)
     assert code == 0, err
     assert "notes.png" in err and "skipped" in err
@@ -338,7 +326,7 @@ def test_export_onnx_writes_the_opset_asked_for_or_refuses_it(smoke_run, tmp_pat
 
     for opset in (13, 18):  # below the dynamo exporter's 18: the TorchScript-based one writes it
         out = tmp_path / str(opset)
-        code, text, err = cli_run(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}", f"out={out}"],
+        code, text, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}", f"out={out}"],
                                   capsys)
         assert code == 0, err
         declared = {o.domain: o.version for o in onnx.load(str(out / "model.onnx")).opset_import}
@@ -347,7 +335,7 @@ def test_export_onnx_writes_the_opset_asked_for_or_refuses_it(smoke_run, tmp_pat
         assert f"opset {opset}" in text
     highest = max(hi for _, hi in opset_ranges().values())
     for opset in (1, highest + 1):
-        code, _, err = cli_run(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}",
+        code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}",
                                 f"out={tmp_path / 'no'}"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"opset={opset} cannot be written" in err and f"-{highest}" in err
@@ -363,16 +351,16 @@ def test_explain_writes_heat_maps_and_explains_errors(smoke_run, digits, confide
     folder.mkdir()
     for i in idx[:2]:
         Image.fromarray(digits.test_x[i, 0].numpy()).save(folder / f"digit{i}.png")
-    code, out, err = cli_run(["explain", f"ckpt={smoke_run}", f"inputs={folder}", f"out={tmp_path / 'out'}"], capsys)
+    code, out, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder}", f"out={tmp_path / 'out'}"], capsys)
     assert code == 0, err
     for i in idx[:2]:
         assert_png(tmp_path / "out" / f"digit{i}_gradcam.png")
     assert_png(tmp_path / "out" / "overview.png")
     assert len(rows(tmp_path / "out" / "explain.csv")) == 2
 
-    code, _, err = cli_run(["explain", f"ckpt={smoke_run}", f"inputs={folder}", "layer=nope"], capsys)
+    code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder}", "layer=nope"], capsys)
     assert code == 2 and "choose one of" in err
-    code, _, err = cli_run(["explain", f"ckpt={smoke_run}", f"inputs={folder}", "target=eleven"], capsys)
+    code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder}", "target=eleven"], capsys)
     assert code == 2 and "not a class" in err
 
 
@@ -409,7 +397,7 @@ def test_grad_cam_lands_on_the_object_that_drives_the_class():
 def test_list_shows_every_group_and_option_with_its_description(capsys):
     from cnntrain.commands.catalog import describe
 
-    code, out, err = cli_run(["list"], capsys)
+    code, out, err = cli_in_process(["list"], capsys)
     assert code == 0, err
     from cnntrain.config.compose import config_dir
 
@@ -423,9 +411,9 @@ def test_list_shows_every_group_and_option_with_its_description(capsys):
             assert text and not text.startswith("@package"), option
             assert option.stem in out and text[:40] in out, (option, text)
     assert "mnist5k (default)" in out
-    code, out, _ = cli_run(["list", "models"], capsys)
+    code, out, _ = cli_in_process(["list", "models"], capsys)
     assert code == 0 and "resnet8" in out and "adamw" not in out
-    code, _, err = cli_run(["list", "modle"], capsys)
+    code, _, err = cli_in_process(["list", "modle"], capsys)
     assert code == 2 and "did you mean 'model'" in err
 
 
@@ -433,6 +421,6 @@ def test_checkpoint_outside_a_run_dir_writes_beside_it(smoke_run, digits, tmp_pa
     ckpt = tmp_path / "model.pt"
     shutil.copy(smoke_run / "checkpoints" / "best.pt", ckpt)
     Image.fromarray(digits.test_x[0, 0].numpy()).save(tmp_path / "a.png")
-    code, _, err = cli_run(["predict", f"ckpt={ckpt}", f"inputs={tmp_path / 'a.png'}"], capsys)
+    code, _, err = cli_in_process(["predict", f"ckpt={ckpt}", f"inputs={tmp_path / 'a.png'}"], capsys)
     assert code == 0, err
     assert (tmp_path / "predict" / "predictions.csv").is_file()

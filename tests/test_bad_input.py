@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.faults import flip_a_byte
 
 ROOT = os.geteuid() == 0
 PLUGINS = REPO / "tests" / "plugins"
@@ -227,7 +228,6 @@ def _csv(folder: Path, rows: list[str], header: str = "path,label") -> None:
 
 
 def _damage(run: Path, how: str, marker: Path) -> None:
-    import zipfile
 
     import torch
 
@@ -239,12 +239,7 @@ def _damage(run: Path, how: str, marker: Path) -> None:
     elif how == "truncate":
         last.write_bytes(last.read_bytes()[:1000])
     elif how == "flip":
-        with zipfile.ZipFile(last) as z:
-            info = max(z.infolist(), key=lambda i: i.file_size)
-            offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 10
-        raw = bytearray(last.read_bytes())
-        raw[offset] ^= 0x40
-        last.write_bytes(bytes(raw))
+        flip_a_byte(last)
     elif how == "booby-trap":
 
         class Trap:

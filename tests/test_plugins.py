@@ -21,12 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cnntrain import cli
 from cnntrain.config import DatasetConfig, ModelConfig, OptimizerConfig, validate
 from cnntrain.config.compose import compose_fit, take_config_dir_flags
 from cnntrain.errors import UserError
 from cnntrain.registry import DATASETS, MODELS, TargetImportError, import_target
-from tests.conftest import REPO, run_cli, run_dirs, summary
+from tests.conftest import REPO, cli_in_process, run_cli, run_dirs, summary
 from tests.faults import run_faulty
 
 PLUGINS = REPO / "tests" / "plugins"
@@ -45,16 +44,6 @@ def user_code(monkeypatch):
         sys.modules.pop(name, None)
     MODELS.refresh()
     DATASETS.refresh()
-
-
-def cli_run(args: list[str], capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        cli.main(args)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def model_cfg(**keys) -> ModelConfig:
@@ -271,7 +260,7 @@ def test_entry_points_register_models_and_datasets_without_importing_them(user_c
     assert MODELS.plugins()["demo_net"].package == "cnntrain-demo"
     assert DATASETS.plugin("demo_digits").value == "cnntrain_demo:demo_digits"
     assert "cnntrain_demo" not in sys.modules  # listed from metadata only
-    code, out, err = cli_run(["list"], capsys)
+    code, out, err = cli_in_process(["list"], capsys)
     assert code == 0, err
     assert "demo_net" in out and "demo_digits" in out and "plug-in: cnntrain-demo 0.1" in out
     assert "cnntrain_demo" not in sys.modules
@@ -293,12 +282,12 @@ def test_entry_points_register_models_and_datasets_without_importing_them(user_c
 
 
 def test_init_writes_a_project_whose_configs_join_the_search_path(tmp_path, monkeypatch, capsys):
-    code, out, err = cli_run(["init", str(tmp_path / "proj")], capsys)
+    code, out, err = cli_in_process(["init", str(tmp_path / "proj")], capsys)
     assert code == 0, err
     proj = tmp_path / "proj"
     for name in ("configs/experiment/example.yaml", "models.py", "README.md"):
         assert (proj / name).is_file(), name
-    code, _, err = cli_run(["init", str(proj)], capsys)
+    code, _, err = cli_in_process(["init", str(proj)], capsys)
     assert code == 2 and "never overwrites" in err
     # From inside the folder: its options join the built-in ones; a file named like a built-in replaces it.
     (proj / "configs" / "model").mkdir()
@@ -310,7 +299,7 @@ def test_init_writes_a_project_whose_configs_join_the_search_path(tmp_path, monk
     assert (cfg.model.name, cfg.model._target_, cfg.name) == ("custom", "models.ExampleNet", "example")
     assert compose_fit(["model=tiny_cnn"]).model.width == 3
     assert compose_fit(["model=resnet8"]).model.name == "resnet8"  # the built-in ones are still there
-    code, out, err = cli_run(["list"], capsys)
+    code, out, err = cli_in_process(["list"], capsys)
     assert code == 0, err
     assert "yours, replaces the built-in" in out and "example" in out
     rows = [line for line in out.splitlines() if line.startswith("│ example")]
@@ -423,7 +412,7 @@ def test_each_extension_is_evaluated_predicted_and_exported_from_the_checkpoint(
     MODELS.refresh()
     DATASETS.refresh()
     try:
-        code, out, err = cli_run(["evaluate", f"ckpt={run_dir}", "tensorboard=false"], capsys)
+        code, out, err = cli_in_process(["evaluate", f"ckpt={run_dir}", "tensorboard=false"], capsys)
         assert code == 0, err
         (record,) = [json.loads(p.read_text()) for p in (run_dir / "evaluate").glob("*/metrics.json")]
         assert record["acc"] == pytest.approx(summary(run_dir)["test_acc"], abs=1e-6)  # fit's test (6 decimals)
@@ -440,7 +429,7 @@ def test_each_extension_is_evaluated_predicted_and_exported_from_the_checkpoint(
         for i in range(3):
             a = data.test_x[i].numpy()
             Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(folder / f"{i}.png")
-        code, out, err = cli_run(["predict", f"ckpt={run_dir}", f"inputs={folder}", "precision=32"], capsys)
+        code, out, err = cli_in_process(["predict", f"ckpt={run_dir}", f"inputs={folder}", "precision=32"], capsys)
         assert code == 0, err
         with open(run_dir / "predict" / "predictions.csv") as f:
             got = [r["class_1"] for r in csv.DictReader(f)]
@@ -449,7 +438,7 @@ def test_each_extension_is_evaluated_predicted_and_exported_from_the_checkpoint(
         assert got == [trained_model.classes[c] for c in want]
 
         pytest.importorskip("onnxruntime")
-        code, out, err = cli_run(["export", f"ckpt={run_dir}", "format=onnx"], capsys)
+        code, out, err = cli_in_process(["export", f"ckpt={run_dir}", "format=onnx"], capsys)
         assert code == 0, err
         assert "outputs match the eager model" in out
         assert json.loads((run_dir / "export" / "preprocess.json").read_text())["exports"]["onnx"]["ok"]

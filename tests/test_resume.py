@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cnntrain.engine.checkpoint import load_checkpoint
 from tests.conftest import run_cli, run_dirs, summary
-from tests.faults import REPO, csv_rows, run_faulty
+from tests.faults import REPO, csv_rows, flip_a_byte, run_faulty
 
 # 1,000 digits in batches of 32: 32 steps per epoch (ends at 32, 64, 96); last.pt every 10 steps.
 COMMON = ["experiment=smoke", "trainer.deterministic=true", "trainer.precision=32", "augment=digits",
@@ -125,18 +125,6 @@ def test_resume_after_sigkills_is_bitwise_equal_to_an_uninterrupted_run(killed_m
     assert [s for s, _ in got_curves["train/loss_step"]] == list(range(5, 96, 5))
 
 
-def _flip_a_byte(checkpoint: Path) -> None:
-    """Change one byte inside the largest tensor record, as a disk or a copy could (the CRC no longer matches)."""
-    import zipfile
-
-    with zipfile.ZipFile(checkpoint) as z:
-        info = max(z.infolist(), key=lambda i: i.file_size)
-        offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 10
-    raw = bytearray(checkpoint.read_bytes())
-    raw[offset] ^= 0x40
-    checkpoint.write_bytes(bytes(raw))
-
-
 def _error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("cnntrain: error: "), proc.stderr
@@ -151,7 +139,7 @@ def test_a_corrupt_last_pt_leaves_last_prev_pt_and_resume_from_it_is_exact(refer
     (run_dir,) = run_dirs(tmp_path)
     last, previous = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.prev.pt"
     assert load_checkpoint(previous)["progress"]["global_step"] == 32
-    _flip_a_byte(last)
+    flip_a_byte(last)
 
     # The message offers a command that works, and that command continues the run exactly.
     line = _error_line(run_cli(["fit", f"resume={run_dir}"], tmp_path, env={"PYTHONPATH": str(REPO)}))

@@ -273,30 +273,26 @@ def test_parallel_jobs_share_the_cores_and_spread_over_gpus(tmp_path, monkeypatc
     assert cfg.trainer.num_threads == 6
 
 
-@needs("hydra_plugins.hydra_joblib_launcher", "joblib")
 @pytest.mark.slow
-def test_parallel_launcher_runs_two_jobs_with_a_thread_share_each(tmp_path):
-    proc = run_cli(["fit", "--multirun", *SMOKE, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
-                    "optimizer.lr=1e-3,3e-3"], tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    jobs = _job_dirs(_sweep_dir(tmp_path))
-    assert len(jobs) == 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    for job in jobs:
-        assert summary(job)["status"] == "completed"
-        assert json.loads((job / "provenance.json").read_text())["torch_threads"] == max(1, cores // 2)
-
-
-@needs("hydra_plugins.hydra_submitit_launcher", "slurm")
-@pytest.mark.slow
-def test_submitit_local_runs_the_sweep_like_slurm_would(tmp_path):
-    proc = run_cli(["fit", "--multirun", *SMOKE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                    "optimizer.lr=1e-3,3e-3"], tmp_path)
+@pytest.mark.parametrize("launcher", [
+    pytest.param(["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], id="joblib",
+                 marks=needs("hydra_plugins.hydra_joblib_launcher", "joblib")),
+    pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], id="submitit-local",
+                 marks=needs("hydra_plugins.hydra_submitit_launcher", "slurm")),
+])
+def test_launcher_plugins_run_the_sweep(tmp_path, launcher):
+    """joblib runs two jobs at once, each with its share of the cores; submitit_local runs them as SLURM would."""
+    proc = run_cli(["fit", "--multirun", *SMOKE, *launcher, "optimizer.lr=1e-3,3e-3"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = _sweep_dir(tmp_path)
-    assert (sweep / ".submitit").is_dir()
     jobs = _job_dirs(sweep)
     assert len(jobs) == 2 and all(summary(j)["status"] == "completed" for j in jobs)
+    if "hydra/launcher=parallel" in launcher:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = {json.loads((j / "provenance.json").read_text())["torch_threads"] for j in jobs}
+        assert threads == {max(1, cores // 2)}
+    else:
+        assert (sweep / ".submitit").is_dir()
 
 
 @needs("hydra_plugins.hydra_submitit_launcher", "slurm")
