@@ -8,6 +8,7 @@ contention section makes its own load, and any other load skews every section.
     python benchmarks/run.py                 # everything (about 15 minutes on 2 CPU cores); writes RESULTS.md
     python benchmarks/run.py --only peers    # one section: peers | scaling | limit | contention | startup | accuracy
     python benchmarks/run.py --quick         # tiny sizes: checks the suite runs (used by the tests), writes nothing
+    python benchmarks/run.py --only peers --repo ../before --out /tmp/before.md   # another checkout's cnntrain
 
 The Keras peer needs TensorFlow in its own environment, never in cnntrain's:
     python -m venv benchmarks/.env && benchmarks/.env/bin/pip install tensorflow-cpu
@@ -36,8 +37,22 @@ SECTIONS = ["peers", "scaling", "limit", "contention", "startup", "accuracy"]
 # The checkout's own cnntrain, whatever an installed one points at.
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
     [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-# What experiment=fashion_fast ships: the bare loop is run with the same settings.
-FAST = {"batch_size": 256, "precision": "bf16", "channels_last": True}
+# experiment=fashion_fast's batch; precision and layout are `auto` there (see fast_settings).
+FAST_BATCH = 256
+
+
+def fast_settings() -> tuple[str, bool]:
+    """What precision=auto and channels_last=auto resolve to on this CPU ("bf16" or "32"; channels_last),
+    through cnntrain's own resolver, so the bare loop runs what the fit ran: a CPU without native bf16
+    trains fp32 there, and a bare loop forced into emulated bf16 would be a strawman."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from cnntrain.engine.device import resolve_channels_last, resolve_precision
+
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    return precision.label, resolve_channels_last("auto", cpu, precision)
 
 
 def machine() -> str:
@@ -77,12 +92,18 @@ def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800, env: dic
     return result, wall, rss
 
 
+# --quick: every fit on the embedded 5,000 digits (a 500-image test split) instead of full Fashion-MNIST, whose
+# decoding and 16,000 validation and test images would make most of a quick run.
+QUICK_DATA: list[str] = []
+
+
 def cnntrain_fit(args: list[str], work: Path, env: dict[str, str] | None = None
                  ) -> tuple[dict, list[dict], float, float]:
     """`cnntrain fit ARGS` in work/; returns its summary (plus the torch threads it ran), metrics rows, wall
     seconds, peak RSS MB."""
     before = set(work.rglob("summary.json"))
-    _, wall, rss = run([PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args], cwd=work, env=env)
+    _, wall, rss = run([PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args, *QUICK_DATA], cwd=work,
+                       env=env)
     (path,) = set(work.rglob("summary.json")) - before
     with open(path.parent / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -114,13 +135,17 @@ def section_peers(work: Path, quick: bool) -> list[tuple[str, float, str]]:
     images = 4000 if quick else None
     rows: list[tuple[str, float, str]] = []
     subset = [f"dataset.subset={images}"] if quick else []
+    precision, channels_last = fast_settings()
+    settings = f"batch {FAST_BATCH}, {'bf16' if precision == 'bf16' else 'fp32'}" + \
+        (", channels_last" if channels_last else "")
     s, metrics, _, _ = cnntrain_fit(["experiment=fashion_fast", "trainer.epochs=2", *subset], work)
-    rows.append(("cnntrain fit experiment=fashion_fast (batch 256, bf16, channels_last)", steady_ips(metrics),
+    rows.append((f"cnntrain fit experiment=fashion_fast ({settings}: what auto picks here)", steady_ips(metrics),
                  "epoch 2 of 2, logging and progress included"))
-    fast = ["--batch-size", str(FAST["batch_size"]), "--precision", FAST["precision"], "--channels-last"]
+    fast = ["--batch-size", str(FAST_BATCH), "--precision", precision, *(["--channels-last"] if channels_last else [])]
     n = ["--images", str(images)] if quick else []
     r, _, _ = run([PY, str(PEERS / "bare_loop.py"), *fast, *n])
-    rows.append(("bare loop, in-memory tensors, same settings", r["images_per_s"], "one epoch after warm-up"))
+    rows.append((f"bare loop, in-memory tensors, same settings ({settings})", r["images_per_s"],
+                 "one epoch after warm-up"))
     r, _, _ = run([PY, str(PEERS / "bare_loop.py"), "--batch-size", "128", "--precision", "32", *n])
     rows.append(("bare loop, in-memory tensors, batch 128, fp32", r["images_per_s"], "one epoch after warm-up"))
     r, _, _ = run([PY, str(PEERS / "tutorial_loop.py"), *n])
@@ -243,9 +268,7 @@ def flops(model: str) -> float:
 def section_limit(work: Path, quick: bool) -> dict:
     """images/s of fashion_fast as a share of what the machine's GEMM rate allows for the model's FLOPs."""
     sys.path.insert(0, str(REPO))
-    from cnntrain.engine.device import cpu_has_fast_bf16
-
-    precision = "bf16" if cpu_has_fast_bf16() else "fp32"  # what precision=auto picks on this CPU
+    precision = "bf16" if fast_settings()[0] == "bf16" else "fp32"  # what precision=auto picks on this CPU
     rates = gemm_rates()
     rows = []
     for model, n in (("simple_cnn", "2000" if quick else None), ("resnet8", "1000" if quick else "8192")):
@@ -343,6 +366,8 @@ def section_accuracy(work: Path, quick: bool) -> list[tuple[str, str, float, flo
     for recipe, args in (("default (embedded MNIST 5k, seed recipe)", []),
                          ("experiment=fashion_fast", ["experiment=fashion_fast"])):
         for precision in ("bf16", "32"):
+            if precision == "bf16" and args and fast_settings()[0] != "bf16":
+                continue  # emulated bf16 takes a quarter of an hour here, for a precision auto never picks
             s, m, _, _ = cnntrain_fit([*args, f"trainer.precision={precision}", *extra], work)
             train_s = train_seconds(m)
             rows.append((recipe, precision, s["test_acc"], train_s, s["best_val_acc"]))
@@ -354,12 +379,20 @@ def main() -> None:
     ap.add_argument("--only", choices=SECTIONS, action="append")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the suite runs")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--repo", type=Path, help="time the cnntrain of another checkout (e.g. the commit before a "
+                    "refactor) against the same peers; compare the ratios of two runs, not their images/s")
     args = ap.parse_args()
+    if args.quick:
+        QUICK_DATA.append("dataset=mnist5k")
+    if args.repo:
+        if not (args.repo / "cnntrain" / "__init__.py").is_file():
+            ap.error(f"--repo {args.repo}: no cnntrain package there")
+        ENV["PYTHONPATH"] = os.pathsep.join([str(args.repo.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])
     sections = args.only or SECTIONS
     work = Path(tempfile.mkdtemp(prefix="cnntrain-bench-"))
     lines = [f"# Benchmark results\n\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              f"  \nCommand: `python benchmarks/run.py{' --quick' if args.quick else ''}"
-             f"{''.join(' --only ' + s for s in args.only or [])}`\n"]
+             f"{''.join(' --only ' + s for s in args.only or [])}{f' --repo {args.repo}' if args.repo else ''}`\n"]
 
     def show(new: list[str]) -> None:
         lines.extend(new)
@@ -396,6 +429,10 @@ def main() -> None:
             table = ["## Accuracy: bf16 autocast against fp32\n",
                      "| recipe | precision | test acc | best val acc | training s |", "|---|---|---:|---:|---:|"]
             table += [f"| {r} | {p} | {a:.4f} | {v:.4f} | {s:.1f} |" for r, p, a, s, v in acc]
+            if fast_settings()[0] != "bf16":
+                table += ["", "This CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated and several "
+                              "times slower, and `precision=auto` trains fp32. The default recipe still shows "
+                              "both; fashion_fast runs fp32 only."]
             show([*table, ""])
     finally:
         shutil.rmtree(work, ignore_errors=True)
