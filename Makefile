@@ -18,11 +18,11 @@ fit:  ## train with the default config (add overrides with ARGS="model=resnet8 t
 smoke:  ## a tiny end-to-end run (seconds)
 	cnntrain fit experiment=smoke $(ARGS)
 
-test:  ## the whole suite, slow tests included (this is what CI runs)
-	$(PYTHON) -m pytest -q
+test:  ## the whole suite, slow tests included (this is what CI runs), one worker per core
+	$(PYTHON) -m pytest -q -n auto --dist loadscope
 
 test-fast:  ## skip the slow tests
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow" -n auto --dist loadscope
 
 lint:  ## ruff, and the layering contracts (import-linter: see [tool.importlinter] in pyproject.toml)
 	$(PYTHON) -m ruff check cnntrain tests benchmarks scripts

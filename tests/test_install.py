@@ -15,7 +15,7 @@ from tests.conftest import REPO
 def test_wheel_installs_and_trains_from_an_unrelated_directory(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv"))
+        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv", ".env"))
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, src],
                    check=True, capture_output=True)
@@ -48,7 +48,7 @@ def test_suite_runs_without_the_optional_extras_and_says_what_is_skipped():
     proc = subprocess.run([*script, "--collect-only", "-q"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
-    extras = ("slurm_preset or optuna_study or parallel_launcher or submitit or onnxruntime"
+    extras = ("slurm_preset or optuna_study or launcher_plugins or submitit or onnxruntime"
               " or optuna_smoke or (experiment and tune)")
     proc = subprocess.run([*script, "-q", "-rs", "tests/test_sweeps.py", "tests/test_after_training.py",
                            "tests/test_configs.py", "-k", extras], cwd=REPO, capture_output=True, text=True, timeout=300)
