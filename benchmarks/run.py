@@ -65,7 +65,10 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    # Native bf16 (AVX512-BF16/AMX) or not decides which runs' figures compare: auto trains bf16 or fp32.
+    bf16 = "native bf16" if fast_settings()[0] == "bf16" else "no native bf16"
+    return (f"{cpu}, {os.cpu_count()} cores ({bf16}), {gpu}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800, env: dict[str, str] | None = None
