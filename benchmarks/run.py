@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
 FAST_BATCH = 256
 
 
+@functools.cache
 def fast_settings() -> tuple[str, bool]:
     """What precision=auto and channels_last=auto resolve to on this CPU ("bf16" or "32"; channels_last),
     through cnntrain's own resolver, so the bare loop runs what the fit ran: a CPU without native bf16
@@ -270,7 +272,6 @@ def flops(model: str) -> float:
 
 def section_limit(work: Path, quick: bool) -> dict:
     """images/s of fashion_fast as a share of what the machine's GEMM rate allows for the model's FLOPs."""
-    sys.path.insert(0, str(REPO))
     precision = "bf16" if fast_settings()[0] == "bf16" else "fp32"  # what precision=auto picks on this CPU
     rates = gemm_rates()
     rows = []

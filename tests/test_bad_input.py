@@ -228,7 +228,6 @@ def _csv(folder: Path, rows: list[str], header: str = "path,label") -> None:
 
 
 def _damage(run: Path, how: str, marker: Path) -> None:
-
     import torch
 
     last = run / "checkpoints" / "last.pt"
