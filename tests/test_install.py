@@ -5,10 +5,26 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+
+
+def borrow_the_test_interpreters_packages(python) -> None:
+    """Let a new venv import torch & co. from wherever this interpreter finds them: the project's .venv, the
+    user's own environment or a plain interpreter. (`--system-site-packages` would borrow the *base*
+    interpreter's packages, which inside a venv are not the ones the tests run with.) addsitedir also reads
+    their .pth files, so an editable cnntrain would be importable too, but only after the venv's own
+    site-packages, where the wheel's copy is."""
+    import site
+
+    dirs = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs)
+    (Path(purelib) / "zz_borrowed_from_the_tests.pth").write_text(lines)
 
 
 @pytest.mark.slow
@@ -20,12 +36,12 @@ def test_wheel_installs_and_trains_from_an_unrelated_directory(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, src],
                    check=True, capture_output=True)
     (wheel,) = dist.glob("cnntrain-*.whl")
-    # The venv borrows torch & co. from this interpreter but gets its own cnntrain from the wheel.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python, cli = venv / "bin" / "python", venv / "bin" / "cnntrain"
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True,
-                   capture_output=True)
+    borrow_the_test_interpreters_packages(python)
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index",
+                    wheel], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run([python, "-c", "import cnntrain.config.compose as c; print(c.config_dir())"], cwd=elsewhere,
