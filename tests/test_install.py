@@ -72,3 +72,48 @@ def test_suite_runs_without_the_optional_extras_and_says_what_is_skipped():
     for extra in ("joblib", "slurm", "optuna", "onnx"):
         assert f"is not installed (pip install 'cnntrain[{extra}]')" in proc.stdout, proc.stdout[-3000:]
     assert "passed" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]  # all of them skipped
+
+
+def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`make ARGS` in the checkout, with no virtual environment active unless env names one."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHON", "MAKEFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**base, **(env or {})})
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_targets_run_through_the_active_environment_or_the_project_venv(tmp_path):
+    """The two commands stay two: every target uses one interpreter, the one install used."""
+    proc = make("test", "VENV=" + str(tmp_path / "none"))  # nothing installed yet
+    assert proc.returncode != 0
+    assert "run 'make install' first" in proc.stdout + proc.stderr
+    for target in ("fit", "test", "lint"):
+        proc = make("-n", target, env={"VIRTUAL_ENV": str(tmp_path / "mine")})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(str(tmp_path / "mine" / "bin" / "python") + " -m "), proc.stdout
+    proc = make("-n", "fit", "PYTHON=/opt/py/bin/python3", env={"VIRTUAL_ENV": str(tmp_path / "mine")})
+    assert proc.stdout.startswith("/opt/py/bin/python3 -m cnntrain fit"), proc.stdout  # a named one wins
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_install_without_python3_venv_says_what_to_install(tmp_path):
+    """Debian/Ubuntu ship venv's pip bootstrap as python3-venv: without it, one line, not a traceback, and no
+    half-made .venv left behind for the next try to trip on."""
+    fake = tmp_path / "python3"
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  mkdir -p "$3/bin"
+  echo "The virtual environment was not created successfully because ensurepip is not available." >&2
+  exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    venv = tmp_path / ".venv"
+    proc = make("install", f"VENV={venv}", f"BASE_PYTHON={fake}")
+    assert proc.returncode != 0
+    assert "apt install python3-venv" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not venv.exists()
