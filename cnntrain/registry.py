@@ -208,7 +208,7 @@ def _not_importable(key: str, dotted: str, missing: str, hint: str | None) -> st
 
 
 DATASETS = Registry("dataset", "cnntrain.datasets")  # (DatasetConfig) -> ImageData
-MODELS = Registry("model", "cnntrain.models")  # (ModelConfig, in_channels, image_size, num_classes) -> nn.Module
+MODELS = Registry("model", "cnntrain.models")  # (in_channels, image_size, num_classes, **model keys) -> nn.Module
 OPTIMIZERS = Registry("optimizer")  # (param_groups, OptimizerConfig) -> torch.optim.Optimizer
 SCHEDULERS = Registry("scheduler")  # (SchedulerConfig, base_lr, steps_per_epoch, epochs) -> lr factor of the step
-AUGMENTATIONS = Registry("augmentation")  # (AugmentConfig) -> a batch transform, or None when it is off
+AUGMENTATIONS = Registry("augmentation")  # (AugmentConfig, num_classes) -> a batch stage, or None when it is off

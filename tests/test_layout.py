@@ -68,3 +68,49 @@ def test_no_function_in_the_engine_is_longer_than_about_80_lines():
                 if length > 85:
                     long.append(f"{path.name}:{node.name} ({length} lines)")
     assert long == []
+
+
+CONTRIBUTING = PACKAGE.parent / "CONTRIBUTING.md"
+
+
+def contributing_references() -> tuple[list[str], list[str]]:
+    """The paths (`cli/fit.py`, `tests/plugins/`) and dotted names (`engine.step.TrainStep`) that CONTRIBUTING's
+    map of where each concept lives sends a reader to; `name.py`/`name.yaml` placeholders are not references."""
+    import re
+
+    text = CONTRIBUTING.read_text()
+    quoted = re.findall(r"`([A-Za-z_][\w./]*)`", text)
+    layout = re.search(r"```\n(.*?)```", text, re.S)
+    listed = re.findall(r"^([\w.]+(?:/|\.py))\s", layout.group(1) if layout else "", re.M)
+    paths = sorted({q for q in quoted + listed if (q.endswith("/") or re.search(r"\.(py|yaml|toml|md)$", q))
+                    and "name." not in q})
+    subpackages = "cli|commands|engine|data|augment|models|io|config|sweep|registry|optim"
+    dotted = sorted({q for q in quoted if re.fullmatch(rf"(?:{subpackages})\.\w+(?:\.\w+)*", q)
+                     and not re.search(r"\.(py|yaml|toml|md)$", q)})
+    return paths, dotted
+
+
+def test_every_place_contributing_names_exists():
+    """CONTRIBUTING's map is how a newcomer finds a concept in one guess: a moved file or renamed function
+    must take the map with it."""
+    import importlib
+
+    paths, dotted = contributing_references()
+    assert len(paths) > 20 and len(dotted) > 5  # the parser still finds the map
+    root = PACKAGE.parent
+    missing = [p for p in paths if not any((base / p).exists() for base in (root, PACKAGE))]
+    for name in dotted:
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            module = "cnntrain." + ".".join(parts[:cut])
+            if _is_module(module):
+                obj = importlib.import_module(module)
+                try:
+                    for attr in parts[cut:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    missing.append(name)
+                break
+        else:
+            missing.append(name)
+    assert not missing, f"CONTRIBUTING.md names what does not exist: {missing}"

@@ -1,7 +1,7 @@
 """`cnntrain lr-find`: the learning-rate range test.
 
 Builds exactly what `cnntrain fit` would build from the same overrides (data, model, optimizer,
-augmentation, precision: `train._setup`), then takes one optimizer step per training batch while
+augmentation, precision: `engine.build.build_run`), then takes one optimizer step per training batch while
 the learning rate grows exponentially from lr_min to lr_max. The loss first barely moves, then
 falls, then blows up; a good learning rate sits where it falls fastest. Nothing is trained for
 keeps: the model is thrown away and no run directory is made, only a plot and a CSV.
