@@ -133,3 +133,18 @@ def main(argv: list[str]) -> None:
                 cells.append(o.origin or "built-in")
             table.add_row(*cells)
         con.print(table)
+        if group == "model" and len(groups) == 1:
+            con.print(_timm_sample())
+
+
+def _timm_sample() -> str:
+    """A sample of model=timm's architectures, only for `cnntrain list model` (timm takes a second to import)."""
+    from cnntrain.errors import UserError
+    from cnntrain.models.timm import TIMM_HINT, sample
+
+    try:
+        names = sample()
+    except UserError:
+        return f"model=timm model.arch=NAME takes any timm architecture; timm is not installed: {TIMM_HINT}"
+    return (f"model=timm model.arch=NAME, a sample of timm's architectures: {', '.join(names)}\n"
+            "all of them: python -c \"import timm; print(timm.list_models('*resnet*'))\" (a pattern, or none)")
