@@ -386,7 +386,7 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
         ("test loss", f"{test['loss']:.4f}"),
         ("time", f"{s.seconds_before + elapsed:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
         ("run dir", str(run.run_dir)),
-        ("tensorboard", f"tensorboard --logdir {run.run_dir}"),
+        *log.viewers(),
     ])
     return float(p.best_metric)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cnntrain.io.trackers import TensorBoardTracker, Tracker
+from cnntrain.io.trackers import TensorBoardTracker, Tracker, Trackers
 
 METRIC_COLUMNS = [
     "epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
@@ -82,6 +82,12 @@ class RunLog:
     def summary(self, summary: dict[str, Any]) -> None:
         """The end of a run: its summary.json record (test results, status)."""
         self.trackers.summary(summary)
+
+    def viewers(self) -> list[tuple[str, str]]:
+        """How to look at the run's records: (logger, command) rows for the final table."""
+        if isinstance(self.trackers, Trackers):
+            return self.trackers.viewers(self.run_dir)
+        return [v for v in [self.trackers.viewer(self.run_dir)] if v is not None]
 
     def flush(self) -> None:
         """Put every event logged so far on disk: done before a checkpoint, so a crash after it loses none."""

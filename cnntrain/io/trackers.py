@@ -51,6 +51,10 @@ class Tracker:
 
     def close(self, status: str | None = None) -> None: ...
 
+    def viewer(self, run_dir: Path) -> tuple[str, str] | None:
+        """(name, the command that shows this run's records) for the final table, or None."""
+        return None
+
 
 class Trackers(Tracker):
     """Every configured backend, called in turn; one that raises is reported once and dropped."""
@@ -87,6 +91,9 @@ class Trackers(Tracker):
 
     def close(self, status: str | None = None) -> None:
         self._each("close", status)
+
+    def viewers(self, run_dir: Path) -> list[tuple[str, str]]:
+        return [v for t in self.trackers if (v := t.viewer(run_dir)) is not None]
 
 
 # --------------------------------------------------------------------------- TensorBoard
@@ -130,6 +137,9 @@ class TensorBoardTracker(Tracker):
 
     def close(self, status: str | None = None) -> None:
         self.tb.close()
+
+    def viewer(self, run_dir: Path) -> tuple[str, str] | None:
+        return "tensorboard", f"tensorboard --logdir {run_dir}"
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -338,6 +348,9 @@ class MlflowTracker(Tracker):
             if self.cfg.log_checkpoint and best.is_file():
                 self.client.log_artifact(self.run_id, str(best), artifact_path="checkpoints")
         self.client.set_terminated(self.run_id, STATUS.get(str(status), "FAILED"))
+
+    def viewer(self, run_dir: Path) -> tuple[str, str] | None:
+        return "mlflow", f"mlflow ui --backend-store-uri {self.uri}"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
