@@ -13,7 +13,7 @@ usage: cnntrain list [GROUP] [--config-dir DIR]
 
 The options of each config group of `cnntrain fit` (pick one with GROUP=OPTION), with the
 description at the top of its YAML file; the default option is marked. GROUP limits the
-list to one group: dataset, model, augment, optimizer, scheduler, trainer, experiment.
+list to one group: dataset, model, augment, optimizer, scheduler, trainer, logger, experiment.
 
 Options from your own config folder (./configs, or --config-dir DIR) are marked "yours";
 those of installed plug-in packages (entry points cnntrain.models / cnntrain.datasets)
@@ -27,7 +27,7 @@ examples:
 # Plural and long spellings people type.
 ALIASES = {"datasets": "dataset", "models": "model", "augmentation": "augment", "augmentations": "augment",
            "augments": "augment", "optimizers": "optimizer", "schedulers": "scheduler", "trainers": "trainer",
-           "experiments": "experiment"}
+           "experiments": "experiment", "loggers": "logger"}
 
 
 def describe(path: Path) -> str:
