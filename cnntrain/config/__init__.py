@@ -292,6 +292,15 @@ def check_targets(cfg: Any) -> None:
                             f"{group}={name}); add {group}=custom, or remove {group}._target_")
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def validate(cfg: Any) -> None:
     """Reject values that are well-typed but impossible, naming the key and the fix."""
     check_known_keys(cfg)
@@ -303,6 +312,8 @@ def validate(cfg: Any) -> None:
                 f"{key}={value} is not a valid choice; use one of: {', '.join(options)}"
                 + did_you_mean(value, options)
             )
+    if cfg.model.name == "timm" and not _installed("timm"):  # now, not after the data have loaded
+        raise UserError("model=timm needs the timm package, which is not installed: pip install 'cnntrain[timm]'")
     t, d, o, s, a = cfg.trainer, cfg.dataset, cfg.optimizer, cfg.scheduler, cfg.augment
     checks = [
         (t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1"),
