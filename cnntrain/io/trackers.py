@@ -179,6 +179,25 @@ def _fail_fast() -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _creation_lock(db: Path | None) -> Iterator[None]:
+    """One process at a time opens a SQLite store: the first creates its tables (alembic migrations), and the
+    parallel jobs of a sweep doing that together collide ("table _alembic_tmp_... already exists")."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; parallel sweeps there start on a created store
+        fcntl = None
+    if db is None or fcntl is None or not db.parent.is_dir():
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
@@ -189,12 +208,12 @@ def _client(uri: str) -> Any:
     mlflow_module()
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is not None:
         with contextlib.suppress(OSError):
-            folder.mkdir(parents=True, exist_ok=True)
+            db.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _fail_fast():
+        with _fail_fast(), _creation_lock(db):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as e:  # MlflowException, requests' ConnectionError, SQLAlchemy's OperationalError
