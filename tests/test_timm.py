@@ -95,6 +95,20 @@ def test_the_head_is_the_one_timm_names(tmp_path):
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
 
 
+def test_the_backbone_learning_rate_scale_spares_timms_head():
+    from cnntrain.config import ModelConfig, OptimizerConfig
+    from cnntrain.models import build_model
+    from cnntrain.optim import param_groups
+
+    cfg = ModelConfig(name="timm", arch="resnet10t", backbone_lr_scale=0.1)
+    model = build_model(cfg, 1, (28, 28), 10)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for group in param_groups(model, OptimizerConfig(lr=1e-3), cfg):
+        is_head = all(id(p) in head for p in group["params"])
+        assert group["lr"] == pytest.approx(1e-3 if is_head else 1e-4)
+        assert is_head or not any(id(p) in head for p in group["params"])
+
+
 def test_list_model_shows_a_sample_of_timm(capsys):
     code, out, err = cli_in_process(["list", "model"], capsys)
     assert code == 0, err
