@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -217,9 +218,10 @@ def _eager(smoke_run):
 
 def test_export_torchscript_and_state_dict_match_the_eager_model(smoke_run, tmp_path, capsys):
     trained, x, expected = _eager(smoke_run)
-    code, out, err = cli_in_process(["export", f"ckpt={smoke_run}", f"out={tmp_path}"], capsys)
+    code, out, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=torchscript", f"out={tmp_path}"], capsys)
     assert code == 0, err
     assert "outputs match the eager model" in out
+    assert "TorchScript (torch.jit) is deprecated upstream" in out
     import warnings
 
     with warnings.catch_warnings():
@@ -250,7 +252,7 @@ def test_export_onnx_without_the_package_names_the_extra(smoke_run, monkeypatch,
     code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=onnx"], capsys)
     assert code == 2 and "pip install 'cnntrain[onnx]'" in err
     code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=tflite"], capsys)
-    assert code == 2 and "torchscript, onnx, state_dict" in err
+    assert code == 2 and "exported, torchscript, onnx, state_dict" in err
 
 
 @needs("onnx", "onnx")
@@ -299,6 +301,78 @@ def test_every_pytorch_file_export_writes_works_as_ckpt(smoke_run, digits, tmp_p
     code, _, err = cli_in_process(["predict", f"ckpt={out / 'model.torchscript.pt'}", f"inputs={image}"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "is a TorchScript program" in err and "model.state_dict.pt or model.safetensors" in err
+
+
+def _probabilities(path: Path) -> tuple[list[str], np.ndarray]:
+    """predictions.csv -> (each image's top class, its top-k probabilities)."""
+    table = rows(path)
+    return [r["class_1"] for r in table], np.array([[float(v) for k, v in r.items() if k.startswith("prob_")]
+                                                    for r in table])
+
+
+def test_export_default_is_a_pt2_that_predict_and_evaluate_take(smoke_run, digits, tmp_path, capsys):
+    """format=exported (the default): a .pt2 whose predictions on the test split agree with the checkpoint's,
+    usable as ckpt= by predict and evaluate, and refused by explain and export with what to pass instead."""
+    out = tmp_path / "export"
+    code, text, err = cli_in_process(["export", f"ckpt={smoke_run}", f"out={out}"], capsys)
+    assert code == 0, err
+    assert "as exported" in text and "outputs match the eager model" in text
+    pt2 = out / "model.pt2"
+    assert json.loads((out / "preprocess.json").read_text())["exports"]["exported"]["ok"]
+
+    code, _, err = cli_in_process(["evaluate", f"ckpt={pt2}", f"out={tmp_path / 'eval'}"], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["acc"] == pytest.approx(summary(smoke_run)["test_acc"])
+
+    # Per image, on the test split: the exported program's logits against the checkpoint's model.
+    trained, _, _ = _eager(smoke_run)
+    exported = load_trained(str(pt2), "cpu")
+    assert exported.exported and exported.classes == trained.classes
+    x = trained.preprocess.normalize(digits.test_x[:300])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model(x), trained.model(x), atol=1e-4, rtol=1e-4)
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(digits.test_x[i, 0].numpy()).save(images / f"{i}.png")
+    for ckpt, where in ((smoke_run, "p0"), (pt2, "p1")):
+        code, _, err = cli_in_process(["predict", f"ckpt={ckpt}", f"inputs={images}", f"out={tmp_path / where}"],
+                                      capsys)
+        assert code == 0, err
+    want, got = _probabilities(tmp_path / "p0" / "predictions.csv"), _probabilities(tmp_path / "p1" / "predictions.csv")
+    assert want[0] == got[0]
+    np.testing.assert_allclose(got[1], want[1], atol=1e-3)
+
+    for command in (["explain", f"inputs={images}"], ["export"]):
+        code, _, err = cli_in_process([command[0], f"ckpt={pt2}", *command[1:]], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "exported program" in err, err
+
+
+def test_a_pt2_loads_in_a_fresh_process_without_cnntrain(smoke_run, tmp_path, capsys):
+    """Deployment needs torch alone: torch.export.load, no cnntrain model code importable, any batch size."""
+    import subprocess
+    import sys
+
+    code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", f"out={tmp_path}"], capsys)
+    assert code == 0, err
+    _, x, expected = _eager(smoke_run)  # a batch of 7; the export traced a batch of 2
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, json, torch\n"
+        "sys.modules['cnntrain'] = None  # any import of cnntrain now fails\n"
+        "extra = {'cnntrain.json': ''}\n"
+        f"program = torch.export.load({str(tmp_path / 'model.pt2')!r}, extra_files=extra)\n"
+        f"y = program.module()(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
+        "print(json.loads(extra['cnntrain.json'])['preprocess']['image_size'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[28, 28]"
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_predict_skip_counts_only_the_images_it_classifies(smoke_run, digits, tmp_path, capsys):

@@ -377,7 +377,7 @@ PATH_CASES = [
     ("explain-output-file-is-a-folder", ["explain", "ckpt={run}", "inputs={image}", "out={blocked}"],
      ["out={blocked}", "{blocked}/explain.csv", "it is a folder"]),
     ("export-output-file-is-a-folder", ["export", "ckpt={run}", "out={blocked}"],
-     ["out={blocked}", "{blocked}/model.torchscript.pt", "it is a folder"]),
+     ["out={blocked}", "{blocked}/model.pt2", "it is a folder"]),
     ("fit-run-dir-is-a-file", ["fit", "experiment=smoke", "hydra.run.dir={file}"],
      ["cannot create the run directory {file}", "hydra.run.dir"]),
     ("fit-resumed-run-file-is-a-folder", ["fit", "resume={damaged}", "trainer.epochs=4"],
@@ -393,7 +393,7 @@ def paths(tmp_path_factory, smoke_run) -> dict[str, str]:
     (base / "a_file").write_text("a regular file\n")
     (base / "a_folder").mkdir()
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(base / "digit.png")
-    for name in ("predictions.csv", "explain.csv", "per_class.csv", "metrics.json", "model.torchscript.pt"):
+    for name in ("predictions.csv", "explain.csv", "per_class.csv", "metrics.json", "model.pt2"):
         (base / "blocked" / name).mkdir(parents=True)
     damaged = base / "damaged" / smoke_run.name
     shutil.copytree(smoke_run, damaged)
@@ -432,3 +432,94 @@ def test_a_path_that_cannot_be_used_is_one_line_naming_its_key(paths, args, expe
     for fragment in expect:
         assert fill(fragment) in lines[0], lines[0]
     assert "Errno" not in lines[0]
+
+
+# --------------------------------------------------------------------------- the optional extras' rows
+# timm, MLflow and torch.export: each row runs `cnntrain ARGS` in its own process; `hide` makes those modules
+# unimportable there (as without the extra), `needs` skips the row when this machine lacks one.
+
+
+@dataclass
+class ExtraCase:
+    id: str
+    args: list[str]
+    expect: list[str]  # fragments of the error line; {pt2}, {foreign}, {swapped}, {image} are filled in
+    needs: tuple[str, ...] = ()
+    hide: tuple[str, ...] = ()
+
+
+EXTRA_CASES = [
+    ExtraCase("timm-unknown-arch", ["fit", "model=timm", "model.arch=resnte10t", "dataset.subset=100"],
+              ["unknown timm architecture (model.arch) 'resnte10t' (did you mean 'resnet10t'?)"], needs=("timm",)),
+    ExtraCase("timm-not-installed", ["fit", "model=timm", "dataset.subset=100"],
+              ["model=timm needs the timm package", "pip install 'cnntrain[timm]'"], hide=("timm",)),
+    ExtraCase("mlflow-not-installed", ["fit", "logger=mlflow", "dataset.subset=100"],
+              ["logger=mlflow needs the mlflow package", "pip install 'cnntrain[mlflow]'"], hide=("mlflow",)),
+    ExtraCase("mlflow-unreachable", ["fit", "logger=mlflow", "logger.tracking_uri=http://127.0.0.1:9"],
+              ["logger.tracking_uri=http://127.0.0.1:9: the MLflow tracking store cannot be reached"],
+              needs=("mlflow",)),
+    ExtraCase("pt2-without-record", ["predict", "ckpt={foreign}", "inputs={image}"],
+              ["{foreign} is a torch.export program without cnntrain's record", "format=exported"]),
+    ExtraCase("pt2-of-another-model", ["predict", "ckpt={swapped}", "inputs={image}"],
+              ["{swapped}: its program does not take the 1x28x28 images its record describes",
+               "another model"]),
+]
+
+
+def _extra_files(base: Path, smoke_run: Path) -> dict[str, str]:
+    """A digit image; the smoke run's model.pt2; a .pt2 from plain torch.export (no record); and one whose
+    program is another model's (3x32x32 inputs) under the smoke run's record."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(base / "digit.png")
+    proc = subprocess.run([sys.executable, "-m", "cnntrain", "export", f"ckpt={smoke_run}", f"out={base}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    # In a process of its own: torch.export looks for onnx, which tests/without_extras.py makes raise here.
+    script = f"""
+import torch
+extra = {{"cnntrain.json": ""}}
+torch.export.load({str(base / "model.pt2")!r}, extra_files=extra)
+other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
+program = torch.export.export(other.eval(), (torch.zeros(2, 3, 32, 32),))
+torch.export.save(program, {str(base / "foreign.pt2")!r})
+torch.export.save(program, {str(base / "swapped.pt2")!r}, extra_files=extra)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return {"pt2": str(base / "model.pt2"), "foreign": str(base / "foreign.pt2"),
+            "swapped": str(base / "swapped.pt2"), "image": str(base / "digit.png")}
+
+
+@pytest.fixture(scope="module")
+def extra_files(tmp_path_factory, smoke_run) -> dict[str, str]:
+    return _extra_files(tmp_path_factory.mktemp("extras"), smoke_run)
+
+
+def _mark(case: ExtraCase) -> list[pytest.MarkDecorator]:
+    from tests.conftest import needs
+
+    return [needs(m, m) for m in case.needs]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_mark(c)) for c in EXTRA_CASES])
+def test_the_extras_bad_input_is_refused_with_one_line(case, extra_files, tmp_path):
+    def fill(text: str) -> str:
+        for name, value in extra_files.items():
+            text = text.replace("{" + name + "}", value)
+        return text.replace("{tmp}", str(tmp_path))
+
+    # The CLI as `python -m cnntrain` runs it, after hiding the modules of an extra that "is not installed".
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.without_extras import hide; "
+            f"hide({case.hide!r}); from cnntrain.cli import main; main()")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-c", code, *[fill(a) for a in case.args]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("cnntrain: error: "), proc.stderr
+    for fragment in case.expect:
+        assert fill(fragment) in lines[0], lines[0]
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not [p for p in runs.rglob("*") if p.is_file()], "a failed start left files in runs/"

@@ -37,7 +37,13 @@ EXPERIMENTS = [_experiment(p) for p in sorted((CONFIGS / "experiment").glob("*.y
 NEEDS = {("model", "custom"): ["model._target_=mynets.TinyNet"], ("dataset", "custom"): ["dataset._target_=mydata.build"]}
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS)
+# Options that validation refuses without their extra (the package is checked before any data are loaded).
+EXTRA_OPTIONS = {("model", "timm"): ("timm", "timm")}
+
+
+@pytest.mark.parametrize(("group", "option"), [
+    pytest.param(g, o, marks=[needs(*EXTRA_OPTIONS[(g, o)])] if (g, o) in EXTRA_OPTIONS else [])
+    for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option):
     cfg = compose_fit([f"{group}={option}", *NEEDS.get((group, option), [])])
     validate(cfg)

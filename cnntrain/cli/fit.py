@@ -104,6 +104,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
 
     from cnntrain.config import validate
     from cnntrain.io.files import discard_run_dir
+    from cnntrain.io.trackers import check_logger
     from cnntrain.sweep import jobs as sweep
 
     job.started = True
@@ -114,6 +115,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
     resuming = cfg.resume is not None
     try:
         validate(cfg)  # before torch is imported: a bad value fails in a second
+        check_logger(cfg)  # logger=mlflow: its package and tracking store, before any data are loaded
         # Sweep jobs: resume=auto / a requeue may point elsewhere or find the job already done.
         run_dir, resume, recorded = sweep.prepare_job(cfg, run_dir)
         if recorded is not None:

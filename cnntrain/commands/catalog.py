@@ -13,7 +13,7 @@ usage: cnntrain list [GROUP] [--config-dir DIR]
 
 The options of each config group of `cnntrain fit` (pick one with GROUP=OPTION), with the
 description at the top of its YAML file; the default option is marked. GROUP limits the
-list to one group: dataset, model, augment, optimizer, scheduler, trainer, experiment.
+list to one group: dataset, model, augment, optimizer, scheduler, trainer, logger, experiment.
 
 Options from your own config folder (./configs, or --config-dir DIR) are marked "yours";
 those of installed plug-in packages (entry points cnntrain.models / cnntrain.datasets)
@@ -27,7 +27,7 @@ examples:
 # Plural and long spellings people type.
 ALIASES = {"datasets": "dataset", "models": "model", "augmentation": "augment", "augmentations": "augment",
            "augments": "augment", "optimizers": "optimizer", "schedulers": "scheduler", "trainers": "trainer",
-           "experiments": "experiment"}
+           "experiments": "experiment", "loggers": "logger"}
 
 
 def describe(path: Path) -> str:
@@ -133,3 +133,18 @@ def main(argv: list[str]) -> None:
                 cells.append(o.origin or "built-in")
             table.add_row(*cells)
         con.print(table)
+        if group == "model" and len(groups) == 1:
+            con.print(_timm_sample())
+
+
+def _timm_sample() -> str:
+    """A sample of model=timm's architectures, only for `cnntrain list model` (timm takes a second to import)."""
+    from cnntrain.errors import UserError
+    from cnntrain.models.timm import TIMM_HINT, sample
+
+    try:
+        names = sample()
+    except UserError:
+        return f"model=timm model.arch=NAME takes any timm architecture; timm is not installed: {TIMM_HINT}"
+    return (f"model=timm model.arch=NAME, a sample of timm's architectures: {', '.join(names)}\n"
+            "all of them: python -c \"import timm; print(timm.list_models('*resnet*'))\" (a pattern, or none)")

@@ -171,6 +171,9 @@ def main(argv: list[str]) -> None:
     if args is None:
         return
     paths, note, trained = images_and_model(args)
+    if trained.exported:  # Grad-CAM hooks the model's layers, which a captured program no longer has
+        raise UserError(f"ckpt={args.ckpt} is an exported program (.pt2); explain needs the checkpoint it was "
+                        "exported from (its run directory, best.pt or model.state_dict.pt)")
     pre, model = trained.preprocess, trained.model
     target = class_index(trained.classes, args.target) if args.target is not None else None
     example = pre.normalize(torch.zeros(1, pre.channels, *pre.image_size, dtype=torch.uint8, device=trained.device))

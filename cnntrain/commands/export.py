@@ -1,5 +1,5 @@
-"""`cnntrain export`: the trained model as TorchScript, ONNX or a plain state_dict, checked
-against the eager model before the command reports success."""
+"""`cnntrain export`: the trained model as a torch.export program (.pt2), ONNX, TorchScript or a plain
+state_dict, checked against the eager model before the command reports success."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ import torch
 
 from cnntrain.errors import UserError
 
-FORMATS = ("torchscript", "onnx", "state_dict")
-FILE_NAMES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "state_dict": "model.state_dict.pt"}
+FORMATS = ("exported", "torchscript", "onnx", "state_dict")
+FILE_NAMES = {"exported": "model.pt2", "torchscript": "model.torchscript.pt", "onnx": "model.onnx",
+              "state_dict": "model.state_dict.pt"}
+TORCHSCRIPT_NOTE = ("note: TorchScript (torch.jit) is deprecated upstream in favour of torch.export; "
+                    "format=exported writes the program PyTorch supports")
 SAFETENSORS_NAME = "model.safetensors"  # written beside model.state_dict.pt
 ONNX_HINT = "pip install 'cnntrain[onnx]'"
 
 HELP = """\
-usage: cnntrain export ckpt=<checkpoint or run dir> format=torchscript|onnx|state_dict [key=value ...]
+usage: cnntrain export ckpt=<checkpoint or run dir> format=exported|onnx|torchscript|state_dict [key=value ...]
 
 Write the trained model in a deployable format, run the written file on a batch of inputs and
 compare its outputs with the eager PyTorch model (|exported - eager| <= atol + rtol * |eager|,
@@ -32,8 +35,11 @@ normalised as in preprocess.json, any batch size, and returns logits.
 
 keys:
   ckpt=PATH            {ckpt}
-  format=torchscript   torchscript (torch.jit.trace) | onnx (needs {hint}) | state_dict
-                       (model.state_dict.pt, usable with ckpt=, and model.safetensors)
+  format=exported      exported: model.pt2, a torch.export ExportedProgram with a free batch size and the
+                       preprocessing record inside; loads with torch.export.load (no cnntrain needed)
+                       and is accepted by predict and evaluate as ckpt=
+                       | onnx (needs {hint}) | torchscript (torch.jit.trace; deprecated upstream)
+                       | state_dict (model.state_dict.pt, usable with ckpt=, and model.safetensors)
   out=DIR              where to write (default: <run dir>/export)
   atol=1e-4            absolute tolerance of the check
   rtol=1e-4            relative tolerance of the check
@@ -42,6 +48,7 @@ keys:
 
 examples:
   cnntrain export ckpt=runs/default/<run>
+  cnntrain predict ckpt=runs/default/<run>/export/model.pt2 inputs=my_digits/
   cnntrain export ckpt=runs/default/<run> format=onnx
 """
 
@@ -49,7 +56,7 @@ examples:
 @dataclass
 class ExportArgs:
     ckpt: str = "???"
-    format: str = "torchscript"
+    format: str = "exported"
     out: str | None = None
     atol: float = 1e-4
     rtol: float = 1e-4
@@ -101,6 +108,23 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
         traced = torch.jit.trace(model, example)
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path), map_location="cpu")
+    return lambda x: loaded(x)
+
+
+def export_program(trained: Any, model: torch.nn.Module, example: torch.Tensor, path: Path) -> Callable:
+    """torch.export with a free batch axis; the record that predict/evaluate need travels inside the archive
+    (extra file cnntrain.json), so the .pt2 alone is a usable ckpt=. Checked after a round trip through the file."""
+    from cnntrain.engine.inference import EXPORTED_RECORD, exported_record
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        with _quiet():
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+    except Exception as e:  # an op or Python construct torch.export cannot capture
+        raise UserError(f"torch.export failed for {trained.label}: {_root_cause(e)[:300]}; format=onnx, "
+                        "torchscript or state_dict may still work") from None
+    torch.export.save(program, str(path), extra_files={EXPORTED_RECORD: json.dumps(exported_record(trained))})
+    loaded = torch.export.load(str(path)).module()
     return lambda x: loaded(x)
 
 
@@ -282,6 +306,9 @@ def main(argv: list[str]) -> None:
     if args.format == "onnx":
         check_opset(args.opset)  # before the checkpoint is read
     trained = load_trained(args.ckpt, "cpu")  # exported graphs are device-neutral; trace on the CPU
+    if trained.exported:
+        raise UserError(f"ckpt={args.ckpt} is already an exported program; export reads a checkpoint (best.pt, "
+                        "last.pt, model.state_dict.pt) or a run directory")
     model = trained.model.float().eval()
     out = trained.out_dir("export", args.out)
     path = out / FILE_NAMES[args.format]
@@ -294,7 +321,10 @@ def main(argv: list[str]) -> None:
 
     how = args.format
     with torch.no_grad():
-        if args.format == "torchscript":
+        if args.format == "exported":
+            run = export_program(trained, model, example, path)
+        elif args.format == "torchscript":
+            print(TORCHSCRIPT_NOTE)
             run = export_torchscript(model, example, path)
         elif args.format == "state_dict":
             run = export_state_dict(trained, path)

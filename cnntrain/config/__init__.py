@@ -57,7 +57,7 @@ class ModelConfig:
     # model=custom: the dotted path of an nn.Module class or a function that returns one. Keys of
     # `model` that this schema does not declare are passed to it as keyword arguments.
     _target_: str | None = None
-    # model=torchvision: the torchvision architecture, e.g. resnet18.
+    # model=torchvision / model=timm: the architecture, e.g. resnet18 / resnet10t.
     arch: str | None = None
     # Base channel width; None means the architecture's own default (its builder's keyword default).
     width: int | None = None
@@ -65,9 +65,9 @@ class ModelConfig:
     hidden: int | None = None
     # Dropout before the classifier, for models that have a head.
     dropout: float = 0.0
-    # torchvision models: load the published ImageNet weights (downloads once).
+    # torchvision and timm models: load the published ImageNet weights (downloads once).
     pretrained: bool = False
-    # A local state_dict (.pt) to start from; works offline.
+    # A local state_dict (.pt, .pth, or .safetensors) to start from; works offline.
     weights: str | None = None
     # Train only the classifier head...
     freeze_backbone: bool = False
@@ -173,6 +173,21 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    # The backends that record the run besides metrics.csv, turned on by the logger group's options:
+    # logger=tensorboard (the default), logger=mlflow, or both: logger=[tensorboard,mlflow].
+    tensorboard: bool = False
+    mlflow: bool = False
+    # MLflow tracking store (sqlite:///..., http://host:5000, ...); None: sqlite:///<cwd>/runs/mlflow.db.
+    tracking_uri: str | None = None
+    # MLflow experiment; None: the config's name.
+    experiment: str | None = None
+    # Upload figures/*.png and checkpoints/best.pt to the MLflow run when it completes.
+    log_figures: bool = True
+    log_checkpoint: bool = True
+
+
+@dataclass
 class FitConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -180,6 +195,7 @@ class FitConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Experiment name: the first level of the run directory under runs/.
     name: str = "default"
     # Continue a run: its directory or a checkpoint file (see README, "Resume").
@@ -276,6 +292,15 @@ def check_targets(cfg: Any) -> None:
                             f"{group}={name}); add {group}=custom, or remove {group}._target_")
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def validate(cfg: Any) -> None:
     """Reject values that are well-typed but impossible, naming the key and the fix."""
     check_known_keys(cfg)
@@ -287,6 +312,8 @@ def validate(cfg: Any) -> None:
                 f"{key}={value} is not a valid choice; use one of: {', '.join(options)}"
                 + did_you_mean(value, options)
             )
+    if cfg.model.name == "timm" and not _installed("timm"):  # now, not after the data have loaded
+        raise UserError("model=timm needs the timm package, which is not installed: pip install 'cnntrain[timm]'")
     t, d, o, s, a = cfg.trainer, cfg.dataset, cfg.optimizer, cfg.scheduler, cfg.augment
     checks = [
         (t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1"),

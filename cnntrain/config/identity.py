@@ -40,6 +40,11 @@ RESUME_FREE = frozenset({
     "dataset.in_memory",
     "dataset.memory_limit_mb",
     "dataset.on_corrupt",
+    # Which records are written; the MLflow store and experiment are not free: a resume continues its run there.
+    "logger.tensorboard",
+    "logger.mlflow",
+    "logger.log_figures",
+    "logger.log_checkpoint",
 })
 
 

@@ -25,8 +25,10 @@ from cnntrain.errors import UserError
 from cnntrain.io.files import BEST, LAST, output_dir
 from cnntrain.io.logs import log_to
 
-CKPT_HELP = ("checkpoint file (best.pt, last.pt, or export's model.state_dict.pt or model.safetensors), "
+CKPT_HELP = ("checkpoint file (best.pt, last.pt, or export's model.pt2, model.state_dict.pt or model.safetensors), "
              "or a run directory (its checkpoints/best.pt: the weights fit tested)")
+# The archive member of an exported .pt2 that holds what a checkpoint's meta and config hold.
+EXPORTED_RECORD = "cnntrain.json"
 _META_KEYS = ("classes", "channels", "image_size", "mean", "std")
 
 
@@ -72,6 +74,7 @@ class Trained:
     progress: dict[str, Any]
     checkpoint: Path
     device: torch.device
+    exported: bool = False  # model is a torch.export program (.pt2): it runs, but has no cnntrain module code
 
     @property
     def run_dir(self) -> Path:
@@ -156,36 +159,128 @@ def _rebuild(config: dict[str, Any], meta: dict[str, Any], path: Path, pre: Prep
                         f"PYTHONPATH (PYTHONPATH={folder})") from None
 
 
-def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
-    """Rebuild the model of a checkpoint (or run directory) with its weights, in eval mode."""
-    path = resolve_checkpoint(spec)
-    state = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
-    meta, config = state.get("meta"), state.get("config")
-    if not isinstance(config, dict) and isinstance(state.get("model_config"), dict):
-        config = {"model": state["model_config"]}  # export format=state_dict of cnntrain <= 0.1: the model only
+def _preprocess_of(meta: Any, path: Path) -> tuple[Preprocess, list[str]]:
     if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
         missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
         raise UserError(f"{path} lacks the preprocessing record (meta: {', '.join(missing)}) that cnntrain fit "
                         "writes; it cannot be used for inference")
+    classes = [str(c) for c in meta["classes"]]
+    size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+    return Preprocess(int(meta["channels"]), size, tuple(float(v) for v in meta["mean"]),
+                      tuple(float(v) for v in meta["std"])), classes
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    from cnntrain.engine.device import resolve_device
+
+    return resolve_device(device)
+
+
+def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
+    """Rebuild the model of a checkpoint (or run directory) with its weights, in eval mode; an exported .pt2
+    is loaded as its program instead."""
+    path = resolve_checkpoint(spec)
+    if is_exported(path):
+        return load_exported(path, device)
+    state = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
+    meta, config = state.get("meta"), state.get("config")
+    if not isinstance(config, dict) and isinstance(state.get("model_config"), dict):
+        config = {"model": state["model_config"]}  # export format=state_dict of cnntrain <= 0.1: the model only
+    pre, classes = _preprocess_of(meta, path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{path} lacks the model config (config or model_config) that cnntrain fit and export "
                         "write, so the architecture cannot be rebuilt; it cannot be used for inference")
-    classes = [str(c) for c in meta["classes"]]
-    size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-    pre = Preprocess(int(meta["channels"]), size, tuple(float(v) for v in meta["mean"]),
-                     tuple(float(v) for v in meta["std"]))
     model = _rebuild(config, meta, path, pre, classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:200]
         raise UserError(f"checkpoint {path}: its weights do not fit its own model config ({detail})") from None
-    if not isinstance(device, torch.device):
-        from cnntrain.engine.device import resolve_device
-
-        device = resolve_device(device)
+    device = _device(device)
     model.to(device).eval()
     return Trained(model, pre, classes, meta, config, dict(state.get("progress") or {}), path, device)
+
+
+class ExportedModule(nn.Module):
+    """A .pt2's program as an nn.Module the evaluation loop can switch: the program was captured in eval mode
+    and its module refuses train()/eval(), so the switch stops here."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+        self.training = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        self.training = mode
+        return self
+
+
+def exported_record(trained: Trained) -> dict[str, Any]:
+    """What a .pt2 carries beside its program: the checkpoint's meta and the run's config (evaluate finds the
+    dataset in it, predict the precision)."""
+    return {"meta": trained.meta, "config": trained.config, "checkpoint": str(trained.checkpoint),
+            "preprocess": trained.preprocess.to_dict(), "classes": trained.classes}
+
+
+def is_exported(path: Path) -> bool:
+    """A torch.export archive: a zip whose members include <name>/archive_format (a torch.save file has none)."""
+    import zipfile
+
+    if path.suffix == ".pt2":
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/archive_format") or n == "archive_format" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_exported(path: Path, device: str | torch.device) -> Trained:
+    """An exported .pt2 as a Trained: its program's module, and the record `cnntrain export` put beside it. The
+    program must answer the record's input with one logit per class, or it belongs to another model."""
+    import json
+
+    extra = {EXPORTED_RECORD: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # a truncated or foreign archive, or one from an incompatible torch
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {path} as a torch.export program ({first[:200]})") from None
+    if not extra[EXPORTED_RECORD]:
+        raise UserError(f"{path} is a torch.export program without cnntrain's record ({EXPORTED_RECORD}: classes, "
+                        "input size, normalisation); write it with cnntrain export format=exported")
+    try:
+        record = json.loads(extra[EXPORTED_RECORD])
+    except ValueError as e:
+        raise UserError(f"{path}: its {EXPORTED_RECORD} is not valid JSON ({e})") from None
+    meta, config = record.get("meta"), record.get("config") or {}
+    pre, classes = _preprocess_of(meta, path)
+    device = _device(device)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    model = ExportedModule(program.module())
+    x = torch.zeros(2, pre.channels, *pre.image_size, device=device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # the program's input guards refuse the record's image shape
+        first = " ".join(str(e).split())[:200]
+        raise UserError(f"{path}: its program does not take the {pre.channels}x{pre.image_size[0]}x"
+                        f"{pre.image_size[1]} images its record describes ({first}); was the .pt2 of another "
+                        "model put with this record?") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, len(classes)):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{path}: its program gives outputs of shape {shape} for a batch of 2, but its record "
+                        f"names {len(classes)} classes; was the .pt2 of another model put with this record?")
+    return Trained(model, pre, classes, meta, config if isinstance(config, dict) else {}, {}, path, device,
+                   exported=True)
 
 
 def is_safetensors(path: Path) -> bool:

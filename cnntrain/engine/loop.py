@@ -34,6 +34,7 @@ from cnntrain.io.cpus import CollapseWatch
 from cnntrain.io.files import BEST, LAST, write_json, write_splits
 from cnntrain.io.provenance import provenance
 from cnntrain.io.runlog import NullLog, RunLog
+from cnntrain.io.trackers import open_trackers
 from cnntrain.models import count_parameters, freeze_norm_stats, set_backbone_trainable
 from cnntrain.sweep import jobs as sweep_jobs
 
@@ -118,7 +119,7 @@ def train(run: Run) -> float:
         raise
     finally:
         s.stop.restore()
-        s.log.close()
+        s.log.close(s.summary.get("status"))
         distributed.teardown(d)
 
 
@@ -148,8 +149,11 @@ def _open_log(run: Run) -> RunLog | NullLog:
                provenance(describe(run.device), t.seed, run.data_fingerprint, sys.argv))
     if run.data.items is not None:  # the splits this run trained, validated and tested on
         write_splits(run.run_dir / "splits.csv", run.data.items.column, run.data.split_rows())
-    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None,
-                  resume_step=p.global_step + 1 if resumed else None)
+    resume_step = p.global_step + 1 if resumed else None
+    hydra = sweep_jobs.hydra_config() if sweep_jobs.in_sweep() else None
+    sweep_dir = Path(hydra.sweep.dir).resolve() if hydra is not None else None
+    trackers = open_trackers(run.cfg.logger, run.run_dir, run.cfg.name, flat(run.cfg), resumed, resume_step, sweep_dir)
+    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None, resume_step=resume_step, trackers=trackers)
 
 
 def _save(run: Run, s: Session, name: str) -> None:
@@ -371,17 +375,18 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
                                 "hparam/test_loss": test["loss"]})
     if run.dist.main:  # run_dir/figures/*.png, the same in TensorBoard, and filters and feature maps there
-        figures.fit_figures(run.run_dir, log.tb, p.global_step, run.cfg.name, list(run.data.classes),
+        figures.fit_figures(run.run_dir, log, p.global_step, run.cfg.name, list(run.data.classes),
                             run.tensors["test_x"], run.tensors["test_y"], test)
-        figures.model_images(run.model, run.tensors["test_x"][:1], run.step.normalise.from_uint8, log.tb,
+        figures.model_images(run.model, run.tensors["test_x"][:1], run.step.normalise.from_uint8, log,
                              p.global_step)
+    log.summary(summary)
     run.reporter.final("done", [
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
         ("test acc", f"{test['acc']:.4f}"),
         ("test loss", f"{test['loss']:.4f}"),
         ("time", f"{s.seconds_before + elapsed:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
         ("run dir", str(run.run_dir)),
-        ("tensorboard", f"tensorboard --logdir {run.run_dir}"),
+        *log.viewers(),
     ])
     return float(p.best_metric)
 

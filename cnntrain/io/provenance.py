@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("cnntrain", "torch", "torchvision", "hydra-core", "omegaconf", "numpy", "rich", "tensorboard")
+# The optional libraries a run may use are recorded too (None when not installed): a timm model depends on its version.
+PACKAGES = ("cnntrain", "torch", "torchvision", "hydra-core", "omegaconf", "numpy", "rich", "tensorboard", "safetensors",
+            "timm", "mlflow")
 
 
 def _git(args: list[str], cwd: Path) -> str | None:

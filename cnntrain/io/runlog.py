@@ -1,4 +1,5 @@
-"""What a run leaves behind for people and programs: TensorBoard events, metrics.csv, JSON records."""
+"""What a run leaves behind for people and programs: metrics.csv, and through io.trackers TensorBoard events
+and MLflow runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 
+from cnntrain.io.trackers import TensorBoardTracker, Tracker, Trackers
+
 METRIC_COLUMNS = [
     "epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
     "images_per_s", "epoch_s", "data_s", "compute_s", "eval_s",
@@ -17,18 +20,18 @@ METRIC_COLUMNS = [
 
 
 class RunLog:
-    """TensorBoard writer plus a CSV of per-epoch metrics, both in the run directory.
+    """metrics.csv (per-epoch metrics, in the run directory) and the `logger` group's backends (io.trackers:
+    TensorBoard, MLflow), behind the calls the loop makes.
 
-    On resume the CSV keeps its rows up to the checkpoint's epoch and continues; TensorBoard
-    is told to drop anything an earlier process logged at or after the resumed step.
+    On resume the CSV keeps its rows up to the checkpoint's epoch and continues; TensorBoard is told to drop
+    anything an earlier process logged at or after the resumed step, MLflow continues the same run.
     """
 
-    def __init__(self, run_dir: Path, resume_epoch: int | None = None, resume_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, run_dir: Path, resume_epoch: int | None = None, resume_step: int | None = None,
+                 trackers: Tracker | None = None):
         self.run_dir = run_dir
         self.csv_path = run_dir / "metrics.csv"
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
+        self.trackers = trackers if trackers is not None else TensorBoardTracker(run_dir, resume_step)
         if resume_epoch is None or not self.csv_path.exists():
             self._rewrite_csv([])
         else:
@@ -47,48 +50,52 @@ class RunLog:
         os.replace(tmp, self.csv_path)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        self.tb.add_scalar(tag, value, step)
+        self.trackers.scalar(tag, value, step)
 
     def epoch(self, row: dict[str, float | int], step: int) -> None:
-        """One row per epoch to metrics.csv (flushed, so a crash keeps it) and the same to TensorBoard."""
+        """One row per epoch to metrics.csv (flushed, so a crash keeps it) and the same to the loggers."""
         self._csv.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
         self._csv_file.flush()
         os.fsync(self._csv_file.fileno())
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            split, name = key.split("_")
-            self.tb.add_scalar(f"{split}/{name}", row[key], step)
-        self.tb.add_scalar("lr", row["lr"], step)
-        self.tb.add_scalar("throughput/images_per_s", row["images_per_s"], step)
-        self.tb.add_scalar("time/data_s", row["data_s"], step)
-        self.tb.add_scalar("time/compute_s", row["compute_s"], step)
-        self.tb.flush()
+        metrics = {f"{key.split('_')[0]}/{key.split('_')[1]}": row[key]
+                   for key in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        metrics.update({"lr": row["lr"], "throughput/images_per_s": row["images_per_s"],
+                        "time/data_s": row["data_s"], "time/compute_s": row["compute_s"]})
+        self.trackers.epoch(metrics, step, int(row["epoch"]))
 
     def images(self, tag: str, batch: torch.Tensor, step: int) -> None:
         """A grid of [B, C, H, W] images with values in [0, 1]."""
         from cnntrain.io.figures import image_grid
 
         grid = image_grid(batch.detach().float().clamp(0, 1).cpu(), nrow=min(8, len(batch)), padding=1)
-        self.tb.add_image(tag, grid, step)
+        self.trackers.image(tag, grid, step)
+
+    def add_image(self, tag: str, image: Any, step: int, dataformats: str = "CHW") -> None:
+        """One image (the figures' writer interface: io.figures draws to every logger through it)."""
+        self.trackers.image(tag, image, step, dataformats)
 
     def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
-        """An HParams entry in this run's own event file, so runs of a sweep line up in one table."""
-        from torch.utils.tensorboard.summary import hparams
-
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
         metrics = {k: (v if v is not None and math.isfinite(v) else float("nan")) for k, v in metrics.items()}
-        exp, ssi, sei = hparams(clean, metrics)
-        writer = self.tb._get_file_writer()
-        for summary in (exp, ssi, sei):
-            writer.add_summary(summary)
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, 0)
+        self.trackers.hparams(clean, metrics)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """The end of a run: its summary.json record (test results, status)."""
+        self.trackers.summary(summary)
+
+    def viewers(self) -> list[tuple[str, str]]:
+        """How to look at the run's records: (logger, command) rows for the final table."""
+        if isinstance(self.trackers, Trackers):
+            return self.trackers.viewers(self.run_dir)
+        return [v for v in [self.trackers.viewer(self.run_dir)] if v is not None]
 
     def flush(self) -> None:
         """Put every event logged so far on disk: done before a checkpoint, so a crash after it loses none."""
-        self.tb.flush()
+        self.trackers.flush()
 
-    def close(self) -> None:
-        self.tb.close()
+    def close(self, status: str | None = None) -> None:
+        """status: summary.json's (completed, interrupted, diverged; None for a failure)."""
+        self.trackers.close(status)
         if not self._csv_file.closed:
             self._csv_file.close()
 

@@ -1,7 +1,7 @@
 """Models: a config -> an nn.Module for the dataset's input shape and class count.
 
 Builders register themselves in cnntrain.registry.MODELS (zoo.py: the CNNs and ResNets written here;
-torchvision.py: any torchvision classifier; custom.py: the user's own class or factory, by dotted
+torchvision.py: any torchvision classifier; timm.py: any timm architecture (optional extra); custom.py: the user's own class or factory, by dotted
 path or installed plug-in). build_model checks the result runs on the dataset's images, loads
 weights and freezes what is asked.
 """
@@ -18,6 +18,7 @@ from torch import nn
 from cnntrain.config import ModelConfig, own_keys
 from cnntrain.errors import UserError
 from cnntrain.models import custom, zoo
+from cnntrain.models import timm as timm_models  # noqa: F401 - registers model=timm; timm itself loads on use
 from cnntrain.models import torchvision as tv
 from cnntrain.models.surgery import (
     backbone_parameters,

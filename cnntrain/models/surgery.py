@@ -113,6 +113,14 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"model.weights={path}: no such file")
+    if file.suffix == ".safetensors":  # what the Hugging Face Hub (timm's weights among them) publishes
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file), device="cpu")
+        except Exception as err:  # SafetensorError: truncated, bad header
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"model.weights={path}: cannot read it as a safetensors file ({first})") from None
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors all mean "unreadable"
