@@ -51,13 +51,14 @@ from torch import nn
 
 
 class ExampleNet(nn.Module):
-    """Two 3x3 conv blocks (width, then 2 x width channels), global average pooling, a linear head."""
+    """Three 3x3 conv blocks (width, then 2 x width channels), global average pooling, a linear head."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # any image size works
         )
         self.head = nn.Linear(2 * width, num_classes)  # the classifier: model.dropout goes before it
