@@ -1,0 +1,104 @@
+"""What a new user met when following only the README and `--help` (issue 24): each test types the
+commands as the user did."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import cli_in_process
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _written_to(out: str) -> Path:
+    """The folder the last line of a command's output names."""
+    return Path(out.strip().splitlines()[-1].rpartition(" to ")[2])
+
+
+def _images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"d{i}.png")
+    return folder
+
+
+# --------------------------------------------------------------------------- item 1: a folder per call
+
+
+def test_each_call_keeps_its_own_results(smoke_run, tmp_path, capsys):
+    folder = _images(tmp_path / "digits", 3)
+    code, out, err = cli_in_process(["evaluate", f"ckpt={smoke_run}", "tensorboard=false"], capsys)
+    assert code == 0, err
+    first = _written_to(out)
+    code, out, err = cli_in_process(["evaluate", f"ckpt={smoke_run}", "tensorboard=false", "split=val"], capsys)
+    assert code == 0, err
+    second = _written_to(out)
+    assert first != second and first.parent == second.parent == smoke_run / "evaluate"
+    assert "-test-" in first.name and "-val-" in second.name
+    assert (first / "metrics.json").is_file() and (second / "metrics.json").is_file()
+
+    # predict on one file, then on the folder: both sets of predictions survive, in folders named for them.
+    code, out, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={folder / 'd0.png'}"], capsys)
+    assert code == 0, err
+    one = _written_to(out).parent
+    code, out, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={folder}"], capsys)
+    assert code == 0, err
+    every = _written_to(out).parent
+    assert one.name.startswith("d0-") and every.name.startswith("digits-")
+    assert len(_rows(one / "predictions.csv")) == 1 and len(_rows(every / "predictions.csv")) == 3
+
+    # explain twice: no folder mixes the maps of two calls.
+    made = []
+    for inputs in (folder, folder / "d1.png"):
+        code, out, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={inputs}"], capsys)
+        assert code == 0, err
+        made.append(_written_to(out))
+    assert made[0] != made[1]
+    for where, n in zip(made, (3, 1), strict=True):
+        assert len(list(where.glob("*_gradcam.png"))) == len(_rows(where / "explain.csv")) == n
+
+
+def test_out_refuses_a_folder_with_files_unless_overwrite(smoke_run, tmp_path, capsys):
+    folder = _images(tmp_path / "digits", 2)
+    out_dir = tmp_path / "maps"
+    code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder}", f"out={out_dir}"], capsys)
+    assert code == 0, err
+    code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder / 'd0.png'}",
+                                   f"out={out_dir}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "overwrite=true" in err
+    assert len(_rows(out_dir / "explain.csv")) == 2  # untouched
+    code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder / 'd0.png'}",
+                                   f"out={out_dir}", "overwrite=true"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.glob("*_gradcam.png")) == ["d0_gradcam.png"]
+
+    # overwrite=true never empties a folder that is not an earlier call's results.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={folder}", f"out={mine}",
+                                   "overwrite=true"], capsys)
+    assert code == 2 and "did not write" in err and (mine / "notes.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- item 2: logs hold the output
+
+
+def test_command_logs_hold_what_was_printed(smoke_run, tmp_path, capsys):
+    folder = _images(tmp_path / "digits", 2)
+    for command, extra in (("evaluate", ["tensorboard=false"]), ("predict", [f"inputs={folder}"]),
+                           ("explain", [f"inputs={folder}"])):
+        out_dir = tmp_path / command
+        code, out, err = cli_in_process([command, f"ckpt={smoke_run}", f"out={out_dir}", *extra], capsys)
+        assert code == 0, err
+        log = (out_dir / f"{command}.log").read_text()
+        for line in out.strip().splitlines():
+            assert line.rstrip() in log, (command, line)
