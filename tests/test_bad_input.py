@@ -144,7 +144,8 @@ CASES = [
     # A resume continues the run it names: what would make it another run is refused, with the way out.
     Case("resume-other-architecture", ["resume={run}", "model=resnet8"],
          ["resume cannot change model.name (simple_cnn -> resnet8)",
-          "as a new run: cnntrain fit experiment=smoke model=resnet8 model.weights={run}/checkpoints/last.pt"],
+          "its weights do not fit the model of model.name=resnet8",
+          "to train that as a new run: cnntrain fit experiment=smoke model=resnet8"],
          damage="none"),
     Case("resume-other-dataset", ["resume={run}", "dataset=fashion_mnist", "trainer.epochs=5"],
          ["resume cannot change dataset.name (mnist5k -> fashion_mnist)", "would mix two datasets",

@@ -102,3 +102,37 @@ def test_command_logs_hold_what_was_printed(smoke_run, tmp_path, capsys):
         log = (out_dir / f"{command}.log").read_text()
         for line in out.strip().splitlines():
             assert line.rstrip() in log, (command, line)
+
+
+# --------------------------------------------------------------------------- item 7: suggested commands work
+
+
+def _suggested(err: str) -> list[str]:
+    """The `cnntrain ...` command at the end of a one-line error, as arguments."""
+    import shlex
+
+    (line,) = err.strip().splitlines()
+    return shlex.split(line[line.rindex("cnntrain fit "):])[1:]
+
+
+def test_every_command_an_error_suggests_works_as_printed(tmp_path, monkeypatch, capsys):
+    from tests.faults import flip_a_byte
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_in_process(["fit", "experiment=smoke", "trainer.epochs=2", "dataset.subset=300"], capsys)
+    assert code == 0, err
+    (run,) = (tmp_path / "runs" / "smoke").iterdir()
+    tries = {
+        "another model": ["fit", f"resume={run}", "model=simple_cnn"],
+        "another subset": ["fit", f"resume={run}", "dataset.subset=200"],
+        "weights only": ["fit", f"resume={run}/checkpoints/best.pt"],
+        "a damaged last.pt": ["fit", f"resume={run}"],  # after the damage below
+    }
+    for what, args in tries.items():
+        if what == "a damaged last.pt":
+            flip_a_byte(run / "checkpoints" / "last.pt")
+        code, _, err = cli_in_process([*args, "trainer.epochs=3"], capsys)
+        assert code == 2 and "cnntrain fit " in err, (what, err)
+        suggested = _suggested(err)
+        code, _, err = cli_in_process(suggested, capsys)
+        assert code == 0, (what, suggested, err)

@@ -52,7 +52,7 @@ def _check_same_run(run_dir: Path, path: Path, overrides: list[str]) -> None:
     task = [o for o in _overrides_only(overrides) if not o.lstrip("+~").startswith("hydra")]
     requested = OmegaConf.to_container(compose_fit([*task, f"resume={path}"]), resolve=True)
     check_resume(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True), requested, str(run_dir),
-                 sweep.weights_command(path, task))
+                 sweep.weights_command(path, task), sweep.new_run_command(task))
 
 
 # Hydra flags that take a value: the token after them is not an override.
