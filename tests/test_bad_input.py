@@ -33,6 +33,7 @@ class Case:
     expect: list[str]  # fragments of the error line; {data} and {run} are filled in
     damage: str | None = None  # resume rows: how their copy of a finished run is broken (see _damage)
     needs_non_root: bool = False  # root writes into read-only directories anyway
+    lines: int = 1  # a sweep with several bad values: the error line, then one line for each
 
 
 CASES = [
@@ -127,6 +128,16 @@ CASES = [
     Case("csv-no-labels-file", ["dataset=csv", "dataset.root={data}/csv_missing", "dataset.file=nope.csv"],
          ["dataset.file=nope.csv: no such file {data}/csv_missing/nope.csv"]),
     # Resume.
+    # A sweep is checked job by job before its first job trains; a value list needs --multirun.
+    Case("sweep-bad-value", ["--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1"],
+         ["optimizer.lr=-1.0 must be > 0, in 1 job(s): optimizer.lr=-1", "nothing of the sweep (2 jobs) was trained"]),
+    Case("sweep-two-bad-values", ["--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1", "trainer.epochs=1,0"],
+         ["3 of the sweep's 4 jobs have bad values; nothing was trained", "trainer.epochs=0 must be at least 1",
+          "optimizer.lr=-1.0 must be > 0"], lines=3),
+    Case("sweep-unknown-option", ["--multirun", "experiment=smoke", "model=tiny_cnn,resnt8"],
+         ["unknown model 'resnt8'", "in 1 job(s): model=resnt8"]),
+    Case("sweep-without-multirun", ["optimizer.lr=1e-3,3e-3"],
+         ["optimizer.lr=1e-3,3e-3 gives several values", "cnntrain fit --multirun optimizer.lr=1e-3,3e-3"]),
     Case("resume-missing", ["resume={data}/nowhere"], ["checkpoint or run directory not found: {data}/nowhere"]),
     Case("resume-not-a-run", ["resume={data}/a_file"], ["{data} is not a cnntrain run directory"]),
     Case("resume-no-checkpoint", ["resume={run}"], ["no checkpoint in run directory {run}"], damage="remove"),
@@ -319,9 +330,10 @@ def test_bad_input_is_refused_with_one_line(outcomes, case):
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("cnntrain: error: "), proc.stderr
+    assert len(lines) == case.lines and lines[0].startswith("cnntrain: error: "), proc.stderr
+    assert not any("cnntrain:" in ln for ln in lines[1:]), proc.stderr
     for fragment in case.expect:
-        assert _fill(fragment, out.data, out.run) in lines[0]
+        assert _fill(fragment, out.data, out.run) in " ".join(lines)
     # No clutter: a failed start leaves no run directory, a failed resume leaves the run as it was.
     runs = out.cwd / "runs"
     assert not runs.exists() or not [p for p in runs.rglob("*") if p.is_file()], "a failed start left files in runs/"

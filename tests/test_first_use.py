@@ -136,3 +136,27 @@ def test_every_command_an_error_suggests_works_as_printed(tmp_path, monkeypatch,
         suggested = _suggested(err)
         code, _, err = cli_in_process(suggested, capsys)
         assert code == 0, (what, suggested, err)
+
+
+# --------------------------------------------------------------------------- item 9: sweeps checked first
+
+
+def test_a_sweep_is_checked_before_its_first_job_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli_in_process(["fit", "--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1",
+                                     "trainer.batch_size=32,64"], capsys)
+    assert code == 2 and "epoch" not in out, out
+    assert err.strip() == ("cnntrain: error: optimizer.lr=-1.0 must be > 0, in 2 job(s): optimizer.lr=-1 "
+                           "trainer.batch_size=32, ...; nothing of the sweep (4 jobs) was trained")
+    assert not (tmp_path / "runs").exists()
+
+    # A value list without --multirun: one line, and the command it suggests runs the sweep.
+    code, _, err = cli_in_process(["fit", "optimizer.lr=1e-3,3e-3", "experiment=smoke", "trainer.epochs=1",
+                                   "dataset.subset=200"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Ambiguous" not in err, err
+    suggested = err[err.index("(cnntrain fit ") + 1:err.index(");")]
+    import shlex
+
+    code, _, err = cli_in_process(shlex.split(suggested)[1:], capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "runs" / "smoke" / "multirun").glob("*/*/summary.json"))) == 2

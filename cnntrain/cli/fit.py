@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cnntrain.cli.precheck import check_overrides
 from cnntrain.cli.resume import expand_resume
 from cnntrain.config.compose import (
     check_options,
@@ -32,9 +33,11 @@ def run_fit(args: list[str]) -> None:
     from omegaconf import DictConfig
 
     check_options(args)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
+    typed = list(args)
     args = take_config_dir_flags(args)  # the user's config folder joins the search path (register_configs)
     register_configs()
     register_resolvers()
+    check_overrides(args, typed)  # a sweep without --multirun; every job of a sweep validated before any trains
     # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     job = _JobState()
