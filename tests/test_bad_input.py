@@ -124,6 +124,10 @@ CASES = [
          ["labels.csv line 5: img/0.png is listed already (line 2)"]),
     Case("csv-empty-class", ["dataset=csv", "dataset.root={data}/csv_gap", "dataset.on_corrupt=error"],
          ["{data}/csv_gap/labels.csv: class 1 has no training images"]),
+    # A misspelt label makes a class of one image: a warning that names the setting that makes it this error.
+    Case("csv-misspelt-label", ["dataset=csv", "dataset.root={data}/csv_misspelt", "dataset.min_class_images=2"],
+         ["{data}/csv_misspelt/labels.csv: class circel (1 image) looks like circle (12)",
+          "dataset.min_class_images=2"]),
     Case("csv-no-path-column", ["dataset=csv", "dataset.root={data}/csv_header"], ["has no 'path' column"]),
     Case("csv-no-labels-file", ["dataset=csv", "dataset.root={data}/csv_missing", "dataset.file=nope.csv"],
          ["dataset.file=nope.csv: no such file {data}/csv_missing/nope.csv"]),
@@ -224,6 +228,8 @@ def _make_data(data: Path) -> None:
     _csv(data / "csv_duplicate", ["img/0.png,a", "img/1.png,b", "img/2.png,a", "img/0.png,b"])
     _csv(data / "csv_gap", ["img/0.png,0", "img/1.png,2", "img/2.png,0", "img/3.png,2"])
     _csv(data / "csv_header", ["img/0.png,a", "img/1.png,b"], header="file,label")
+    _csv(data / "csv_misspelt", [f"img/{i}.png,{'circle' if i % 2 else 'square'}" for i in range(24)]
+         + ["img/24.png,circel"])
 
 
 def _csv(folder: Path, rows: list[str], header: str = "path,label") -> None:

@@ -160,3 +160,41 @@ def test_a_sweep_is_checked_before_its_first_job_trains(tmp_path, monkeypatch, c
     code, _, err = cli_in_process(shlex.split(suggested)[1:], capsys)
     assert code == 0, err
     assert len(list((tmp_path / "runs" / "smoke" / "multirun").glob("*/*/summary.json"))) == 2
+
+
+# --------------------------------------------------------------------------- item 8: a misspelt CSV label
+
+
+def test_a_misspelt_label_and_broken_files_are_one_warning_each(tmp_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "shapes"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["path,label"]
+    for name in ("circle", "square", "triangle"):
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(data / f"{name}{i}.png")
+            rows.append(f"{name}{i}.png,{name}")
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(data / "odd.png")
+    rows.append("odd.png,circel")
+    # Two broken files of two kinds: one no decoder recognises, one cut short (found only when decoded).
+    (data / "notes.png").write_bytes(b"not an image")
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(png, "PNG")
+    (data / "cut.png").write_bytes(png.getvalue()[:-30])
+    rows += ["notes.png,circle", "cut.png,square"]
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    args = ["fit", "dataset=csv", f"dataset.root={data}", "dataset.file=labels.csv", "trainer.dry_run=true"]
+    code, _, err = cli_in_process(args, capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("cnntrain: warning:")]
+    assert len([w for w in warned if "could not be decoded" in w]) == 1, warned
+    assert any("skipped 2 file(s)" in w and "notes.png" in w and "cut.png" in w for w in warned), warned
+    (label,) = [w for w in warned if "very few training images" in w]
+    assert "circel (1 image) looks like circle (20)" in label and "dataset.min_class_images=2" in label
+
+    code, _, err = cli_in_process([*args, "dataset.min_class_images=2"], capsys)
+    assert code == 2 and "class circel (1 image) looks like circle (20)" in err

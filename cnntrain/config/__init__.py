@@ -44,6 +44,9 @@ class DatasetConfig:
     # What to do with a file that cannot be decoded (and, for CSV, a row that names a missing file,
     # an unknown split or a path twice): skip (counted in one warning) | error.
     on_corrupt: str = "skip"
+    # Image folders and CSV: a class with fewer training images than this is an error (a misspelt
+    # label makes a class of one); 0 only warns about a class far smaller than the others.
+    min_class_images: int = 0
     # Image folders, CSV and custom datasets: decode everything into memory (true), stream through
     # DataLoader workers (false), or decide by size (auto: in memory below memory_limit_mb of uint8 pixels).
     in_memory: str = "auto"
