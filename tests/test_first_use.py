@@ -198,3 +198,41 @@ def test_a_misspelt_label_and_broken_files_are_one_warning_each(tmp_path, monkey
 
     code, _, err = cli_in_process([*args, "dataset.min_class_images=2"], capsys)
     assert code == 2 and "class circel (1 image) looks like circle (20)" in err
+
+
+# --------------------------------------------------------------------------- item 3: a report that reads
+
+
+def _fake_run(folder: Path, overrides: list[str], **record) -> None:
+    import json
+
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / "summary.json").write_text(json.dumps({"status": "completed", "best_epoch": 3, "test_acc": 0.9,
+                                                     "train_seconds": 12.0, **record}))
+
+
+def test_the_report_of_a_users_runs_fits_120_columns(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs" / "default"
+    _fake_run(runs / "2026-01-31_12-00-00_ab12", ["trainer.epochs=3", "dataset=imagefolder",
+                                                  "dataset.root=/home/someone/data/cats_and_dogs"], best_val_acc=0.81)
+    _fake_run(runs / "2026-01-31_12-10-00_cd34", ["trainer.epochs=5", "optimizer.lr=0.003",
+                                                  f"resume={runs}/2026-01-31_12-00-00_ab12"], best_val_acc=0.93)
+    _fake_run(runs / "2026-01-31_12-20-00_ef56", ["trainer.epochs=5", "trainer.progress=plain",
+                                                  "model=resnet8", "optimizer.lr=0.003"], best_val_acc=0.95)
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, err = cli_in_process(["report", str(runs)], capsys)
+    assert code == 0, err
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 120, out
+    header = next(line for line in out.splitlines() if "best val/acc" in line)
+    assert "resume" not in header and "progress" not in header and "lr" in header and "epochs" in header
+    for name in ("2026-01-31_12-00-00_ab12", "2026-01-31_12-10-00_cd34", "2026-01-31_12-20-00_ef56"):
+        assert name in out
+    assert "(they are in the CSV): " in out and "dataset.root" in out.split("(they are in the CSV): ")[1]
+
+    # Narrower than the table: one block per run, every name and value whole.
+    monkeypatch.setenv("COLUMNS", "60")
+    code, out, err = cli_in_process(["report", str(runs)], capsys)
+    assert code == 0, err
+    assert "…" not in out and "┃" not in out
+    assert "2026-01-31_12-20-00_ef56\n" in out and "dataset.root=/home/someone/data/cats_and_dogs" in out
