@@ -236,3 +236,17 @@ def test_the_report_of_a_users_runs_fits_120_columns(tmp_path, monkeypatch, caps
     assert code == 0, err
     assert "…" not in out and "┃" not in out
     assert "2026-01-31_12-20-00_ef56\n" in out and "dataset.root=/home/someone/data/cats_and_dogs" in out
+
+
+# --------------------------------------------------------------------------- item 4: the names chosen
+
+
+def test_the_model_is_named_as_chosen(smoke_run, tmp_path, capsys):
+    # experiment=smoke picks model=tiny_cnn, a small simple_cnn: both names, the chosen one first.
+    assert "model      tiny_cnn (simple_cnn): " in (smoke_run / "fit.log").read_text()
+    image = _images(tmp_path / "digits", 1) / "d0.png"
+    for command, extra in (("evaluate", ["tensorboard=false"]), ("predict", [f"inputs={image}"]),
+                           ("explain", [f"inputs={image}"])):
+        code, out, err = cli_in_process([command, f"ckpt={smoke_run}", f"out={tmp_path / command}", *extra], capsys)
+        assert code == 0, err
+        assert "tiny_cnn (simple_cnn) trained on mnist5k" in out.splitlines()[0], (command, out)

@@ -97,8 +97,11 @@ class Trained:
 
     @property
     def label(self) -> str:
+        from cnntrain.models import chosen_label
+
         arch = self.meta.get("arch")
-        name = self.meta.get("target") or f"{self.meta.get('model')}{'/' + arch if arch else ''}"
+        name = self.meta.get("target") or chosen_label(self.meta.get("option"),
+                                                      f"{self.meta.get('model')}{'/' + arch if arch else ''}")
         return f"{name} trained on {self.meta.get('dataset')}"
 
 
