@@ -250,3 +250,38 @@ def test_the_model_is_named_as_chosen(smoke_run, tmp_path, capsys):
         code, out, err = cli_in_process([command, f"ckpt={smoke_run}", f"out={tmp_path / command}", *extra], capsys)
         assert code == 0, err
         assert "tiny_cnn (simple_cnn) trained on mnist5k" in out.splitlines()[0], (command, out)
+
+
+# --------------------------------------------------------------------------- item 5: one reason for the threads
+
+
+def test_every_job_of_a_sweep_under_load_says_why_its_thread_count(tmp_path, monkeypatch, capsys):
+    import re
+
+    import torch
+
+    from cnntrain.engine import device
+    from cnntrain.io import cpus
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    # Two cores, of which other processes keep 1.6 busy, and torch's own default of two threads.
+    monkeypatch.setattr(cpus, "affinity", lambda: {0, 1})
+    monkeypatch.setattr(cpus, "cgroup_quota", lambda: None)
+    monkeypatch.setattr(cpus, "others_busy", lambda since=None: 1.6)
+    monkeypatch.setattr(device, "TORCH_DEFAULT_THREADS", 2, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code, out, err = cli_in_process(["fit", "--multirun", "experiment=smoke", "trainer.epochs=1",
+                                         "dataset.subset=100", "trainer.progress=plain", "optimizer.lr=1e-3,2e-3"],
+                                        capsys)
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.strip().startswith("device")]
+    assert len(lines) == 2, out
+    for line in lines:
+        count = int(re.search(r"\((\d+) threads?\)", line).group(1))
+        assert f"threads: {count} of 2 usable cores: other processes keep 1.6 of 2 cores busy" in line, line
