@@ -285,3 +285,19 @@ def test_every_job_of_a_sweep_under_load_says_why_its_thread_count(tmp_path, mon
     for line in lines:
         count = int(re.search(r"\((\d+) threads?\)", line).group(1))
         assert f"threads: {count} of 2 usable cores: other processes keep 1.6 of 2 cores busy" in line, line
+
+
+# --------------------------------------------------------------------------- item 6: per-key help
+
+
+def test_fit_help_of_a_group_lists_its_keys_with_what_they_mean(capsys):
+    code, out, err = cli_in_process(["fit", "--help", "dataset"], capsys)
+    assert code == 0 and not err, err
+    lines = out.splitlines()
+    at = lines.index("  dataset.subset: int or null = null")
+    assert "training images" in lines[at + 1]
+    assert "  trainer.epochs: int = 5" not in lines and "cnntrain list dataset" in out
+    code, out, _ = cli_in_process(["fit", "--help", "trainer.epochs"], capsys)
+    assert code == 0 and "  trainer.epochs: int = 5" in out.splitlines()
+    code, _, err = cli_in_process(["fit", "--help", "datset"], capsys)
+    assert code == 2 and "did you mean 'dataset'?" in err

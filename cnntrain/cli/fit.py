@@ -32,6 +32,13 @@ def run_fit(args: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
+    if any(a in ("-h", "--help") for a in args):
+        topics = [a for a in args if "=" not in a and not a.startswith("-")]
+        if topics:  # `fit --help dataset`: the group's keys with what each means (Hydra's help lists groups)
+            from cnntrain.config.describe import help_text
+
+            print(help_text(topics))
+            return
     check_options(args)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
     typed = list(args)
     args = take_config_dir_flags(args)  # the user's config folder joins the search path (register_configs)
