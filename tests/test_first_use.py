@@ -301,3 +301,79 @@ def test_fit_help_of_a_group_lists_its_keys_with_what_they_mean(capsys):
     assert code == 0 and "  trainer.epochs: int = 5" in out.splitlines()
     code, _, err = cli_in_process(["fit", "--help", "datset"], capsys)
     assert code == 2 and "did you mean 'dataset'?" in err
+
+
+# --------------------------------------------------------------------------- item 10: smaller things
+
+
+def test_ctrl_c_before_training_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    from cnntrain.engine import loop
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "fit", interrupted)
+    code, _, err = cli_in_process(["fit", "experiment=smoke"], capsys)
+    assert code == 130
+    assert err.strip() == ("cnntrain: error: interrupted before training started: nothing was saved, "
+                           "and there is nothing to resume")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_an_interrupted_run_summarises_and_its_resume_names_epoch_and_step(tmp_path, monkeypatch, capsys):
+    import itertools
+    import signal
+
+    from cnntrain.engine.signals import StopRequested
+
+    monkeypatch.chdir(tmp_path)
+    checks = itertools.count()
+
+    def ctrl_c_at_step_40(self):  # the loop asks between steps; the 41st asks after step 40 (8 of epoch 2)
+        if next(checks) >= 40:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StopRequested, "__bool__", ctrl_c_at_step_40)
+        code, out, err = cli_in_process(["fit", "experiment=smoke", "trainer.progress=plain"], capsys)
+    assert code == 130, err
+    # The partial summary, like the final table, before the line that says how to go on.
+    assert "interrupted" in out and "best val/acc" in out and "epochs done" in out
+    (run,) = (tmp_path / "runs" / "smoke").iterdir()
+    code, out, err = cli_in_process(["fit", f"resume={run}", "trainer.progress=plain"], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.strip().startswith("resume"))
+    steps = int(line.split(" of ")[1].split()[0])
+    assert steps == 32 and "in epoch 2, after step " in line, line
+
+
+def test_export_names_every_file_it_writes_with_the_same_permissions(smoke_run, tmp_path, capsys):
+    out_dir = tmp_path / "exported"
+    code, out, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=state_dict", f"out={out_dir}"], capsys)
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert str(out_dir / "model.state_dict.pt") in first and str(out_dir / "model.safetensors") in first
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out_dir.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_a_narrow_terminal_drops_progress_columns_instead_of_cutting_them():
+    import io
+
+    from rich.console import Console
+
+    from cnntrain.io.console import RichReporter
+
+    for width in (60, 80, 100):
+        reporter = RichReporter()
+        reporter.console = Console(width=width, file=io.StringIO(), force_terminal=True, color_system=None)
+        reporter.epoch_begin(2, 10, 125)
+        reporter.epoch_update(22, {"loss": 0.4321, "acc": 0.8765, "img/s": 2888.0, "data": 0.01})
+        shown = io.StringIO()
+        Console(width=width, file=shown, color_system=None).print(
+            reporter._progress.make_tasks_table(reporter._progress.tasks))
+        reporter._progress.stop()
+        text = shown.getvalue()
+        assert "…" not in text and "22/125" in text and "epoch 2/10" in text, (width, text)

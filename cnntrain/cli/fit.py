@@ -73,8 +73,10 @@ def run_fit(args: list[str]) -> None:
         raise _with_sweep_hint(e) from None
     except KeyboardInterrupt:
         job.restore_resumed_run()
-        _sweep_resume_hint(command, job)
-        raise
+        if job.sweep or "-m" in command or "--multirun" in command:
+            _sweep_resume_hint(command, job)
+            raise
+        raise _interrupted(job) from None
     except SystemExit as e:
         if isinstance(e.code, int) and e.code > 128:  # a job stopped by a signal (130, 143): it saved last.pt
             _sweep_resume_hint(command, job)
@@ -92,6 +94,20 @@ def run_fit(args: list[str]) -> None:
         sys.argv = saved_argv
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _interrupted(job: _JobState) -> UserError:
+    """Ctrl-C that reached here, before the loop's own handler (or a second one): say what is left of the run."""
+    run_dir = job.run_dir
+    if run_dir is not None and (run_dir / "checkpoints" / "last.pt").is_file():
+        error = UserError(f"interrupted; the last checkpoint of the run is kept: cnntrain fit resume={run_dir}")
+    elif run_dir is not None and run_dir.is_dir():
+        error = UserError(f"interrupted before the run's first checkpoint: there is nothing to resume (its log and "
+                          f"metrics so far are in {run_dir})")
+    else:
+        error = UserError("interrupted before training started: nothing was saved, and there is nothing to resume")
+    error.exit_code = 130
+    return error
 
 
 def _sweep_resume_hint(command: list[str], job: _JobState) -> None:
@@ -121,6 +137,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
     single = hc.mode == RunMode.RUN
     job.sweep = not single
     run_dir = Path(hc.runtime.output_dir)
+    job.run_dir = run_dir
     resuming = cfg.resume is not None
     try:
         validate(cfg)  # before torch is imported: a bad value fails in a second
@@ -162,6 +179,7 @@ class _JobState:
         self.sweep = False  # ... as a job of a sweep (--multirun)
         self.args: list[str] = []  # the command line's arguments, before resume= expanded them
         self.failure: UserError | None = None  # a single run's error, raised once Hydra has returned
+        self.run_dir: Path | None = None  # the job's run directory, once Hydra has made it
         self._saved: dict[Path, bytes] = {}
         self._last: tuple[Path, tuple[int, int] | None] | None = None
 

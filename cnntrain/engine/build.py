@@ -111,5 +111,13 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
     if t.ema_decay is not None:
         rows.insert(-1, ("ema", f"decay {t.ema_decay}: validation, best and test use the averaged weights"))
     if cfg.resume is not None:
-        rows.append(("resume", f"from epoch {run.progress.epoch}, step {run.progress.global_step}"))
+        rows.append(("resume", resume_point(run.progress, steps)))
     return rows
+
+
+def resume_point(p: Progress, steps: int) -> str:
+    """Where a resumed run goes on, in the epoch and step a user saw when it stopped (progress.epoch counts
+    the epochs done, so the one under way is the next)."""
+    if p.step_in_epoch == 0:
+        return f"at the start of epoch {p.epoch + 1} ({p.epoch} done, {p.global_step:,} steps)"
+    return f"in epoch {p.epoch + 1}, after step {p.step_in_epoch} of {steps} ({p.global_step:,} steps in all)"
