@@ -137,6 +137,14 @@ def test_every_command_an_error_suggests_works_as_printed(tmp_path, monkeypatch,
         code, _, err = cli_in_process(suggested, capsys)
         assert code == 0, (what, suggested, err)
 
+    # A sweep with a failed job names the report of the whole sweep.
+    code, _, err = cli_in_process(["fit", "--multirun", "experiment=smoke", "trainer.epochs=1", "dataset.subset=200",
+                                   "model.weights=missing.pt,null"], capsys)
+    assert code == 2 and "`cnntrain report " in err, err
+    report = err.split("`cnntrain report ", 1)[1].split("`", 1)[0]
+    code, out, err = cli_in_process(["report", report], capsys)
+    assert code == 0 and "1 completed, 1 failed" in out, err
+
 
 # --------------------------------------------------------------------------- item 9: sweeps checked first
 
