@@ -75,8 +75,9 @@ def test_fit_leaves_figures_and_tensorboard_images(smoke_run):
 def test_evaluate_reports_match_fit_and_are_written(smoke_run, capsys):
     code, out, err = cli_in_process(["evaluate", f"ckpt={smoke_run}"], capsys)
     assert code == 0, err
-    folder = smoke_run / "evaluate" / "mnist5k-test"
-    assert str(folder) in out.replace("\n", "")
+    # A folder of its own, named by the data, the split and the time, and said on the last line.
+    folder = Path(out.strip().splitlines()[-1].rpartition(" to ")[2])
+    assert folder.parent == smoke_run / "evaluate" and folder.name.startswith("mnist5k-test-")
     record = json.loads((folder / "metrics.json").read_text())
     s = summary(smoke_run)
     # Same weights (best.pt), same images, same precision as fit's test: the same accuracy, exactly.
@@ -497,4 +498,5 @@ def test_checkpoint_outside_a_run_dir_writes_beside_it(smoke_run, digits, tmp_pa
     Image.fromarray(digits.test_x[0, 0].numpy()).save(tmp_path / "a.png")
     code, _, err = cli_in_process(["predict", f"ckpt={ckpt}", f"inputs={tmp_path / 'a.png'}"], capsys)
     assert code == 0, err
-    assert (tmp_path / "predict" / "predictions.csv").is_file()
+    (folder,) = (tmp_path / "predict").iterdir()
+    assert folder.name.startswith("a-") and (folder / "predictions.csv").is_file()

@@ -33,6 +33,7 @@ class Case:
     expect: list[str]  # fragments of the error line; {data} and {run} are filled in
     damage: str | None = None  # resume rows: how their copy of a finished run is broken (see _damage)
     needs_non_root: bool = False  # root writes into read-only directories anyway
+    lines: int = 1  # a sweep with several bad values: the error line, then one line for each
 
 
 CASES = [
@@ -123,10 +124,24 @@ CASES = [
          ["labels.csv line 5: img/0.png is listed already (line 2)"]),
     Case("csv-empty-class", ["dataset=csv", "dataset.root={data}/csv_gap", "dataset.on_corrupt=error"],
          ["{data}/csv_gap/labels.csv: class 1 has no training images"]),
+    # A misspelt label makes a class of one image: a warning that names the setting that makes it this error.
+    Case("csv-misspelt-label", ["dataset=csv", "dataset.root={data}/csv_misspelt", "dataset.min_class_images=2"],
+         ["{data}/csv_misspelt/labels.csv: class circel (1 image) looks like circle (12)",
+          "dataset.min_class_images=2"]),
     Case("csv-no-path-column", ["dataset=csv", "dataset.root={data}/csv_header"], ["has no 'path' column"]),
     Case("csv-no-labels-file", ["dataset=csv", "dataset.root={data}/csv_missing", "dataset.file=nope.csv"],
          ["dataset.file=nope.csv: no such file {data}/csv_missing/nope.csv"]),
     # Resume.
+    # A sweep is checked job by job before its first job trains; a value list needs --multirun.
+    Case("sweep-bad-value", ["--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1"],
+         ["optimizer.lr=-1.0 must be > 0, in 1 job(s): optimizer.lr=-1", "nothing of the sweep (2 jobs) was trained"]),
+    Case("sweep-two-bad-values", ["--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1", "trainer.epochs=1,0"],
+         ["3 of the sweep's 4 jobs have bad values; nothing was trained", "trainer.epochs=0 must be at least 1",
+          "optimizer.lr=-1.0 must be > 0"], lines=3),
+    Case("sweep-unknown-option", ["--multirun", "experiment=smoke", "model=tiny_cnn,resnt8"],
+         ["unknown model 'resnt8'", "in 1 job(s): model=resnt8"]),
+    Case("sweep-without-multirun", ["optimizer.lr=1e-3,3e-3"],
+         ["optimizer.lr=1e-3,3e-3 gives several values", "cnntrain fit --multirun optimizer.lr=1e-3,3e-3"]),
     Case("resume-missing", ["resume={data}/nowhere"], ["checkpoint or run directory not found: {data}/nowhere"]),
     Case("resume-not-a-run", ["resume={data}/a_file"], ["{data} is not a cnntrain run directory"]),
     Case("resume-no-checkpoint", ["resume={run}"], ["no checkpoint in run directory {run}"], damage="remove"),
@@ -144,7 +159,8 @@ CASES = [
     # A resume continues the run it names: what would make it another run is refused, with the way out.
     Case("resume-other-architecture", ["resume={run}", "model=resnet8"],
          ["resume cannot change model.name (simple_cnn -> resnet8)",
-          "as a new run: cnntrain fit experiment=smoke model=resnet8 model.weights={run}/checkpoints/last.pt"],
+          "its weights do not fit the model of model.name=resnet8",
+          "to train that as a new run: cnntrain fit experiment=smoke model=resnet8"],
          damage="none"),
     Case("resume-other-dataset", ["resume={run}", "dataset=fashion_mnist", "trainer.epochs=5"],
          ["resume cannot change dataset.name (mnist5k -> fashion_mnist)", "would mix two datasets",
@@ -212,6 +228,8 @@ def _make_data(data: Path) -> None:
     _csv(data / "csv_duplicate", ["img/0.png,a", "img/1.png,b", "img/2.png,a", "img/0.png,b"])
     _csv(data / "csv_gap", ["img/0.png,0", "img/1.png,2", "img/2.png,0", "img/3.png,2"])
     _csv(data / "csv_header", ["img/0.png,a", "img/1.png,b"], header="file,label")
+    _csv(data / "csv_misspelt", [f"img/{i}.png,{'circle' if i % 2 else 'square'}" for i in range(24)]
+         + ["img/24.png,circel"])
 
 
 def _csv(folder: Path, rows: list[str], header: str = "path,label") -> None:
@@ -318,9 +336,10 @@ def test_bad_input_is_refused_with_one_line(outcomes, case):
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("cnntrain: error: "), proc.stderr
+    assert len(lines) == case.lines and lines[0].startswith("cnntrain: error: "), proc.stderr
+    assert not any("cnntrain:" in ln for ln in lines[1:]), proc.stderr
     for fragment in case.expect:
-        assert _fill(fragment, out.data, out.run) in lines[0]
+        assert _fill(fragment, out.data, out.run) in " ".join(lines)
     # No clutter: a failed start leaves no run directory, a failed resume leaves the run as it was.
     runs = out.cwd / "runs"
     assert not runs.exists() or not [p for p in runs.rglob("*") if p.is_file()], "a failed start left files in runs/"
@@ -370,12 +389,13 @@ PATH_CASES = [
     ("report-csv-is-a-folder", ["report", "{runs}", "csv={folder}"], ["csv={folder}", "it is a folder"]),
     ("report-csv-under-a-file", ["report", "{runs}", "csv={file}/report.csv"],
      ["csv={file}/report.csv", "a file is in the way"]),
-    ("evaluate-output-file-is-a-folder", ["evaluate", "ckpt={run}", "out={blocked}"],
-     ["out={blocked}", "{blocked}/", "it is a folder"]),
-    ("predict-output-file-is-a-folder", ["predict", "ckpt={run}", "inputs={image}", "out={blocked}"],
-     ["out={blocked}", "{blocked}/predictions.csv", "it is a folder"]),
-    ("explain-output-file-is-a-folder", ["explain", "ckpt={run}", "inputs={image}", "out={blocked}"],
-     ["out={blocked}", "{blocked}/explain.csv", "it is a folder"]),
+    # A folder that holds files is never written into by evaluate, predict or explain (a folder per call).
+    ("evaluate-out-holds-files", ["evaluate", "ckpt={run}", "out={blocked}"],
+     ["out={blocked} already holds 5 file(s) or folder(s)", "overwrite=true"]),
+    ("predict-out-holds-files", ["predict", "ckpt={run}", "inputs={image}", "out={blocked}"],
+     ["out={blocked} already holds", "overwrite=true"]),
+    ("explain-out-not-a-results-folder", ["explain", "ckpt={run}", "inputs={image}", "out={blocked}", "overwrite=true"],
+     ["out={blocked} holds files that evaluate, predict or explain did not write"]),
     ("export-output-file-is-a-folder", ["export", "ckpt={run}", "out={blocked}"],
      ["out={blocked}", "{blocked}/model.pt2", "it is a folder"]),
     ("fit-run-dir-is-a-file", ["fit", "experiment=smoke", "hydra.run.dir={file}"],

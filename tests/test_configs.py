@@ -80,3 +80,13 @@ def test_every_option_file_describes_itself():
     for group, option in OPTIONS:
         first = (CONFIGS / group / f"{option}.yaml").read_text().splitlines()[0]
         assert first.startswith("# ") and len(first) > 10, f"{group}/{option}.yaml"
+
+
+def test_every_schema_key_has_a_description():
+    # `cnntrain fit --help GROUP` shows the comment beside each field of the schema: a key added without one
+    # would be listed with nothing to say what it does.
+    from cnntrain.config import FitConfig
+    from cnntrain.config.describe import keys
+
+    missing = [k.name for k in keys(FitConfig) if len(k.description) < 8]
+    assert not missing, f"give these schema fields a comment (their description): {missing}"

@@ -66,7 +66,8 @@ def test_fit_log_holds_the_runs_info_and_warnings_and_the_console_one_line_each(
     # The other commands write their log beside what they write, the same way.
     proc = run_cli(["evaluate", f"ckpt={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    log = (run_dir / "evaluate" / "imagefolder-test" / "evaluate.log").read_text()
+    (folder,) = (run_dir / "evaluate").glob("imagefolder-*-test-*")
+    log = (folder / "evaluate.log").read_text()
     warned = _warnings(proc.stderr)
     assert any("broken.png" in w for w in warned) and all(w in log for w in warned)
 

@@ -431,7 +431,8 @@ def test_each_extension_is_evaluated_predicted_and_exported_from_the_checkpoint(
             Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(folder / f"{i}.png")
         code, out, err = cli_in_process(["predict", f"ckpt={run_dir}", f"inputs={folder}", "precision=32"], capsys)
         assert code == 0, err
-        with open(run_dir / "predict" / "predictions.csv") as f:
+        (predictions,) = (run_dir / "predict").glob("*/predictions.csv")  # a folder per call
+        with open(predictions) as f:
             got = [r["class_1"] for r in csv.DictReader(f)]
         with torch.no_grad():
             want = trained_model.model(trained_model.preprocess.normalize(data.test_x[:3])).argmax(1).tolist()

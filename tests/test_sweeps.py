@@ -72,25 +72,27 @@ def test_grid_sweep_runs_every_combination_in_named_dirs_with_hparams(tmp_path):
 @pytest.mark.slow
 def test_failed_job_is_recorded_and_the_report_shows_it_with_the_rerun_command(tmp_path):
     # trainer.monitor=val/loss: a "/" in a value must not nest directories, and lower is better.
-    proc = run_cli(["fit", "--multirun", *SMOKE, "trainer.monitor=val/loss", "trainer.batch_size=0,32,64"], tmp_path)
+    # A bad value is refused before any job trains (tests/test_first_use.py); a missing weights file is
+    # found by the job that reads it.
+    proc = run_cli(["fit", "--multirun", *SMOKE, "trainer.monitor=val/loss", "model.weights=missing.pt,null",
+                    "trainer.batch_size=32,64"], tmp_path)
     assert proc.returncode == 2  # the sweep reports its first failure...
-    assert "trainer.batch_size=0 must be at least 1" in proc.stderr
+    assert "model.weights=missing.pt: no such file" in proc.stderr
     assert "cnntrain report" in proc.stderr
     sweep = _sweep_dir(tmp_path)
-    failed, ok32, ok64 = _job_dirs(sweep)  # ...after running every other job
-    assert failed.name == "0_experiment=smoke,trainer.batch_size=0,trainer.epochs=1,trainer.monitor=val-loss"
-    record = summary(failed)
-    assert record["status"] == "failed" and "batch_size=0 must be at least 1" in record["error"]
-    assert summary(ok32)["status"] == summary(ok64)["status"] == "completed"
+    jobs = _job_dirs(sweep)  # ...after running every other job
+    assert [summary(job)["status"] for job in jobs] == ["failed", "failed", "completed", "completed"]
+    assert jobs[0].name == "0_experiment=smoke,trainer.batch_size=32,trainer.epochs=1,trainer.monitor=val-loss"
+    assert "model.weights=missing.pt: no such file" in summary(jobs[0])["error"]
 
     proc = run_cli(["report", str(sweep)], tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "best val/loss" in out and "failed" in out and "batch_size=0 must be at least 1" in out
+    assert "best val/loss" in out and "failed" in out and "missing.pt: no such file" in out
     assert "re-run: cnntrain fit experiment=smoke trainer.epochs=1 trainer.progress=plain trainer.monitor=val/loss " \
-           "trainer.batch_size=0" in out
+           "model.weights=missing.pt trainer.batch_size=32" in out
     rows = _read_csv(sweep / "report.csv")
-    assert [r["trainer.batch_size"] for r in rows][-1] == "0"  # failures last
+    assert [r["model.weights"] for r in rows][-1] == "missing.pt"  # failures last
     losses = [float(r["best"]) for r in rows[:2]]
     assert losses == sorted(losses)  # val/loss: lowest first
     assert rows[-1]["status"] == "failed" and rows[-1]["command"].startswith("cnntrain fit ")

@@ -5,6 +5,7 @@ Kept import-light (no torch, no Hydra at import time) so that `cnntrain --help` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -23,6 +24,9 @@ COMMANDS = {
     "lr-find": "learning-rate range test: loss against an exponentially growing lr, plot and suggested lr",
     "init": "write a project of your own: configs/experiment/example.yaml, models.py, README.md",
 }
+
+# The commands that print their results rather than log them: what they print goes to their log file too.
+_ECHOED = ("evaluate", "predict", "explain", "export")
 
 # Every other command is a module of cnntrain.commands with main(argv); imported only when it runs.
 _COMMAND_MODULES = {"evaluate": "evaluate", "predict": "predict", "explain": "explain", "export": "export",
@@ -71,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logs.setup_command()  # warnings as one line on stderr (and in the log file); fit's Hydra takes over from here
     try:
-        with logs.closed_stdout_safe():  # `cnntrain fit | head` stops the display, not the run
+        echo = logs.output_to_log() if command in _ECHOED else contextlib.nullcontext()
+        # `cnntrain fit | head` stops the display, not the run; the log still gets every line.
+        with logs.closed_stdout_safe(), echo:
             if command == "fit":
                 from cnntrain.cli.fit import run_fit
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cnntrain.cli.precheck import check_overrides
 from cnntrain.cli.resume import expand_resume
 from cnntrain.config.compose import (
     check_options,
@@ -31,10 +32,19 @@ def run_fit(args: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
+    if any(a in ("-h", "--help") for a in args):
+        topics = [a for a in args if "=" not in a and not a.startswith("-")]
+        if topics:  # `fit --help dataset`: the group's keys with what each means (Hydra's help lists groups)
+            from cnntrain.config.describe import help_text
+
+            print(help_text(topics))
+            return
     check_options(args)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
+    typed = list(args)
     args = take_config_dir_flags(args)  # the user's config folder joins the search path (register_configs)
     register_configs()
     register_resolvers()
+    check_overrides(args, typed)  # a sweep without --multirun; every job of a sweep validated before any trains
     # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     job = _JobState()
@@ -63,8 +73,10 @@ def run_fit(args: list[str]) -> None:
         raise _with_sweep_hint(e) from None
     except KeyboardInterrupt:
         job.restore_resumed_run()
-        _sweep_resume_hint(command, job)
-        raise
+        if job.sweep or "-m" in command or "--multirun" in command:
+            _sweep_resume_hint(command, job)
+            raise
+        raise _interrupted(job) from None
     except SystemExit as e:
         if isinstance(e.code, int) and e.code > 128:  # a job stopped by a signal (130, 143): it saved last.pt
             _sweep_resume_hint(command, job)
@@ -82,6 +94,20 @@ def run_fit(args: list[str]) -> None:
         sys.argv = saved_argv
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _interrupted(job: _JobState) -> UserError:
+    """Ctrl-C that reached here, before the loop's own handler (or a second one): say what is left of the run."""
+    run_dir = job.run_dir
+    if run_dir is not None and (run_dir / "checkpoints" / "last.pt").is_file():
+        error = UserError(f"interrupted; the last checkpoint of the run is kept: cnntrain fit resume={run_dir}")
+    elif run_dir is not None and run_dir.is_dir():
+        error = UserError(f"interrupted before the run's first checkpoint: there is nothing to resume (its log and "
+                          f"metrics so far are in {run_dir})")
+    else:
+        error = UserError("interrupted before training started: nothing was saved, and there is nothing to resume")
+    error.exit_code = 130
+    return error
 
 
 def _sweep_resume_hint(command: list[str], job: _JobState) -> None:
@@ -112,6 +138,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
     single = hc.mode == RunMode.RUN
     job.sweep = not single
     run_dir = Path(hc.runtime.output_dir)
+    job.run_dir = run_dir
     resuming = cfg.resume is not None
     try:
         validate(cfg)  # before torch is imported: a bad value fails in a second
@@ -154,6 +181,7 @@ class _JobState:
         self.sweep = False  # ... as a job of a sweep (--multirun)
         self.args: list[str] = []  # the command line's arguments, before resume= expanded them
         self.failure: UserError | None = None  # a single run's error, raised once Hydra has returned
+        self.run_dir: Path | None = None  # the job's run directory, once Hydra has made it
         self._saved: dict[Path, bytes] = {}
         self._last: tuple[Path, tuple[int, int] | None] | None = None
 

@@ -49,10 +49,10 @@ def _check_same_run(run_dir: Path, path: Path, overrides: list[str]) -> None:
 
     from cnntrain.config.identity import check_resume
 
-    task = [o for o in _overrides_only(overrides) if not o.lstrip("+~").startswith("hydra")]
+    task = [o for o in overrides_only(overrides) if not o.lstrip("+~").startswith("hydra")]
     requested = OmegaConf.to_container(compose_fit([*task, f"resume={path}"]), resolve=True)
     check_resume(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True), requested, str(run_dir),
-                 sweep.weights_command(path, task))
+                 sweep.weights_command(path, task), sweep.new_run_command(task))
 
 
 # Hydra flags that take a value: the token after them is not an override.
@@ -60,7 +60,7 @@ _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--con
                 "--config-dir", "-cd", "--experimental-rerun"}
 
 
-def _overrides_only(args: list[str]) -> list[str]:
+def overrides_only(args: list[str]) -> list[str]:
     out, skip = [], False
     for a in args:
         if skip:
@@ -81,7 +81,7 @@ def _expand_auto_resume(args: list[str]) -> list[str]:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = _overrides_only(args)
+    overrides = overrides_only(args)
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [text for text, o in zip(overrides, parsed, strict=True) if not o.is_sweep_override() and o.key_or_group != "resume"]
     # Compose without running to learn where this experiment's runs live (runs/<name>/...).

@@ -29,8 +29,9 @@ class CheckpointArgs:
     """The keys of every command that runs a trained model (evaluate, predict, explain)."""
 
     ckpt: str = "???"  # a checkpoint file or a run directory
-    out: str | None = None  # None: a folder named after the command in the run directory
+    out: str | None = None  # None: a new folder per call under <run dir>/<command>/
     device: str = "auto"
+    overwrite: bool = False  # out= may be an earlier call's results folder, emptied first
 
 
 def wants_help(args: list[str]) -> bool:

@@ -28,7 +28,10 @@ keys:
   split=test        test | val | train
   dataset.KEY=V     change the run's dataset config (the dataset.* keys of `cnntrain fit`),
                     e.g. dataset.root=/data/new_photos or dataset.name=mnist
-  out=DIR           where to write (default: <run dir>/evaluate/<dataset>-<split>)
+  out=DIR           where to write (default: a new folder per call,
+                    <run dir>/evaluate/<dataset>[-<folder>]-<split>-<date>_<time>); an
+                    existing out= must be empty
+  overwrite=false   true: out= may hold an earlier call's results, which are removed first
   batch_size=N      images per forward pass (default: the run's trainer.eval_batch_size)
   device=auto       auto | cpu | cuda | cuda:N | mps
   precision=auto    auto (as trained, so the numbers match fit's) | 32 | bf16 | fp16
@@ -81,6 +84,19 @@ def _matching_dataset(args: EvaluateArgs, trained: Any) -> Any:
         lookup = torch.tensor([trained.classes.index(name) for name in data.classes])
         y = lookup[y]
     return data, x, y
+
+
+def _label(data: Any, split: str) -> str:
+    """Names the call's folder: the dataset, the folder or CSV it read (two sources of one dataset kind are
+    told apart), and the split."""
+    from cnntrain.io.files import slug
+
+    source = Path(str(data.source))
+    if data.name == "imagefolder":
+        return f"{data.name}-{slug(source.name)}-{split}"
+    if data.name == "csv":
+        return f"{data.name}-{slug(source.parent.name + '_' + source.stem)}-{split}"
+    return f"{data.name}-{split}"
 
 
 def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
@@ -200,7 +216,7 @@ def main(argv: list[str]) -> None:
     args = parse_args(EvaluateArgs, argv, "evaluate", base=base)
     data, x, y = _matching_dataset(args, trained)
     classes = trained.classes
-    out = trained.out_dir("evaluate", args.out, trained.run_dir / "evaluate" / f"{data.name}-{args.split}")
+    out = trained.results_dir("evaluate", args.out, args.overwrite, _label(data, args.split))
 
     res = run_evaluation(args, trained, x, y)
     cm = figures.confusion_matrix(y, res["pred"], len(classes))

@@ -35,7 +35,9 @@ keys:
   target=CLASS     explain this class (name or index) instead of the predicted one
   layer=NAME       the layer whose activations are weighted (default: the last one whose map is at
                    least 7x7, else the last with a map; the choice is printed, a wrong name lists them)
-  out=DIR          where to write (default: <run dir>/explain)
+  out=DIR          where to write (default: a new folder per call,
+                   <run dir>/explain/<inputs>-<date>_<time>); an existing out= must be empty
+  overwrite=false  true: out= may hold an earlier call's results, which are removed first
   batch_size=N     images per forward pass (default 64)
   device=auto      auto | cpu | cuda | cuda:N | mps
   on_error=error   error | skip: what to do with a file that cannot be decoded
@@ -165,7 +167,7 @@ def overview_figure(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Any:
 
 def main(argv: list[str]) -> None:
     from cnntrain.commands.args import images_and_model, start
-    from cnntrain.engine.inference import CKPT_HELP, class_index, image_batches
+    from cnntrain.engine.inference import CKPT_HELP, class_index, image_batches, inputs_label
 
     args = start(argv, ExplainArgs, "explain", HELP.format(ckpt=CKPT_HELP))
     if args is None:
@@ -188,7 +190,7 @@ def main(argv: list[str]) -> None:
                             f"choose one of: {', '.join(names)}")
         layer = args.layer
     shape = dict(spatial_layers(model, example))[layer]
-    out = trained.out_dir("explain", args.out)
+    out = trained.results_dir("explain", args.out, args.overwrite, inputs_label(args.inputs))
     print(f"Grad-CAM of {trained.label} ({trained.checkpoint}) at layer '{layer}' "
           f"({shape[1]} channels, {shape[2]}x{shape[3]}) for {len(paths)} image(s){note}")
 

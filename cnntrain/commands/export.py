@@ -148,6 +148,8 @@ def export_state_dict(trained: Any, path: Path) -> Callable:
         "format": "pt", "classes": json.dumps(trained.classes), "preprocess": json.dumps(trained.preprocess.to_dict()),
         "model_config": json.dumps(model_record(cfg)), "meta": json.dumps(trained.meta),
     })
+    # safetensors creates its file private (0600); the other outputs follow the umask, and so does this one.
+    tensors.chmod(path.stat().st_mode & 0o777)
     pre = trained.preprocess
     from_checkpoint = build_model(cfg, pre.channels, pre.image_size, len(trained.classes))
     from_checkpoint.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
@@ -351,8 +353,9 @@ def main(argv: list[str]) -> None:
     write_json(out / "preprocess.json", {"classes": trained.classes, **pre.to_dict(),
                                          "model": trained.label, "checkpoint": str(trained.checkpoint),
                                          "exports": {**_previous_exports(out), args.format: result}})
-    size = path.stat().st_size
-    print(f"exported {trained.label} as {args.format} ({how}): {path} ({size / 1e6:.2f} MB)")
+    written = [path, *([path.with_name(SAFETENSORS_NAME)] if args.format == "state_dict" else [])]
+    files = " and ".join(f"{p} ({p.stat().st_size / 1e6:.2f} MB)" for p in written)
+    print(f"exported {trained.label} as {args.format} ({how}): {files}")
     print(f"check on a batch of {len(check)}: {verdict}")
     print(f"preprocessing for other runtimes: {out / 'preprocess.json'}")
 

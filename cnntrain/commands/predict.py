@@ -22,7 +22,9 @@ keys:
   ckpt=PATH        {ckpt}
   inputs=PATH      an image file, a folder (searched recursively) or a quoted glob ('imgs/**/*.jpg')
   top_k=5          classes listed per image (at most the number of classes)
-  out=DIR          where predictions.csv goes (default: <run dir>/predict)
+  out=DIR          where predictions.csv goes (default: a new folder per call,
+                   <run dir>/predict/<inputs>-<date>_<time>); an existing out= must be empty
+  overwrite=false  true: out= may hold an earlier call's results, which are removed first
   show=20          rows of the table printed here (all rows go to the CSV)
   batch_size=256   images decoded and classified at once
   device=auto      auto | cpu | cuda | cuda:N | mps
@@ -49,7 +51,7 @@ def main(argv: list[str]) -> None:
     from rich.table import Table
 
     from cnntrain.commands.args import check_choice, console, images_and_model, start
-    from cnntrain.engine.inference import CKPT_HELP, image_batches, logits_of, precision_for, prepare
+    from cnntrain.engine.inference import CKPT_HELP, image_batches, inputs_label, logits_of, precision_for, prepare
 
     args = start(argv, PredictArgs, "predict", HELP.format(ckpt=CKPT_HELP))
     if args is None:
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> None:
     precision, channels_last = precision_for(trained, args.precision)
     prepare(trained, channels_last)
     k = min(args.top_k, len(trained.classes))
-    out = trained.out_dir("predict", args.out)
+    out = trained.results_dir("predict", args.out, args.overwrite, inputs_label(args.inputs))
     csv_path = out / "predictions.csv"
 
     con = console()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,31 +191,57 @@ def write_csv(path: Path, jobs: list[Job], keys: list[str]) -> None:
                              j.error, j.next_command, " ".join(j.overrides), str(j.run_dir)])
 
 
-def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> None:
-    from rich.table import Table
+# Overrides that do not change a run's result (how it shows progress, where it writes, that it resumed):
+# in the CSV, never a column of the table.
+_NOT_RESULT = frozenset({"resume", "trainer.progress", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+                         "trainer.dry_run", "dataset.download", "dataset.in_memory", "dataset.memory_limit_mb"})
 
+
+def result_keys(keys: list[str]) -> list[str]:
+    return [k for k in keys if k.lstrip("+~") not in _NOT_RESULT and not k.lstrip("+~").startswith("hydra")]
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """optimizer.lr -> lr for a column header, unless two keys end alike (then the full name)."""
+    last = [k.lstrip("+~").rsplit(".", 1)[-1] for k in keys]
+    return {k: name if last.count(name) == 1 else k for k, name in zip(keys, last, strict=True)}
+
+
+def _label(job: Job, root: Path, one_sweep: bool) -> str:
+    number = job.name.split("_", 1)[0]
+    return number if one_sweep and number.isdigit() else _relative(job.job_dir, root)
+
+
+def _cells(j: Job, keys: list[str]) -> list[str]:
+    return [*(_short(_value(j, k)) for k in keys), _fmt(j.best), str(j.best_epoch or ""), _fmt(j.test_acc),
+            f"{j.seconds:.1f}s" if j.seconds else "", j.status + ("*" if j.run_dir.resolve() != j.job_dir.resolve()
+                                                                    else "")]
+
+
+def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> None:
+    """A table when every cell fits the terminal whole (short headers; the full keys are in the CSV), else one
+    block per run; a run's name is never cut."""
     from cnntrain.commands.args import console
 
     out = console()
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:  # the width to fit in a pipe or log, as on a terminal
+        out.width = int(columns)
     monitors = {j.monitor for j in jobs if j.monitor}
     metric = monitors.pop() if len(monitors) == 1 else "metric"
-    table = Table(title=f"{root}  ({len(jobs)} jobs)", title_justify="left")
-    table.add_column("job", justify="right")
-    for k in keys:
-        table.add_column(k)
-    for name, justify in ((f"best {metric}", "right"), ("epoch", "right"), ("test acc", "right"),
-                          ("time", "right"), ("status", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    keys = result_keys(keys)
     one_sweep = len({j.job_dir.parent for j in jobs}) == 1
-    for j in jobs:
-        number = j.name.split("_", 1)[0]
-        label = number if one_sweep and number.isdigit() else _relative(j.job_dir, root)
-        moved = "*" if j.run_dir.resolve() != j.job_dir.resolve() else ""
-        table.add_row(label, *(_short(_value(j, k)) for k in keys), _fmt(j.best), str(j.best_epoch or ""),
-                      _fmt(j.test_acc), f"{j.seconds:.1f}s" if j.seconds else "", j.status + moved)
+    title = f"{root}  ({len(jobs)} jobs)"
     if common:
         out.print("common overrides: " + " ".join(common))
-    out.print(table)
+    shown, left_out = _fit_columns(jobs, keys, root, one_sweep, metric, out.width)
+    if shown is None:
+        _blocks(out, title, [[_label(j, root, one_sweep), *_cells(j, keys)] for j in jobs], keys, metric)
+    else:
+        headers = ["job", *short_names(shown).values(), f"best {metric}", "epoch", "test acc", "time", "status"]
+        _table(out, title, headers, [[_label(j, root, one_sweep), *_cells(j, shown)] for j in jobs], len(shown))
+        if left_out:
+            out.print(f"not shown, to fit {out.width} columns (they are in the CSV): {', '.join(left_out)}")
     if any(j.run_dir.resolve() != j.job_dir.resolve() for j in jobs):
         out.print("* ran in an earlier directory of the same job (resume=auto); its path is in the CSV's run_dir")
     for j in jobs:
@@ -222,6 +249,51 @@ def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> N
             out.print(f"job {j.name}: {j.status}{': ' + j.error if j.error else ''}")
             if j.next_command:
                 out.print(f"  {'continue' if 'resume=' in j.next_command else 're-run'}: {j.next_command}")
+
+
+def _fit_columns(jobs: list[Job], keys: list[str], root: Path, one_sweep: bool, metric: str,
+                 width: int) -> tuple[list[str] | None, list[str]]:
+    """The override columns of a table whose every cell is whole within `width`, leaving out the widest
+    first; None when not even the run names and results fit (then one block per run)."""
+
+    def needed(shown: list[str]) -> int:
+        headers = ["job", *short_names(shown).values(), f"best {metric}", "epoch", "test acc", "time", "status"]
+        rows = [[_label(j, root, one_sweep), *_cells(j, shown)] for j in jobs]
+        widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+        return sum(widths) + 3 * len(widths) + 1
+
+    shown = list(keys)
+    while needed(shown) > width and shown:
+        widest = max(shown, key=lambda k: max(len(short_names(shown)[k]), *(len(_short(_value(j, k))) for j in jobs)))
+        shown.remove(widest)
+    if needed(shown) > width or (keys and not shown):
+        return None, []
+    return shown, [k for k in keys if k not in shown]
+
+
+def _table(out: Any, title: str, headers: list[str], rows: list[list[str]], n_keys: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(headers):
+        right = i == 0 or i > n_keys and name != "status"
+        table.add_column(name, justify="right" if right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _blocks(out: Any, title: str, rows: list[list[str]], keys: list[str], metric: str) -> None:
+    """Too wide for a table: each run on its own lines, the name first and whole, then its values."""
+    out.print(title)
+    n = len(keys)
+    for row in rows:
+        label, values, (best, epoch, test, seconds, status) = row[0], row[1:n + 1], row[n + 1:]
+        out.print(f"{label}")
+        result = f"  {status}" + (f"  best {metric} {best}" if best else "") + (f" (epoch {epoch})" if epoch else "")
+        out.print(result + (f"  test acc {test}" if test else "") + (f"  {seconds}" if seconds else ""))
+        if keys:
+            out.print("  " + "  ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True) if v))
 
 
 def main(argv: list[str]) -> None:

@@ -44,9 +44,13 @@ class DatasetConfig:
     # What to do with a file that cannot be decoded (and, for CSV, a row that names a missing file,
     # an unknown split or a path twice): skip (counted in one warning) | error.
     on_corrupt: str = "skip"
+    # Image folders and CSV: a class with fewer training images than this is an error (a misspelt
+    # label makes a class of one); 0 only warns about a class far smaller than the others.
+    min_class_images: int = 0
     # Image folders, CSV and custom datasets: decode everything into memory (true), stream through
     # DataLoader workers (false), or decide by size (auto: in memory below memory_limit_mb of uint8 pixels).
     in_memory: str = "auto"
+    # in_memory=auto: decoded images up to this many MB stay in memory; more are streamed.
     memory_limit_mb: int = 4096
 
 
@@ -87,6 +91,7 @@ class AugmentConfig:
     # Affine warp, drawn per image; off while all four keep these values.
     rotate: float = 0.0  # degrees, uniform in +-rotate
     scale_min: float = 1.0  # isotropic zoom, uniform in [scale_min, scale_max]
+    # The largest zoom (see scale_min); 1 with scale_min 1 is no zoom.
     scale_max: float = 1.0
     translate: float = 0.0  # shift per axis, uniform in +-translate of the image size
     # Pad by this many pixels (reflect) and crop back at a random offset.
@@ -100,6 +105,7 @@ class AugmentConfig:
     # Mixup / CutMix Beta(alpha, alpha); 0 disables. When both are set, each batch
     # uses one of them at random.
     mixup_alpha: float = 0.0
+    # CutMix Beta(alpha, alpha): a box of another image pasted in, labels mixed by its area; 0 disables.
     cutmix_alpha: float = 0.0
 
 
@@ -107,13 +113,19 @@ class AugmentConfig:
 class OptimizerConfig:
     # adam | adamw | sgd
     name: str = "adam"
+    # Learning rate (the peak one with a schedule).
     lr: float = 1e-3
+    # L2 weight decay (decoupled for adamw).
     weight_decay: float = 0.0
     # Apply weight decay to biases and norm layers too (off: the usual practice).
     decay_norm_and_bias: bool = False
+    # adam/adamw: the decay rates of the gradient's running mean and of its square.
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # adam/adamw: added to the denominator for numerical stability.
     eps: float = 1e-8
+    # sgd: momentum factor.
     momentum: float = 0.9
+    # sgd: Nesterov momentum (needs momentum > 0).
     nesterov: bool = False
 
 
@@ -127,16 +139,21 @@ class SchedulerConfig:
     min_lr_ratio: float = 0.0
     # onecycle: peak learning rate (None: optimizer.lr) and share of the rise.
     max_lr: float | None = None
+    # onecycle: the share of the steps spent rising to max_lr.
     pct_start: float = 0.25
     # step: multiply the learning rate by gamma every step_epochs epochs.
     step_epochs: int = 2
+    # step: the factor the learning rate is multiplied by every step_epochs epochs.
     gamma: float = 0.1
 
 
 @dataclass
 class TrainerConfig:
+    # Passes over the training images.
     epochs: int = 5
+    # Training images per step (the global batch, split over the processes of a distributed run).
     batch_size: int = 32
+    # Images per forward pass of validation and test (no gradients, so larger).
     eval_batch_size: int = 1000
     # auto | cpu | cuda | cuda:N | mps
     device: str = "auto"
@@ -144,13 +161,17 @@ class TrainerConfig:
     precision: str = "auto"
     # Memory layout of activations: auto | true | false.
     channels_last: str = "auto"
+    # torch.compile the model: faster steps after a slower start.
     compile: bool = False
+    # Seed of weights, shuffling and augmentation (the splits have dataset.split_seed).
     seed: int = 0
+    # Bit-identical reruns: deterministic kernels only, and the thread count does not follow the load.
     deterministic: bool = False
     # CPU threads for torch; None keeps torch's default (one per core).
     num_threads: int | None = None
     # Clip the global gradient norm to this value; None disables.
     grad_clip: float | None = None
+    # Label smoothing of the training loss, in [0, 1).
     label_smoothing: float = 0.0
     # Validation metric that picks the `best` checkpoint: val/acc (max) or val/loss (min).
     monitor: str = "val/acc"
@@ -169,6 +190,7 @@ class TrainerConfig:
     ema_decay: float | None = None
     # Stop when trainer.monitor has not improved by more than min_delta for this many epochs.
     early_stopping_patience: int | None = None
+    # The least change of trainer.monitor that counts as an improvement for early stopping.
     early_stopping_min_delta: float = 0.0
 
 

@@ -219,6 +219,17 @@ def register_configs() -> None:
     notice_clashes()
 
 
+def chosen_option(group: str) -> str | None:
+    """The option of a config group that the running `fit` composed (model=tiny_cnn: tiny_cnn), which a
+    message shows as the user chose it; None outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get(group)
+    return str(choice) if choice is not None else None
+
+
 def compose_fit(overrides: list[str], return_hydra_config: bool = False) -> Any:
     """The config `cnntrain fit OVERRIDES` would run with, composed but not run (no run directory)."""
     from hydra import compose, initialize_config_dir

@@ -48,6 +48,19 @@ RESUME_FREE = frozenset({
 })
 
 
+# Model keys that change how a model is trained, not its tensors: weights of the run still load after them.
+_SAME_TENSORS = frozenset({"model.dropout", "model.pretrained", "model.weights", "model.freeze_backbone",
+                           "model.unfreeze_epoch", "model.backbone_lr_scale"})
+
+
+def changes_tensors(key: str) -> bool:
+    """Whether a changed key makes a model whose tensors the run's weights cannot fill (another architecture,
+    width, or input size), so that `model.weights=<its checkpoint>` would fail."""
+    if key.startswith("model."):
+        return key not in _SAME_TENSORS
+    return key == "dataset.image_size"
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """{dotted key: value} of a nested mapping (lists are values)."""
     out: dict[str, Any] = {}
@@ -87,15 +100,23 @@ def _what(key: str) -> str:
     return "no longer be what its recorded config says"
 
 
-def check_resume(recorded: Mapping[str, Any], requested: Mapping[str, Any], run: str, way_out: str) -> None:
-    """Refuse, in one line that names the key, a resume whose config changes what the run is."""
+def check_resume(recorded: Mapping[str, Any], requested: Mapping[str, Any], run: str, way_out: str,
+                 fresh_start: str | None = None) -> None:
+    """Refuse, in one line that names the key, a resume whose config changes what the run is. The way out
+    is a new run from the run's weights (way_out), or, when the change makes a model those weights do not
+    fit, a new run from scratch (fresh_start, where the caller knows the requested overrides)."""
     changes = identity_changes(recorded, requested)
     if not changes:
         return
     key, was, now = changes[0]
     more = f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
+    tensors = [f"{k}={_show(v)}" for k, _, v in changes if changes_tensors(k)]
+    if fresh_start and tensors:
+        hint = f"its weights do not fit the model of {tensors[0]}; to train that as a new run: {fresh_start}"
+    else:
+        hint = f"to train on from its weights as a new run: {way_out}"
     raise UserError(f"resume cannot change {key} ({_show(was)} -> {_show(now)}){more}: the run in {run} would "
-                    f"{_what(key)}; to train on from its weights as a new run: {way_out}")
+                    f"{_what(key)}; {hint}")
 
 
 def _show(value: Any) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cnntrain.config import DatasetConfig
-from cnntrain.data.imagefolder import read_files, split_recorded
+from cnntrain.data.imagefolder import read_files, small_classes, split_recorded
 from cnntrain.data.images import ImageData, finish
 from cnntrain.errors import UserError
 from cnntrain.registry import DATASETS
@@ -160,6 +160,7 @@ def load_csv(cfg: DatasetConfig) -> ImageData:
     x, kept = read_files([root / p for p in rows.paths], cfg, root, "csv")
     labels, which = labels[kept], which[kept]
     _check_classes(classes, labels[which == 0] if has_split else labels, cfg, path)  # present[0] is train
+    small_classes(classes, labels[which == 0] if has_split else labels, cfg, f"csv {path}")
     names = [rows.paths[i] for i in kept.tolist()]
     train, val, test, items, test_split = split_recorded(
         x, torch.from_numpy(labels), which, present, cfg, f"{path.name} (train rows)" if has_split else str(path),

@@ -63,6 +63,38 @@ def corrupt(bad: list[tuple[Path, str]], cfg: DatasetConfig, what: str = "imagef
     warnings.warn(f"{what}: skipped {len(bad)} file(s) that could not be decoded: {listed}", stacklevel=3)
 
 
+def small_classes(classes: list[str], train_labels: np.ndarray, cfg: DatasetConfig, what: str) -> None:
+    """A class with very few training images is most often a typo (a CSV label `circel`, a folder `dgo`):
+    named, with the class it looks like, as one warning, or as an error below dataset.min_class_images."""
+    import difflib
+
+    if cfg.min_class_images < 0:
+        raise UserError(f"dataset.min_class_images={cfg.min_class_images} must be >= 0 (0: warn only)")
+    counts = np.bincount(train_labels, minlength=len(classes))
+    if cfg.min_class_images > 0:
+        small = [i for i in range(len(classes)) if 0 < counts[i] < cfg.min_class_images]
+    else:
+        # Far below the typical class: a tenth of the median (a balanced set of a few images each is no typo).
+        typical = float(np.median(counts[counts > 0])) if (counts > 0).any() else 0.0
+        small = [i for i in range(len(classes)) if 0 < counts[i] < typical / 10]
+    if not small:
+        return
+
+    def described(i: int) -> str:
+        others = [c for c in classes if c != classes[i] and counts[classes.index(c)] > counts[i]]
+        like = difflib.get_close_matches(classes[i], others, n=1, cutoff=0.7)
+        text = f"{classes[i]} ({counts[i]} image{'s' if counts[i] != 1 else ''})"
+        return f"{text} looks like {like[0]} ({counts[classes.index(like[0])]})" if like else text
+
+    listed = ", ".join(described(i) for i in small[:10]) + (f" and {len(small) - 10} more" if len(small) > 10 else "")
+    if cfg.min_class_images > 0:
+        raise UserError(f"{what}: class {listed} has fewer than dataset.min_class_images={cfg.min_class_images} "
+                        "training images; fix the label, or lower dataset.min_class_images")
+    warnings.warn(f"{what}: {len(small)} class(es) with very few training images: {listed}; a misspelt label? "
+                  f"dataset.min_class_images={max(int(counts[i]) for i in small) + 1} makes this an error",
+                  stacklevel=3)
+
+
 def stream_or_not(cfg: DatasetConfig, nbytes: int) -> bool:
     """dataset.in_memory: true, false, or auto (stream above dataset.memory_limit_mb of decoded pixels)."""
     mode = str(cfg.in_memory).lower()
@@ -79,7 +111,8 @@ def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> 
         if not ok:  # one error rather than a warning about every file first
             raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: "
                             f"{bad[0][1]})")
-        corrupt(bad, cfg, what)
+        if cfg.on_corrupt == "error":
+            corrupt(bad, cfg, what)
 
         channels = cfg.channels or (1 if all(probes[i][0] for i in ok) else 3)
         if cfg.image_size is not None:
@@ -96,10 +129,12 @@ def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> 
         if stream_or_not(cfg, nbytes):
             logging.getLogger(__name__).info("streaming %d images (%.0f MB decoded) through DataLoader workers",
                                              len(ok), nbytes / 2**20)
+            corrupt(bad, cfg, what)
             return FileImages([files[i] for i in ok], channels, (h, w), cfg.on_corrupt), np.asarray(ok, np.int64)
         out = np.empty((len(ok), channels, h, w), dtype=np.uint8)
         fails = list(pool.map(lambda j: decode_into(out, j, files[ok[j]], channels), range(len(ok))))
-    corrupt([(files[ok[j]], why) for j, why in enumerate(fails) if why is not None], cfg, what)
+    # The files the probe refused and those that failed to decode, counted in one warning.
+    corrupt([*bad, *((files[ok[j]], why) for j, why in enumerate(fails) if why is not None)], cfg, what)
     good = np.array([j for j, why in enumerate(fails) if why is None], dtype=np.int64)
     if len(good) == 0:
         raise UserError(f"no image under {root} could be decoded")
@@ -190,6 +225,7 @@ def load_imagefolder(cfg: DatasetConfig) -> ImageData:
     which = np.concatenate([np.full(len(splits[s][0]), k) for k, s in enumerate(order)])
     x, kept = read_files(files, cfg, root, "imagefolder")
     y = torch.from_numpy(labels[kept])
+    small_classes(classes, labels[kept][which[kept] == 0], cfg, f"imagefolder {root}")  # order[0]: train or all
     what = str(root) if order == ["all"] else str(root / "train")
     names = [files[i].relative_to(root).as_posix() for i in kept.tolist()]
     train, val, test, items, test_split = split_recorded(x, y, which[kept], order, cfg, what,

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnntrain.augment import build_augment
+from cnntrain.config.compose import chosen_option
 from cnntrain.data import load_dataset
 from cnntrain.engine import distributed
 from cnntrain.engine.checkpoint import find_checkpoint
@@ -31,7 +32,7 @@ from cnntrain.engine.step import TrainStep
 from cnntrain.errors import UserError
 from cnntrain.io.console import make_reporter
 from cnntrain.io.files import LAST
-from cnntrain.models import build_model, count_parameters, model_label, set_backbone_trainable
+from cnntrain.models import build_model, chosen_label, count_parameters, model_label, set_backbone_trainable
 from cnntrain.optim import build_optimizer, build_scheduler
 
 SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
@@ -92,7 +93,8 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
     rows = [
         ("dataset", f"{data.name}: {len(data.train_x):,} train / {len(data.val_x):,} val / {len(data.test_x):,} test, "
                     f"{data.channels}x{h}x{w}, {data.num_classes} classes ({data.source})"),
-        ("model", f"{model_label(cfg.model)}: {count_parameters(model):,} parameters"),
+        ("model", f"{chosen_label(chosen_option('model'), model_label(cfg.model))}: "
+                  f"{count_parameters(model):,} parameters"),
         ("augment", cfg.augment.name),
         ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g} weight decay {cfg.optimizer.weight_decay:g}"),
         ("scheduler", cfg.scheduler.name),
@@ -109,5 +111,13 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
     if t.ema_decay is not None:
         rows.insert(-1, ("ema", f"decay {t.ema_decay}: validation, best and test use the averaged weights"))
     if cfg.resume is not None:
-        rows.append(("resume", f"from epoch {run.progress.epoch}, step {run.progress.global_step}"))
+        rows.append(("resume", resume_point(run.progress, steps)))
     return rows
+
+
+def resume_point(p: Progress, steps: int) -> str:
+    """Where a resumed run goes on, in the epoch and step a user saw when it stopped (progress.epoch counts
+    the epochs done, so the one under way is the next)."""
+    if p.step_in_epoch == 0:
+        return f"at the start of epoch {p.epoch + 1} ({p.epoch} done, {p.global_step:,} steps)"
+    return f"in epoch {p.epoch + 1}, after step {p.step_in_epoch} of {steps} ({p.global_step:,} steps in all)"

@@ -12,6 +12,9 @@ from cnntrain.io.cpus import choose_threads
 
 # Set by the user, these fix the thread count and cnntrain leaves it alone.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# torch's own thread count, read before any run sets it: the jobs of a sweep run in one process, and a later
+# job must not take the count an earlier one chose (under load) for what torch would use.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -119,7 +122,7 @@ def configure_torch(device: torch.device, deterministic: bool, num_threads: int 
         torch.set_num_threads(num_threads)
         note = "trainer.num_threads"
     elif auto_threads and device.type == "cpu" and not any(os.environ.get(v) for v in THREAD_ENV):
-        choice = choose_threads(torch.get_num_threads(), deterministic)
+        choice = choose_threads(TORCH_DEFAULT_THREADS, deterministic)
         torch.set_num_threads(choice.threads)
         note = choice.reason
     random.seed(seed)

@@ -22,7 +22,7 @@ from torch import nn
 from cnntrain.engine.checkpoint import load_checkpoint
 from cnntrain.engine.inputs import Normalise
 from cnntrain.errors import UserError
-from cnntrain.io.files import BEST, LAST, output_dir
+from cnntrain.io.files import BEST, LAST, call_dir, given_output_dir, output_dir, slug
 from cnntrain.io.logs import log_to
 
 CKPT_HELP = ("checkpoint file (best.pt, last.pt, or export's model.pt2, model.state_dict.pt or model.safetensors), "
@@ -89,11 +89,30 @@ class Trained:
         log_to(path / f"{command}.log")  # the command's warnings and info, beside what it writes
         return path
 
+    def results_dir(self, command: str, out: str | None, overwrite: bool, label: str) -> Path:
+        """Where one call of evaluate, predict or explain writes: out= (new, or an earlier call's results
+        folder with overwrite=true), else a new <run dir>/<command>/<label>-<date>_<time>, so no call
+        replaces or mixes into another's results."""
+        path = (given_output_dir(Path(out).expanduser(), overwrite) if out
+                else call_dir(self.run_dir / command, slug(label, 60)))
+        log_to(path / f"{command}.log")
+        return path
+
     @property
     def label(self) -> str:
+        from cnntrain.models import chosen_label
+
         arch = self.meta.get("arch")
-        name = self.meta.get("target") or f"{self.meta.get('model')}{'/' + arch if arch else ''}"
+        name = self.meta.get("target") or chosen_label(self.meta.get("option"),
+                                                      f"{self.meta.get('model')}{'/' + arch if arch else ''}")
         return f"{name} trained on {self.meta.get('dataset')}"
+
+
+def inputs_label(inputs: str) -> str:
+    """What names a call's results folder: the file's or folder's name, or the glob as typed."""
+    if any(c in inputs for c in "*?["):
+        return slug(inputs)
+    return slug(Path(inputs.rstrip("/")).expanduser().stem or inputs)
 
 
 def resolve_checkpoint(spec: str) -> Path:

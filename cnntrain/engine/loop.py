@@ -130,8 +130,20 @@ def _save_interrupted(run: Run, s: Session) -> None:
         _save(run, s, LAST)
     s.summary["status"] = "interrupted"
     _record(run, s.summary)
+    _partial_summary(run, s)
     run.reporter.print(f"stopped by signal {s.stop.signum or signal.SIGTERM}; checkpoint saved.{_resume_hint(run)}")
     raise SystemExit(s.stop.exit_code if s.stop else 128 + signal.SIGTERM)
+
+
+def _partial_summary(run: Run, s: Session) -> None:
+    """What an interrupted run got to, in the shape of the final table (no test: that needs the whole run)."""
+    t, p = run.cfg.trainer, run.progress
+    rows = [("epochs done", f"{p.epoch} of {t.epochs}" + (f", and {p.step_in_epoch} steps of the next"
+                                                          if p.step_in_epoch else ""))]
+    if p.best_metric is not None:
+        rows.append((f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"))
+    rows += [("time", f"{s.seconds_before + s.seconds():.1f}s"), ("run dir", str(run.run_dir))]
+    run.reporter.final("interrupted", rows)
 
 
 def _resume_hint(run: Run) -> str:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from cnntrain.config.compose import chosen_option
 from cnntrain.config.identity import check_resume
 from cnntrain.data.images import ImageData
 from cnntrain.engine import checkpoint as ckpt
@@ -90,7 +91,8 @@ def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     """What predict/evaluate/export need to use the model without the training data. The model's own
     config (a custom model's _target_ and arguments included) is the checkpoint's "config"."""
     m = cfg.model
-    return {"model": m.name, "arch": m.arch, **model_source(m), "classes": list(data.classes),
+    return {"model": m.name, "arch": m.arch, "option": chosen_option("model"), **model_source(m),
+            "classes": list(data.classes),
             "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
             "std": list(data.std), "dataset": data.name}
 

@@ -82,6 +82,7 @@ class RichReporter(Reporter):
         self.quiet = False
         self.console = Console(highlight=False)
         self._progress = None
+        self._brief = False
 
     def start(self, title: str, rows: list[tuple[str, str]]) -> None:
         _log_rows(title, rows)
@@ -102,21 +103,25 @@ class RichReporter(Reporter):
             TimeRemainingColumn,
         )
 
-        self._progress = Progress(
-            TextColumn(f"[bold]epoch {epoch}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
+        # Narrow terminals drop whole columns (stats beyond loss and accuracy, then the bar, the stats and the
+        # elapsed time) rather than let rich cut every cell to `22/…`; the epoch line after it has them all.
+        width = self.console.width
+        self._brief = width < 120
+        columns: list[Any] = [TextColumn(f"[bold]epoch {epoch}/{epochs}")]
+        if width >= 80:
+            columns.append(BarColumn(bar_width=20 if width >= 120 else 10))
+        columns.append(MofNCompleteColumn())
+        if width >= 80:
+            columns += [TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
+        if width >= 40:
+            columns += [TextColumn("eta"), TimeRemainingColumn()]
+        self._progress = Progress(*columns, console=self.console, transient=True)
         self._progress.start()
         self._task = self._progress.add_task("train", total=steps, completed=done, stats="")
 
     def epoch_update(self, done: int, stats: dict[str, float]) -> None:
+        if self._brief:
+            stats = {k: v for k, v in stats.items() if k in ("loss", "acc")}
         self._progress.update(self._task, completed=done, stats=_fmt_stats(stats))
 
     def epoch_end(self, line: str) -> None:

@@ -143,17 +143,20 @@ def choose_threads(torch_default: int, deterministic: bool = False) -> ThreadCho
     cap = max(1, min(cores, torch_default))
     quota = cgroup_quota()
     limit = f"{cores} usable cores" + (f" (CPU quota {quota:g})" if quota is not None and quota < len(affinity() or []) else "")
+    # Each reason starts with the count it explains, so the line never reads as two different numbers.
+    base = f"all {limit}" if cap == cores else f"{cap} of {limit}, one per physical core (torch's default)"
     if deterministic or cap == 1:
-        return ThreadChoice(cap, limit + (", deterministic: load not considered" if deterministic and cap > 1 else ""))
+        return ThreadChoice(cap, base + (", deterministic: load not considered" if deterministic and cap > 1 else ""))
     busy = others_busy()
     if busy is None:
-        return ThreadChoice(cap, limit)
+        return ThreadChoice(cap, base)
     cpus = len(affinity() or []) or cores
     free = max(0.0, cpus - busy) * cores / cpus  # the free share of the CPUs we may use
     threads = max(1, min(cap, int(free + 0.5)))
     if threads == cap:
-        return ThreadChoice(cap, limit)
-    return ThreadChoice(threads, f"other processes keep {busy:.1f} of {cpus} cores busy; trainer.num_threads=N to override")
+        return ThreadChoice(cap, base)
+    return ThreadChoice(threads, f"{threads} of {limit}: other processes keep {busy:.1f} of {cpus} cores busy; "
+                                 "trainer.num_threads=N to override")
 
 
 class CollapseWatch:

@@ -96,3 +96,59 @@ def _check_creatable(path: Path) -> None:
         raise OSError(code, os.strerror(code), str(probe))
     if probe != path and not os.access(probe, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(probe))
+
+
+# The commands that score or explain a trained run write one folder per call under <run>/<command>/, so a
+# later call never replaces or mixes into an earlier one's results; their log marks a folder as theirs.
+RESULT_COMMANDS = ("evaluate", "predict", "explain")
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a user's text (a folder, a glob, a dataset root)."""
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return cleaned[:limit].rstrip("._-") or "input"
+
+
+def call_dir(parent: Path, label: str) -> Path:
+    """A new, empty folder parent/<label>-<date>_<time> for one call (-2, -3 ... when two calls share a
+    second). Created here, atomically, so that two calls running at once cannot share it."""
+    import time
+
+    output_dir(parent, "out", given=False)
+    base = f"{label}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    for k in range(1, 1000):
+        path = parent / (base if k == 1 else f"{base}-{k}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create the folder {path} for the results: {os_reason(e)}; "
+                            "pass out=DIR to write elsewhere") from None
+        return path
+    raise UserError(f"too many result folders named {base} in {parent}; pass out=DIR")
+
+
+def given_output_dir(path: Path, overwrite: bool) -> Path:
+    """out=DIR of a results command: created if missing; a folder that already holds files is refused, so
+    nothing a user produced is replaced silently. overwrite=true empties it first, but only when it is an
+    earlier call's results folder (it holds that call's log), never a folder of anything else."""
+    output_dir(path, "out")
+    entries = sorted(path.iterdir())
+    if not entries:
+        return path
+    if not overwrite:
+        raise UserError(f"out={path} already holds {len(entries)} file(s) or folder(s); name a new folder, or add "
+                        "overwrite=true to replace an earlier call's results there")
+    if not any((path / f"{command}.log").is_file() for command in RESULT_COMMANDS):
+        raise UserError(f"out={path} holds files that evaluate, predict or explain did not write (it has no "
+                        "evaluate.log, predict.log or explain.log); overwrite=true only replaces their results: "
+                        "name a new folder")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return path

@@ -135,6 +135,48 @@ def log_to(path: Path) -> None:
     root.addHandler(handler)
 
 
+class _Echo:
+    """sys.stdout, with each line also logged (at info level, so to the log file and not again to the
+    console): the log of a command that prints its results holds what it printed, as fit.log does."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._partial = ""
+        self._log = logging.getLogger(f"{LOGGER}.output")
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._log.info("%s", line.rstrip())
+        return self._stream.write(text)
+
+    def finish(self) -> None:
+        if self._partial:
+            self._log.info("%s", self._partial.rstrip())
+            self._partial = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def output_to_log() -> Iterator[None]:
+    """Run a command whose printed results also go to its log file (evaluate, predict, explain, export)."""
+    original = sys.stdout
+    if original is None:
+        yield
+        return
+    echo = _Echo(original)
+    sys.stdout = echo
+    try:
+        yield
+    finally:
+        echo.finish()
+        if sys.stdout is echo:
+            sys.stdout = original
+
+
 class _PipeSafe:
     """sys.stdout, except that once the reader has gone (EPIPE), what is written is thrown away: standard
     output is pointed at /dev/null, one warning says so (stderr and the log), and the program goes on."""

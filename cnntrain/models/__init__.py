@@ -33,7 +33,7 @@ from cnntrain.models.surgery import (
 from cnntrain.registry import MODELS
 
 __all__ = ["backbone_parameters", "build_model", "count_parameters", "find_head", "freeze_norm_stats",
-           "head_module", "head_parameters", "model_label", "set_backbone_trainable"]
+           "chosen_label", "head_module", "head_parameters", "model_label", "set_backbone_trainable"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,14 @@ def model_label(cfg: Any) -> str:
     if plugin is not None:
         return plugin.label
     return f"{cfg.name}{'/' + cfg.arch if cfg.arch else ''}"
+
+
+def chosen_label(option: str | None, label: str) -> str:
+    """The option the user chose, with the architecture it builds where the two differ:
+    `tiny_cnn (simple_cnn)`, `resnet8`, `torchvision/resnet18`, `mynets.TinyNet`."""
+    if not option or option == "custom" or label.split("/")[0] == option:
+        return label
+    return f"{option} ({label})"
 
 
 def model_source(cfg: Any) -> dict[str, Any]:

@@ -237,10 +237,15 @@ def rerun_command(overrides: Iterable[str]) -> str:
 
 def weights_command(checkpoint: Path, overrides: Iterable[str]) -> str:
     """The command that starts a new run from a checkpoint's weights, with a run's overrides."""
+    return new_run_command(overrides, f"model.weights={checkpoint}")
+
+
+def new_run_command(overrides: Iterable[str], *more: str) -> str:
+    """`cnntrain fit` with a run's overrides (less resume, model.weights and Hydra's own), as a new run."""
     kept = [str(o) for o in overrides
             if str(o).split("=", 1)[0].lstrip("+~") not in ("resume", "model.weights")
             and not str(o).lstrip("+~").startswith("hydra")]
-    return shlex.join(["cnntrain", "fit", *kept, f"model.weights={checkpoint}"])
+    return shlex.join(["cnntrain", "fit", *kept, *more])
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
