@@ -196,16 +196,20 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    # The backends that record the run besides metrics.csv, turned on by the logger group's options:
-    # logger=tensorboard (the default), logger=mlflow, or both: logger=[tensorboard,mlflow].
+    """The backends that record the run besides metrics.csv, turned on by the logger group's options:
+    logger=tensorboard (the default), logger=mlflow, or both: logger=[tensorboard,mlflow]."""
+
+    # Write TensorBoard event files into the run directory (logger=tensorboard sets it).
     tensorboard: bool = False
+    # Record the run in an MLflow tracking store (logger=mlflow sets it; needs the mlflow extra).
     mlflow: bool = False
     # MLflow tracking store (sqlite:///..., http://host:5000, ...); None: sqlite:///<cwd>/runs/mlflow.db.
     tracking_uri: str | None = None
     # MLflow experiment; None: the config's name.
     experiment: str | None = None
-    # Upload figures/*.png and checkpoints/best.pt to the MLflow run when it completes.
+    # Upload figures/*.png to the MLflow run when it completes.
     log_figures: bool = True
+    # Upload checkpoints/best.pt to the MLflow run when it completes.
     log_checkpoint: bool = True
 
 
