@@ -18,9 +18,9 @@ from cnntrain.errors import UserError
 HELP = """\
 usage: cnntrain evaluate ckpt=<checkpoint or run dir> [key=value ...] [dataset.KEY=VALUE ...]
 
-Score a trained model on a split of its dataset (or of another one): loss, accuracy, top-5
-accuracy (models with 6 or more classes), precision, recall (= accuracy on the class) and F1
-per class, and the confusion matrix. Printed as tables; written as metrics.json,
+Score a trained model on a split of its dataset (or of another one): loss, accuracy, balanced
+accuracy, macro F1, top-5 accuracy (models with 6 or more classes), precision, recall (= accuracy
+on the class) and F1 per class, and the confusion matrix. Printed as tables; written as metrics.json,
 per_class.csv, confusion_matrix.csv, predictions.csv, PNG figures and TensorBoard events.
 
 keys:
@@ -211,6 +211,8 @@ def main(argv: list[str]) -> None:
         "checkpoint": str(trained.checkpoint), "model": trained.label, "dataset": data.name, "source": data.source,
         "split": args.split, "images": len(y), "loss": _num(res["loss"]), "acc": _num(res["acc"]),
         "top5_acc": _num(res["top5_acc"]) if res["top5_acc"] is not None else None,
+        # The mean of the per-class recalls: what accuracy says when every class counts the same.
+        "balanced_acc": macro["recall"],
         "macro_precision": macro["precision"], "macro_recall": macro["recall"], "macro_f1": macro["f1"],
         "precision_mode": res["precision"], "device": str(trained.device),
         "epoch": trained.progress.get("epoch"), "global_step": trained.progress.get("global_step"),
@@ -248,7 +250,8 @@ def main(argv: list[str]) -> None:
                ("loss", f"{res['loss']:.4f}"), ("accuracy", f"{res['acc']:.4f}")]
     if res["top5_acc"] is not None:
         summary.append(("top-5 accuracy", f"{res['top5_acc']:.4f}"))
-    summary += [("macro F1", _fmt(macro["f1"] if macro["f1"] is not None else float("nan"))),
+    summary += [("balanced accuracy", _fmt(macro["recall"] if macro["recall"] is not None else float("nan"))),
+                ("macro F1", _fmt(macro["f1"] if macro["f1"] is not None else float("nan"))),
                 ("precision", f"{res['precision']} on {trained.device}")]
     con = console()
     _print_tables(con, f"evaluate: {trained.label}", summary, classes, cm, stats)

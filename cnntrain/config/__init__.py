@@ -48,6 +48,9 @@ class DatasetConfig:
     # DataLoader workers (false), or decide by size (auto: in memory below memory_limit_mb of uint8 pixels).
     in_memory: str = "auto"
     memory_limit_mb: int = 4096
+    # Order of the training images in an epoch: shuffle (each image once) | balanced (drawn with replacement,
+    # each class equally likely: minority images repeat). Both are a function of (trainer.seed, epoch) alone.
+    sampler: str = "shuffle"
 
 
 @dataclass
@@ -170,6 +173,14 @@ class TrainerConfig:
     # Stop when trainer.monitor has not improved by more than min_delta for this many epochs.
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    # Weights of the classes in the training loss: null (all 1) | balanced (images / (classes x images of the
+    # class), from the training split, recorded in summary.json) | [w0, w1, ...], one per class.
+    class_weights: Any = None
+    # k-fold cross-validation: K >= 2 runs K jobs of one sweep, fold k validating on the k-th of K stratified,
+    # seeded (dataset.split_seed) parts of the training and validation images, training on the rest.
+    folds: int | None = None
+    # The fold this job runs (0 .. folds-1); set by trainer.folds, not by hand.
+    fold: int | None = None
 
 
 @dataclass
@@ -197,6 +208,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment.policy": ("none", "randaugment", "trivialaugment"),
     "dataset.on_corrupt": ("skip", "error"),
     "dataset.in_memory": ("auto", "true", "false"),
+    "dataset.sampler": ("shuffle", "balanced"),
 }
 
 
@@ -332,6 +344,8 @@ def validate(cfg: Any) -> None:
         (a.crop_padding >= 0, "augment.crop_padding", a.crop_padding, "must be >= 0"),
         (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", (a.mixup_alpha, a.cutmix_alpha), "must be >= 0"),
     ]
+    checks += _fold_checks(t)
+    checks.append(_class_weights_check(t.class_weights))
     # name is the run's folder under runs/: a path there would put the run somewhere else.
     name = str(cfg.name)
     checks.append((bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
@@ -339,3 +353,30 @@ def validate(cfg: Any) -> None:
     for ok, key, value, what in checks:
         if not ok:
             raise UserError(f"{key}={value} {what}")
+
+
+def _fold_checks(t: Any) -> list[tuple[bool, str, Any, str]]:
+    return [
+        (t.folds is None or t.folds >= 2, "trainer.folds", t.folds,
+         "must be at least 2 (each fold validates on 1/folds of the images; null: no cross-validation)"),
+        (t.fold is None or t.folds is not None, "trainer.fold", t.fold, "needs trainer.folds=K"),
+        (t.folds is None or t.fold is not None, "trainer.folds", t.folds,
+         "runs one job per fold: give it on the command line (cnntrain fit trainer.folds=K sets trainer.fold "
+         "for each job), or pick one fold with trainer.fold=k"),
+        (t.fold is None or t.folds is None or 0 <= t.fold < t.folds, "trainer.fold", t.fold,
+         f"must be in 0 .. trainer.folds-1 ({t.folds})"),
+    ]
+
+
+def _class_weights_check(w: Any) -> tuple[bool, str, Any, str]:
+    """The length is checked against the dataset's classes when they are known (engine.build)."""
+    from omegaconf import ListConfig
+
+    what = "must be null, balanced or a list of numbers >= 0, one per class, e.g. [1, 10]"
+    if w is None or w == "balanced":
+        return True, "trainer.class_weights", w, what
+    if isinstance(w, (list, ListConfig)):
+        ok = len(w) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in w)
+        ok = ok and any(v > 0 for v in w)
+        return ok, "trainer.class_weights", list(w), what
+    return False, "trainer.class_weights", w, what

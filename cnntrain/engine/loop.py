@@ -24,7 +24,7 @@ from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine import distributed
 from cnntrain.engine.build import build_run, start_rows
 from cnntrain.engine.device import describe
-from cnntrain.engine.evaluate import evaluate
+from cnntrain.engine.evaluate import class_metrics, evaluate
 from cnntrain.engine.inputs import epoch_order
 from cnntrain.engine.signals import StopRequested
 from cnntrain.engine.state import Progress, Run, save
@@ -92,8 +92,8 @@ def train(run: Run) -> float:
     if p.epoch >= t.epochs and completed(run.run_dir):
         raise UserError(f"the run in {run.run_dir} already finished {p.epoch} epochs; "
                         f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further")
-    s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs},
-                seconds_before=p.train_seconds)
+    s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs,
+                                 **run.record}, seconds_before=p.train_seconds)
     if run.device.type == "cpu":
         s.watch = CollapseWatch(torch.get_num_threads(), run.reporter.print)
     _record(run, s.summary)
@@ -239,7 +239,7 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
     """The training steps of an epoch, from where it stands; raises Interrupted on a signal."""
     cfg, t, p, d, step = run.cfg, run.cfg.trainer, run.progress, run.dist, run.step
     bs, steps, sums = t.batch_size, run.steps, p.sums
-    order = epoch_order(len(run.tensors["train_x"]), t.seed, epoch, run.device)
+    order = epoch_order(len(run.tensors["train_x"]), t.seed, epoch, run.device, run.sample_weights)
     run.model.train()
     freeze_norm_stats(run.model)  # a frozen backbone keeps its BatchNorm statistics too
     last_refresh = time.monotonic()
@@ -358,8 +358,10 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     log.scalar("test/loss", test["loss"], p.global_step)
     log.scalar("test/acc", test["acc"], p.global_step)
     key = f"best_{t.monitor.replace('/', '_')}"
+    balanced = class_metrics(test["pred"], run.tensors["test_y"], run.data.num_classes)
     summary.update(status="completed", epochs_done=p.epoch, best_epoch=p.best_epoch, **{key: p.best_metric},
-                   test_loss=test["loss"], test_acc=test["acc"], train_seconds=round(s.seconds_before + elapsed, 2),
+                   test_loss=test["loss"], test_acc=test["acc"], test_balanced_acc=balanced["balanced_acc"],
+                   test_macro_f1=balanced["macro_f1"], train_seconds=round(s.seconds_before + elapsed, 2),
                    global_step=p.global_step, skipped_steps=p.skipped_steps, parameters=count_parameters(run.model),
                    checkpoint=str(best_path))
     resumed = run.cfg.resume is not None
@@ -378,6 +380,7 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     run.reporter.final("done", [
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
         ("test acc", f"{test['acc']:.4f}"),
+        ("test balanced acc / macro F1", f"{balanced['balanced_acc']:.4f} / {balanced['macro_f1']:.4f}"),
         ("test loss", f"{test['loss']:.4f}"),
         ("time", f"{s.seconds_before + elapsed:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
         ("run dir", str(run.run_dir)),

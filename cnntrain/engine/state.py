@@ -76,6 +76,8 @@ class Run:
     # abandoned: it is replaced, not kept.
     keep_last: bool = True
     data_fingerprint: str = ""  # data.fingerprint(), computed once: provenance.json and every checkpoint hold it
+    sample_weights: torch.Tensor | None = None  # dataset.sampler=balanced: each training image's draw weight
+    record: dict[str, Any] = field(default_factory=dict)  # what summary.json records of how the run was built
 
     @property
     def model(self) -> nn.Module:
