@@ -48,6 +48,7 @@ def run_fit(args: list[str]) -> None:
     scratch = None
     command = list(args)
     try:
+        args = fold_sweep(args)
         args = expand_resume(args)
         job.snapshot_resumed_run(args)
         if os.environ.get("RANK", "0") != "0":
@@ -82,6 +83,22 @@ def run_fit(args: list[str]) -> None:
         sys.argv = saved_argv
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fold_sweep(args: list[str]) -> list[str]:
+    """`trainer.folds=K` on the command line: the K folds become the jobs of one sweep (trainer.fold=0..K-1),
+    run by whatever launcher the command names, so they resume, report and fail like any sweep's jobs."""
+    folds = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "trainer.folds"), None)
+    if folds is None or any(a.split("=", 1)[0].lstrip("+") == "trainer.fold" for a in args):
+        return args
+    try:
+        k = int(folds)
+    except ValueError:
+        return args  # not a number: the schema says so, with the key
+    if k < 2:
+        return args  # validate() refuses it in one line
+    # The flag first: argparse takes no more overrides after a flag (resume=auto appends hydra.sweep.dir).
+    return [*([] if {"-m", "--multirun"} & set(args) else ["--multirun"]), *args, f"trainer.fold=range(0,{k})"]
 
 
 def _sweep_resume_hint(command: list[str], job: _JobState) -> None:
