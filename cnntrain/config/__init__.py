@@ -51,6 +51,8 @@ class DatasetConfig:
     # Order of the training images in an epoch: shuffle (each image once) | balanced (drawn with replacement,
     # each class equally likely: minority images repeat). Both are a function of (trainer.seed, epoch) alone.
     sampler: str = "shuffle"
+    # Whether mirroring an image changes its class (digits, text): test-time augmentation then refuses flips.
+    flips_change_label: bool = False
 
 
 @dataclass

@@ -40,6 +40,7 @@ RESUME_FREE = frozenset({
     "dataset.in_memory",
     "dataset.memory_limit_mb",
     "dataset.on_corrupt",
+    "dataset.flips_change_label",  # what evaluate/predict may do with the model, not how it trains
 })
 
 

@@ -94,7 +94,8 @@ def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     m = cfg.model
     return {"model": m.name, "arch": m.arch, **model_source(m), "classes": list(data.classes),
             "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
-            "std": list(data.std), "dataset": data.name}
+            "std": list(data.std), "dataset": data.name,
+            "flips_change_label": bool(cfg.dataset.flips_change_label)}
 
 
 def save(run: Run, name: str) -> None:
