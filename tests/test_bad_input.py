@@ -136,6 +136,9 @@ CASES = [
     Case("folds-one", ["trainer.folds=1"], ["trainer.folds=1 must be at least 2"]),
     Case("fold-out-of-range", ["trainer.folds=3", "trainer.fold=3"], ["trainer.fold=3 must be in 0 .. trainer.folds-1"]),
     Case("fold-without-folds", ["trainer.fold=1"], ["trainer.fold=1 needs trainer.folds=K"]),
+    Case("pruner-without-optuna", ["sweep.pruner=median"],
+         ["sweep.pruner=median prunes the trials of an Optuna study", "hydra/sweeper=optuna"]),
+    Case("pruner-unknown", ["sweep.pruner=asha"], ["sweep.pruner=asha is not a valid choice"]),
     # Resume.
     Case("resume-missing", ["resume={data}/nowhere"], ["checkpoint or run directory not found: {data}/nowhere"]),
     Case("resume-not-a-run", ["resume={data}/a_file"], ["{data} is not a cnntrain run directory"]),

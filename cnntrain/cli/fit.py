@@ -24,6 +24,7 @@ from cnntrain.config.compose import (
     take_config_dir_flags,
 )
 from cnntrain.errors import UserError, user_path_error
+from cnntrain.sweep.pruning import PRUNED, Pruned
 
 
 def run_fit(args: list[str]) -> None:
@@ -131,6 +132,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
     resuming = cfg.resume is not None
     try:
         validate(cfg)  # before torch is imported: a bad value fails in a second
+        check_pruner(cfg, hc)
         # Sweep jobs: resume=auto / a requeue may point elsewhere or find the job already done.
         run_dir, resume, recorded = sweep.prepare_job(cfg, run_dir)
         if recorded is not None:
@@ -144,6 +146,8 @@ def _job(cfg: Any, job: _JobState) -> float | None:
         if cfg.trainer.dry_run:
             discard_run_dir(run_dir)
         return result
+    except Pruned:
+        return PRUNED  # the Optuna sweeper tells the study; summary.json says pruned
     except BaseException as e:
         if single and not resuming:
             discard_run_dir(run_dir)  # a start that failed before training leaves nothing under runs/
@@ -159,6 +163,17 @@ def _job(cfg: Any, job: _JobState) -> float | None:
         # "Error executing job with overrides: ..." above our one-line message.
         job.failure = error
         return None
+
+
+def check_pruner(cfg: Any, hc: Any) -> None:
+    """sweep.pruner works through the trial the Optuna sweeper gives each job; anywhere else it would do nothing."""
+    if cfg.sweep.pruner == "none":
+        return
+    target = str(getattr(hc.sweeper, "_target_", "") or "")
+    if not target.endswith("OptunaSweeper") or cfg.sweep.trial is None:
+        raise UserError(f"sweep.pruner={cfg.sweep.pruner} prunes the trials of an Optuna study; run it as one: "
+                        f"cnntrain fit --multirun hydra/sweeper=optuna sweep.pruner={cfg.sweep.pruner} ... "
+                        "(or experiment=tune)")
 
 
 class _JobState:

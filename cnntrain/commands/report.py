@@ -21,8 +21,8 @@ usage: cnntrain report DIR [csv=FILE] [sort=metric|job|time]
 
 One row per job of the sweep (or runs) under DIR: the overrides that differ between jobs, the
 best validation metric (trainer.monitor) and its epoch, test accuracy, training time and status,
-best first; for a k-fold sweep (trainer.folds=K) the mean ± std of each metric across
-the folds. Failed jobs are listed with their error and the command that runs them again;
+best first; trials an Optuna pruner stopped (sweep.pruner) have status "pruned". For a k-fold
+sweep (trainer.folds=K), the mean ± std of each metric across the folds. Failed jobs are listed with their error and the command that runs them again;
 unfinished ones with the command that continues them. The table is also written as CSV
 (default DIR/report.csv).
 
@@ -102,6 +102,8 @@ def read_job(job_dir: Path) -> Job:
         run_dir = Path(summary["run_dir"])
         summary = read_json(run_dir / "summary.json") or {}
     overrides = job_overrides(job_dir) or job_overrides(run_dir) or []
+    # The Optuna sweeper's record of the trial a job is: the job number says it, the table need not.
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in ("sweep.storage", "sweep.study", "sweep.trial")]
     status = str(summary.get("status") or ("pending" if not (run_dir / "checkpoints").exists() else "running"))
     monitor = _monitor(run_dir, summary)
     key = f"best_{monitor.replace('/', '_')}" if monitor else ""
@@ -109,7 +111,7 @@ def read_job(job_dir: Path) -> Job:
               summary.get("best_epoch"), summary.get("epochs_done"), summary.get("test_acc"),
               summary.get("test_loss"), _seconds(run_dir, summary), summary.get("test_balanced_acc"),
               summary.get("test_macro_f1"), str(summary.get("error") or ""))
-    if status != "completed":
+    if status not in ("completed", "pruned"):  # a pruned trial was stopped on purpose: nothing to continue
         if (run_dir / "checkpoints" / "last.pt").is_file():
             job.next_command = f"cnntrain fit resume={run_dir}"
         elif status == "failed" or status == "pending":

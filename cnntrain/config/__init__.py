@@ -186,6 +186,20 @@ class TrainerConfig:
 
 
 @dataclass
+class SweepConfig:
+    # Stop an Optuna trial whose validation metric (trainer.monitor) falls behind at an epoch:
+    # none | median | hyperband. Needs the Optuna sweeper (--multirun hydra/sweeper=optuna).
+    pruner: str = "none"
+    # median: trials that must finish before any is pruned, and the epochs of each trial never pruned.
+    startup_trials: int = 2
+    warmup_epochs: int = 0
+    # Set by the Optuna sweeper for each job: the study's storage and name and the trial the job is.
+    storage: str | None = None
+    study: str | None = None
+    trial: int | None = None
+
+
+@dataclass
 class FitConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -193,6 +207,7 @@ class FitConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Experiment name: the first level of the run directory under runs/.
     name: str = "default"
     # Continue a run: its directory or a checkpoint file (see README, "Resume").
@@ -211,6 +226,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dataset.on_corrupt": ("skip", "error"),
     "dataset.in_memory": ("auto", "true", "false"),
     "dataset.sampler": ("shuffle", "balanced"),
+    "sweep.pruner": ("none", "median", "hyperband"),
 }
 
 
@@ -347,6 +363,8 @@ def validate(cfg: Any) -> None:
         (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", (a.mixup_alpha, a.cutmix_alpha), "must be >= 0"),
     ]
     checks += _fold_checks(t)
+    checks += [(cfg.sweep.startup_trials >= 0, "sweep.startup_trials", cfg.sweep.startup_trials, "must be >= 0"),
+               (cfg.sweep.warmup_epochs >= 0, "sweep.warmup_epochs", cfg.sweep.warmup_epochs, "must be >= 0")]
     checks.append(_class_weights_check(t.class_weights))
     # name is the run's folder under runs/: a path there would put the run somewhere else.
     name = str(cfg.name)

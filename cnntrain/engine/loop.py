@@ -36,6 +36,7 @@ from cnntrain.io.provenance import provenance
 from cnntrain.io.runlog import NullLog, RunLog
 from cnntrain.models import count_parameters, freeze_norm_stats, set_backbone_trainable
 from cnntrain.sweep import jobs as sweep_jobs
+from cnntrain.sweep import pruning
 
 # trainer.on_nonfinite=skip passes over a few bad batches; this many in a row means the model is broken.
 MAX_SKIPS_IN_A_ROW = 10
@@ -61,6 +62,7 @@ class Session:
     watch: CollapseWatch | None = None  # CPU runs: says so once if other processes make the threads collapse
     seconds_before: float = 0.0  # training time of the sessions before this one (a resumed run's)
     started: float = field(default_factory=time.perf_counter)  # when this session's training began
+    trial: pruning.TrialReport | None = None  # sweep.pruner: the Optuna trial this job reports its epochs to
 
     def seconds(self) -> float:
         """Training time of this session so far."""
@@ -98,6 +100,7 @@ def train(run: Run) -> float:
         s.watch = CollapseWatch(torch.get_num_threads(), run.reporter.print)
     _record(run, s.summary)
     run.reporter.start("cnntrain fit", start_rows(run))
+    s.trial = pruning.open_trial(run.cfg) if not d.enabled else None
     s.stop.install()
     s.started = time.perf_counter()
     try:
@@ -115,6 +118,12 @@ def train(run: Run) -> float:
     except TrainingDiverged:
         s.summary["status"] = "diverged"
         _record(run, s.summary)
+        raise
+    except pruning.Pruned as e:
+        s.summary.update(status=pruning.PRUNED, pruned_epoch=e.epoch)
+        _record(run, s.summary)
+        run.reporter.print(f"trial {run.cfg.sweep.trial} pruned by the study's {run.cfg.sweep.pruner} pruner after "
+                           f"epoch {e.epoch}: {t.monitor} {e.value:.4f} falls behind the other trials")
         raise
     finally:
         s.stop.restore()
@@ -212,6 +221,8 @@ def _epoch(run: Run, s: Session) -> bool:
         f"{row['images_per_s']:,.0f} img/s  data {p.times['data'] / max(train_time, 1e-9):.0%}  "
         f"{row['epoch_s']:.1f}s"
     )
+    if s.trial is not None:
+        s.trial.epoch(epoch, val["acc"] if t.monitor == "val/acc" else val["loss"], last=epoch >= t.epochs)
     patience = t.early_stopping_patience
     if patience is not None and p.epochs_without_improvement >= patience and p.epoch < t.epochs:
         s.summary["early_stopped_epoch"] = epoch
