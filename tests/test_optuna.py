@@ -94,3 +94,11 @@ def test_two_sweep_processes_share_one_sqlite_study(tmp_path):
     assert len(sweeps) == 2
     recorded = sorted(_trial(j) for s in sweeps for j in _jobs(s))
     assert recorded == list(range(6))  # every trial ran as exactly one job, in one of the two sweeps
+
+
+@needs("optuna", "optuna")
+def test_folds_are_not_an_optuna_search_dimension(tmp_path):
+    proc = run_cli(["fit", "experiment=optuna_smoke", "trainer.folds=3"], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "trainer.folds runs its folds as the jobs of a plain sweep" in lines[0]

@@ -97,6 +97,9 @@ class OptunaSweeper(Sweeper):
             else:
                 space.pop(key, None)
                 fixed[key] = o.input_line
+        if "trainer.fold" in space:
+            raise UserError("trainer.folds runs its folds as the jobs of a plain sweep, not as an Optuna search "
+                            "dimension; tune first, then cross-validate the best trial with trainer.folds=K")
         return space, list(fixed.values())
 
     def _study(self, optuna: Any, space: dict[str, Any]) -> Any:

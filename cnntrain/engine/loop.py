@@ -391,7 +391,7 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     run.reporter.final("done", [
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
         ("test acc", f"{test['acc']:.4f}"),
-        ("test balanced acc / macro F1", f"{balanced['balanced_acc']:.4f} / {balanced['macro_f1']:.4f}"),
+        ("test balanced acc / macro F1", f"{balanced['balanced_acc'] or 0:.4f} / {balanced['macro_f1'] or 0:.4f}"),
         ("test loss", f"{test['loss']:.4f}"),
         ("time", f"{s.seconds_before + elapsed:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
         ("run dir", str(run.run_dir)),
