@@ -130,7 +130,8 @@ class OptunaSweeper(Sweeper):
         pruner = OmegaConf.select(self.config, "sweep.pruner", default="none")
         log.info(f"Study {study.study_name}: {self.direction}, {len(study.trials)} trials stored, {self.n_trials} to run"
                  f"{f', {pruner} pruner' if pruner != 'none' else ''}; storage {self.storage}")
-        record = [f"sweep.storage={self.storage}", f"sweep.study={study.study_name}"] if self.storage else []
+        record = ([f"sweep.storage={_quoted(self.storage)}", f"sweep.study={_quoted(study.study_name)}"]
+                  if self.storage else [])
         done = 0
         returns = []
         while done < self.n_trials and not self.exhausted:
@@ -199,3 +200,12 @@ def _literal(value: Any) -> str:
     if isinstance(value, str):
         return value
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def _quoted(text: str) -> str:
+    """A path or name as an override value: quoted when it holds what Hydra's grammar reads (a comma, space...)."""
+    import re
+
+    if re.fullmatch(r"[\w./:@+-]*", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
