@@ -27,8 +27,8 @@ def _trial(job: Path) -> int:
     return int(next(o for o in overrides if o.startswith("sweep.trial=")).split("=")[1])
 
 
+@needs("optuna", "optuna")
 def test_a_search_space_becomes_optuna_distributions():
-    pytest.importorskip("optuna")
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
