@@ -131,6 +131,19 @@ CASES = [
     Case("csv-no-path-column", ["dataset=csv", "dataset.root={data}/csv_header"], ["has no 'path' column"]),
     Case("csv-no-labels-file", ["dataset=csv", "dataset.root={data}/csv_missing", "dataset.file=nope.csv"],
          ["dataset.file=nope.csv: no such file {data}/csv_missing/nope.csv"]),
+    # Imbalanced classes and k-fold cross-validation.
+    Case("class-weights-wrong-length", ["trainer.class_weights=[1,10]"],
+         ["trainer.class_weights has 2 weights but the dataset has 10 classes", "one weight per class"]),
+    Case("class-weights-unknown-word", ["trainer.class_weights=inverse"],
+         ["trainer.class_weights=inverse must be null, balanced or a list of numbers"]),
+    Case("class-weights-negative", ["trainer.class_weights=[1,-1]"], ["trainer.class_weights=[1, -1] must be"]),
+    Case("unknown-sampler", ["dataset.sampler=weighted"], ["dataset.sampler=weighted is not a valid choice"]),
+    Case("folds-one", ["trainer.folds=1"], ["trainer.folds=1 must be at least 2"]),
+    Case("fold-out-of-range", ["trainer.folds=3", "trainer.fold=3"], ["trainer.fold=3 must be in 0 .. trainer.folds-1"]),
+    Case("fold-without-folds", ["trainer.fold=1"], ["trainer.fold=1 needs trainer.folds=K"]),
+    Case("pruner-without-optuna", ["sweep.pruner=median"],
+         ["sweep.pruner=median prunes the trials of an Optuna study", "hydra/sweeper=optuna"]),
+    Case("pruner-unknown", ["sweep.pruner=asha"], ["sweep.pruner=asha is not a valid choice"]),
     # Resume.
     # A sweep is checked job by job before its first job trains; a value list needs --multirun.
     Case("sweep-bad-value", ["--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1"],

@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = [f.name for f in dataclasses.fields(FitConfig) if f.default_factory is not dataclasses.MISSING]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
 # Presets of hydra/sweeper and hydra/launcher that come from an optional Hydra plugin: its module and extra.
-PLUGINS = {"optuna_study": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+PLUGINS = {"optuna_study": ("optuna", "optuna"),
            "parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
            "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
            "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm")}

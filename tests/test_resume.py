@@ -125,6 +125,32 @@ def test_resume_after_sigkills_is_bitwise_equal_to_an_uninterrupted_run(killed_m
     assert [s for s, _ in got_curves["train/loss_step"]] == list(range(5, 96, 5))
 
 
+# Issue 21's options: balanced loss weights, the class-balanced sampler, one fold of a 3-fold split.
+BALANCED = ["trainer.class_weights=balanced", "dataset.sampler=balanced", "trainer.folds=3", "trainer.fold=1",
+            "trainer.epochs=2"]
+
+
+@pytest.mark.slow
+def test_resume_with_class_weights_the_balanced_sampler_and_a_fold_is_bitwise_exact(tmp_path):
+    want_dir, got_dir = tmp_path / "reference", tmp_path / "killed"
+    want_dir.mkdir()
+    got_dir.mkdir()
+    proc = run_cli(["fit", *COMMON, *BALANCED], want_dir, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    (reference_run,) = run_dirs(want_dir)
+    proc = run_faulty(["kill-at-step=45"], ["fit", *COMMON, *BALANCED], got_dir)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (run_dir,) = run_dirs(got_dir)
+    proc = run_cli(["fit", f"resume={run_dir}"], got_dir, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(reference_run / "checkpoints" / name, run_dir / "checkpoints" / name)
+    assert csv_rows(run_dir) == csv_rows(reference_run)
+    got, want = summary(run_dir), summary(reference_run)
+    for key in ("global_step", "test_acc", "test_balanced_acc", "class_weights", "sampler", "fold"):
+        assert got[key] == want[key], key
+
+
 def _error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("cnntrain: error: "), proc.stderr

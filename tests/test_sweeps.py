@@ -319,7 +319,7 @@ def test_optuna_direction_follows_the_monitored_metric():
     assert (cfg.acc, cfg.loss) == ("maximize", "minimize")
 
 
-@needs("hydra_plugins.hydra_optuna_sweeper", "optuna")
+@needs("optuna", "optuna")
 @pytest.mark.slow
 def test_optuna_study_optimises_the_objective_and_continues_from_its_storage_with_new_points(tmp_path):
     proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=2",
@@ -347,7 +347,7 @@ def test_optuna_study_optimises_the_objective_and_continues_from_its_storage_wit
     assert len(points) == 3 and len(set(points)) == 3, points
 
 
-@needs("hydra_plugins.hydra_optuna_sweeper", "optuna")
+@needs("optuna", "optuna")
 @pytest.mark.slow
 def test_optuna_sweep_in_a_pipe_prints_plain_lines_and_logs_library_chatter(tmp_path):
     proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=1", "dataset.subset=200",

@@ -20,7 +20,10 @@ class QuietLibraries(Callback):
 
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
         if "optuna" in sweeper.lower():
-            import optuna
+            try:
+                import optuna
+            except ImportError:  # the sweeper itself says which extra to install
+                return
 
             optuna.logging.disable_default_handler()
             optuna.logging.enable_propagation()

@@ -25,6 +25,7 @@ from cnntrain.config.compose import (
     take_config_dir_flags,
 )
 from cnntrain.errors import UserError, user_path_error
+from cnntrain.sweep.pruning import PRUNED, Pruned
 
 
 def run_fit(args: list[str]) -> None:
@@ -58,6 +59,7 @@ def run_fit(args: list[str]) -> None:
     scratch = None
     command = list(args)
     try:
+        args = fold_sweep(args)
         args = expand_resume(args)
         job.snapshot_resumed_run(args)
         if os.environ.get("RANK", "0") != "0":
@@ -108,6 +110,20 @@ def _interrupted(job: _JobState) -> UserError:
         error = UserError("interrupted before training started: nothing was saved, and there is nothing to resume")
     error.exit_code = 130
     return error
+def fold_sweep(args: list[str]) -> list[str]:
+    """`trainer.folds=K` on the command line: the K folds become the jobs of one sweep (trainer.fold=0..K-1),
+    run by whatever launcher the command names, so they resume, report and fail like any sweep's jobs."""
+    folds = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "trainer.folds"), None)
+    if folds is None or any(a.split("=", 1)[0].lstrip("+") == "trainer.fold" for a in args):
+        return args
+    try:
+        k = int(folds)
+    except ValueError:
+        return args  # not a number: the schema says so, with the key
+    if k < 2:
+        return args  # validate() refuses it in one line
+    # The flag first: argparse takes no more overrides after a flag (resume=auto appends hydra.sweep.dir).
+    return [*([] if {"-m", "--multirun"} & set(args) else ["--multirun"]), *args, f"trainer.fold=range(0,{k})"]
 
 
 def _sweep_resume_hint(command: list[str], job: _JobState) -> None:
@@ -143,6 +159,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
     try:
         validate(cfg)  # before torch is imported: a bad value fails in a second
         check_logger(cfg)  # logger=mlflow: its package and tracking store, before any data are loaded
+        check_pruner(cfg, hc)
         # Sweep jobs: resume=auto / a requeue may point elsewhere or find the job already done.
         run_dir, resume, recorded = sweep.prepare_job(cfg, run_dir)
         if recorded is not None:
@@ -156,6 +173,8 @@ def _job(cfg: Any, job: _JobState) -> float | None:
         if cfg.trainer.dry_run:
             discard_run_dir(run_dir)
         return result
+    except Pruned:
+        return PRUNED  # the Optuna sweeper tells the study; summary.json says pruned
     except BaseException as e:
         if single and not resuming:
             discard_run_dir(run_dir)  # a start that failed before training leaves nothing under runs/
@@ -171,6 +190,17 @@ def _job(cfg: Any, job: _JobState) -> float | None:
         # "Error executing job with overrides: ..." above our one-line message.
         job.failure = error
         return None
+
+
+def check_pruner(cfg: Any, hc: Any) -> None:
+    """sweep.pruner works through the trial the Optuna sweeper gives each job; anywhere else it would do nothing."""
+    if cfg.sweep.pruner == "none":
+        return
+    target = str(getattr(hc.sweeper, "_target_", "") or "")
+    if not target.endswith("OptunaSweeper") or cfg.sweep.trial is None:
+        raise UserError(f"sweep.pruner={cfg.sweep.pruner} prunes the trials of an Optuna study; run it as one: "
+                        f"cnntrain fit --multirun hydra/sweeper=optuna sweep.pruner={cfg.sweep.pruner} ... "
+                        "(or experiment=tune)")
 
 
 class _JobState:

@@ -18,9 +18,9 @@ from cnntrain.errors import UserError
 HELP = """\
 usage: cnntrain evaluate ckpt=<checkpoint or run dir> [key=value ...] [dataset.KEY=VALUE ...]
 
-Score a trained model on a split of its dataset (or of another one): loss, accuracy, top-5
-accuracy (models with 6 or more classes), precision, recall (= accuracy on the class) and F1
-per class, and the confusion matrix. Printed as tables; written as metrics.json,
+Score a trained model on a split of its dataset (or of another one): loss, accuracy, balanced
+accuracy, macro F1, top-5 accuracy (models with 6 or more classes), precision, recall (= accuracy
+on the class) and F1 per class, and the confusion matrix. Printed as tables; written as metrics.json,
 per_class.csv, confusion_matrix.csv, predictions.csv, PNG figures and TensorBoard events.
 
 keys:
@@ -36,6 +36,8 @@ keys:
   device=auto       auto | cpu | cuda | cuda:N | mps
   precision=auto    auto (as trained, so the numbers match fit's) | 32 | bf16 | fp16
   mistakes=16       most confidently wrong images in mistakes.png
+  tta=none          test-time augmentation: none | flip | crops | flip+crops (softmax averaged
+                    over the views; flips are refused for digits and other flip-sensitive data)
   tensorboard=true  also write TensorBoard events under out/tensorboard
 
 examples:
@@ -53,6 +55,7 @@ class EvaluateArgs(CheckpointArgs):
     precision: str = "auto"
     mistakes: int = 16
     tensorboard: bool = True
+    tta: str = "none"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
 
@@ -125,17 +128,20 @@ def _fmt(v: float) -> str:
 def run_evaluation(args: EvaluateArgs, trained: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Loss, accuracy, top-5, and per-sample predictions and confidences of the model on (x, y):
     the same evaluation loop as fit's validation and test."""
+    from cnntrain.engine import tta
     from cnntrain.engine.evaluate import evaluate
     from cnntrain.engine.inference import precision_for, prepare
 
     precision, channels_last = precision_for(trained, args.precision)
     prepare(trained, channels_last)
+    views = tta.apply(trained, args.tta)
     trainer = trained.config.get("trainer") or {}
     batch = args.batch_size or int(trainer.get("eval_batch_size", 1000))
     if batch < 1:
         raise UserError(f"batch_size={batch} must be at least 1")
     res = evaluate(trained.model, x, y, trained.preprocess.normalise(trained.device, channels_last), batch, precision)
-    return {**res, "pred": res["pred"].cpu(), "conf": res["conf"].cpu(), "precision": precision.label}
+    return {**res, "pred": res["pred"].cpu(), "conf": res["conf"].cpu(), "precision": precision.label,
+            "tta": tta.describe(args.tta, views), "views": list(views)}
 
 
 def _write_csvs(out: Path, classes: list[str], cm: np.ndarray, stats: dict[str, np.ndarray],
@@ -210,6 +216,7 @@ def main(argv: list[str]) -> None:
     first = parse_args(EvaluateArgs, argv, "evaluate")  # validates keys before the checkpoint is read
     check_choice("split", first.split, ("test", "val", "train"))
     check_choice("precision", first.precision, ("auto", "32", "bf16", "fp16"))
+    check_choice("tta", first.tta, ("none", "flip", "crops", "flip+crops"))  # engine.tta.CHOICES, before loading
     trained = load_trained(first.ckpt, first.device)
     stored = trained.config.get("dataset")
     base = {"dataset": stored} if isinstance(stored, dict) else None
@@ -227,8 +234,11 @@ def main(argv: list[str]) -> None:
         "checkpoint": str(trained.checkpoint), "model": trained.label, "dataset": data.name, "source": data.source,
         "split": args.split, "images": len(y), "loss": _num(res["loss"]), "acc": _num(res["acc"]),
         "top5_acc": _num(res["top5_acc"]) if res["top5_acc"] is not None else None,
+        # The mean of the per-class recalls: what accuracy says when every class counts the same.
+        "balanced_acc": macro["recall"],
         "macro_precision": macro["precision"], "macro_recall": macro["recall"], "macro_f1": macro["f1"],
-        "precision_mode": res["precision"], "device": str(trained.device),
+        "precision_mode": res["precision"], "device": str(trained.device), "tta": res["tta"],
+        "tta_views": res["views"],
         "epoch": trained.progress.get("epoch"), "global_step": trained.progress.get("global_step"),
         "classes": classes,
         "per_class": [{"class": name, "images": int(stats["support"][i]), "precision": _num(stats["precision"][i]),
@@ -264,8 +274,9 @@ def main(argv: list[str]) -> None:
                ("loss", f"{res['loss']:.4f}"), ("accuracy", f"{res['acc']:.4f}")]
     if res["top5_acc"] is not None:
         summary.append(("top-5 accuracy", f"{res['top5_acc']:.4f}"))
-    summary += [("macro F1", _fmt(macro["f1"] if macro["f1"] is not None else float("nan"))),
-                ("precision", f"{res['precision']} on {trained.device}")]
+    summary += [("balanced accuracy", _fmt(macro["recall"] if macro["recall"] is not None else float("nan"))),
+                ("macro F1", _fmt(macro["f1"] if macro["f1"] is not None else float("nan"))),
+                ("precision", f"{res['precision']} on {trained.device}"), ("test-time augmentation", res["tta"])]
     con = console()
     _print_tables(con, f"evaluate: {trained.label}", summary, classes, cm, stats)
     con.print(f"wrote metrics.json, per_class.csv, confusion_matrix.csv, predictions.csv, "

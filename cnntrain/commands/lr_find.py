@@ -224,7 +224,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     for i_step in range(args.steps):
         epoch, i = divmod(i_step, per_epoch)
         if i == 0:
-            order = epoch_order(n, t.seed, epoch + 1, built.device)
+            order = epoch_order(n, t.seed, epoch + 1, built.device, built.sample_weights)
         lr = lr_at(i_step, args.steps, args.lr_min, args.lr_max)
         for g, ratio in zip(optimizer.param_groups, ratios, strict=True):
             g["lr"] = lr * ratio

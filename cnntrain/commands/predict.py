@@ -30,6 +30,8 @@ keys:
   device=auto      auto | cpu | cuda | cuda:N | mps
   precision=auto   auto (as trained) | 32 | bf16 | fp16
   on_error=error   error | skip: what to do with a file that cannot be decoded
+  tta=none         test-time augmentation: none | flip | crops | flip+crops (softmax averaged over
+                   the views; flips are refused for digits and other flip-sensitive data)
 
 examples:
   cnntrain predict ckpt=runs/default/<run> inputs=digit.png
@@ -45,18 +47,21 @@ class PredictArgs(CheckpointArgs):
     batch_size: int = 256
     precision: str = "auto"
     on_error: str = "error"
+    tta: str = "none"
 
 
 def main(argv: list[str]) -> None:
     from rich.table import Table
 
     from cnntrain.commands.args import check_choice, console, images_and_model, start
+    from cnntrain.engine import tta
     from cnntrain.engine.inference import CKPT_HELP, image_batches, inputs_label, logits_of, precision_for, prepare
 
     args = start(argv, PredictArgs, "predict", HELP.format(ckpt=CKPT_HELP))
     if args is None:
         return
     check_choice("precision", args.precision, ("auto", "32", "bf16", "fp16"))
+    check_choice("tta", args.tta, tta.CHOICES)
     if args.top_k < 1:
         raise UserError(f"top_k={args.top_k} must be at least 1")
     # The count in the header below is the number of rows the CSV gets (less any file whose pixel data then
@@ -64,6 +69,7 @@ def main(argv: list[str]) -> None:
     paths, note, trained = images_and_model(args)
     precision, channels_last = precision_for(trained, args.precision)
     prepare(trained, channels_last)
+    views = tta.apply(trained, args.tta)
     k = min(args.top_k, len(trained.classes))
     out = trained.results_dir("predict", args.out, args.overwrite, inputs_label(args.inputs))
     csv_path = out / "predictions.csv"
@@ -73,6 +79,8 @@ def main(argv: list[str]) -> None:
     h, w = pre.image_size
     con.print(f"{trained.label}: {len(paths):,} image(s) -> {pre.channels}x{h}x{w}, "
               f"{len(trained.classes)} classes ({trained.checkpoint}){note}")
+    if len(views) > 1:
+        con.print(f"test-time augmentation {tta.describe(args.tta, views)}")
     table = Table(show_lines=False, title_justify="left")
     table.add_column("image", overflow="fold")
     for i in range(k):

@@ -22,7 +22,8 @@ usage: cnntrain report DIR [csv=FILE] [sort=metric|job|time]
 
 One row per job of the sweep (or runs) under DIR: the overrides that differ between jobs, the
 best validation metric (trainer.monitor) and its epoch, test accuracy, training time and status,
-best first. Failed jobs are listed with their error and the command that runs them again;
+best first; trials an Optuna pruner stopped (sweep.pruner) have status "pruned". For a k-fold
+sweep (trainer.folds=K), the mean ± std of each metric across the folds. Failed jobs are listed with their error and the command that runs them again;
 unfinished ones with the command that continues them. The table is also written as CSV
 (default DIR/report.csv).
 
@@ -55,6 +56,8 @@ class Job:
     test_acc: float | None = None
     test_loss: float | None = None
     seconds: float | None = None
+    test_balanced_acc: float | None = None
+    test_macro_f1: float | None = None
     error: str = ""
     next_command: str = ""
 
@@ -100,13 +103,16 @@ def read_job(job_dir: Path) -> Job:
         run_dir = Path(summary["run_dir"])
         summary = read_json(run_dir / "summary.json") or {}
     overrides = job_overrides(job_dir) or job_overrides(run_dir) or []
+    # The Optuna sweeper's record of the trial a job is: the job number says it, the table need not.
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in ("sweep.storage", "sweep.study", "sweep.trial")]
     status = str(summary.get("status") or ("pending" if not (run_dir / "checkpoints").exists() else "running"))
     monitor = _monitor(run_dir, summary)
     key = f"best_{monitor.replace('/', '_')}" if monitor else ""
     job = Job(job_dir.name, job_dir, run_dir, status, overrides, monitor, summary.get(key),
               summary.get("best_epoch"), summary.get("epochs_done"), summary.get("test_acc"),
-              summary.get("test_loss"), _seconds(run_dir, summary), str(summary.get("error") or ""))
-    if status != "completed":
+              summary.get("test_loss"), _seconds(run_dir, summary), summary.get("test_balanced_acc"),
+              summary.get("test_macro_f1"), str(summary.get("error") or ""))
+    if status not in ("completed", "pruned"):  # a pruned trial was stopped on purpose: nothing to continue
         if (run_dir / "checkpoints" / "last.pt").is_file():
             job.next_command = f"cnntrain fit resume={run_dir}"
         elif status == "failed" or status == "pending":
@@ -294,6 +300,47 @@ def _blocks(out: Any, title: str, rows: list[list[str]], keys: list[str], metric
         out.print(result + (f"  test acc {test}" if test else "") + (f"  {seconds}" if seconds else ""))
         if keys:
             out.print("  " + "  ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True) if v))
+FOLD_KEY = "trainer.fold"
+FOLD_METRICS = (("best", None), ("test acc", "test_acc"), ("test balanced acc", "test_balanced_acc"),
+                ("test macro F1", "test_macro_f1"), ("test loss", "test_loss"))
+
+
+def fold_groups(jobs: list[Job]) -> list[tuple[list[str], list[Job]]]:
+    """Completed jobs of a k-fold sweep grouped by everything but their fold: (the shared overrides, jobs)."""
+    groups: dict[tuple[str, ...], list[Job]] = {}
+    for j in jobs:
+        if j.status == "completed" and any(o.split("=", 1)[0] == FOLD_KEY for o in j.overrides):
+            rest = tuple(sorted(o for o in j.overrides if o.split("=", 1)[0] != FOLD_KEY))
+            groups.setdefault(rest, []).append(j)
+    return [(list(k), v) for k, v in groups.items()]
+
+
+def fold_stats(jobs: list[Job]) -> dict[str, tuple[float, float, int]]:
+    """Metric -> (mean, standard deviation over the folds (n-1), folds counted)."""
+    import statistics
+
+    out = {}
+    for label, attr in FOLD_METRICS:
+        values = [v for j in jobs if (v := (j.best if attr is None else getattr(j, attr))) is not None]
+        if values:
+            out[label] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                          len(values))
+    return out
+
+
+def render_folds(jobs: list[Job], common: list[str]) -> None:
+    from cnntrain.commands.args import console
+
+    out = console()
+    for shared, group in fold_groups(jobs):
+        folds = next((o.split("=", 1)[1] for o in shared if o.startswith("trainer.folds=")), "?")
+        monitor = group[0].monitor or "metric"
+        extra = [o for o in shared if o not in common and not o.startswith("trainer.folds=")]
+        out.print(f"cross-validation, {len(group)} of {folds} folds{' (' + ' '.join(extra) + ')' if extra else ''}: "
+                  "mean ± std")
+        for label, (mean, std, n) in fold_stats(group).items():
+            name = f"best {monitor}" if label == "best" else label
+            out.print(f"  {name:<20} {mean:.4f} ± {std:.4f}{'' if n == len(group) else f'  ({n} folds)'}")
 
 
 def main(argv: list[str]) -> None:
@@ -325,6 +372,7 @@ def main(argv: list[str]) -> None:
             raise UserError(f"cannot write the report's CSV {e.filename or path}: {os_reason(e)}; "
                             "pass csv=FILE to write it elsewhere, or csv=null for none") from None
     render(jobs, common, keys, root)
+    render_folds(jobs, common)
     if args.csv is not None:
         print(f"csv: {path}")
     counts: dict[str, int] = {}

@@ -52,6 +52,11 @@ class DatasetConfig:
     in_memory: str = "auto"
     # in_memory=auto: decoded images up to this many MB stay in memory; more are streamed.
     memory_limit_mb: int = 4096
+    # Order of the training images in an epoch: shuffle (each image once) | balanced (drawn with replacement,
+    # each class equally likely: minority images repeat). Both are a function of (trainer.seed, epoch) alone.
+    sampler: str = "shuffle"
+    # Whether mirroring an image changes its class (digits, text): test-time augmentation then refuses flips.
+    flips_change_label: bool = False
 
 
 @dataclass
@@ -192,6 +197,28 @@ class TrainerConfig:
     early_stopping_patience: int | None = None
     # The least change of trainer.monitor that counts as an improvement for early stopping.
     early_stopping_min_delta: float = 0.0
+    # Weights of the classes in the training loss: null (all 1) | balanced (images / (classes x images of the
+    # class), from the training split, recorded in summary.json) | [w0, w1, ...], one per class.
+    class_weights: Any = None
+    # k-fold cross-validation: K >= 2 runs K jobs of one sweep, fold k validating on the k-th of K stratified,
+    # seeded (dataset.split_seed) parts of the training and validation images, training on the rest.
+    folds: int | None = None
+    # The fold this job runs (0 .. folds-1); set by trainer.folds, not by hand.
+    fold: int | None = None
+
+
+@dataclass
+class SweepConfig:
+    # Stop an Optuna trial whose validation metric (trainer.monitor) falls behind at an epoch:
+    # none | median | hyperband. Needs the Optuna sweeper (--multirun hydra/sweeper=optuna).
+    pruner: str = "none"
+    # median: trials that must finish before any is pruned, and the epochs of each trial never pruned.
+    startup_trials: int = 2
+    warmup_epochs: int = 0
+    # Set by the Optuna sweeper for each job: the study's storage and name and the trial the job is.
+    storage: str | None = None
+    study: str | None = None
+    trial: int | None = None
 
 
 @dataclass
@@ -222,6 +249,7 @@ class FitConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Experiment name: the first level of the run directory under runs/.
     name: str = "default"
     # Continue a run: its directory or a checkpoint file (see README, "Resume").
@@ -239,6 +267,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment.policy": ("none", "randaugment", "trivialaugment"),
     "dataset.on_corrupt": ("skip", "error"),
     "dataset.in_memory": ("auto", "true", "false"),
+    "dataset.sampler": ("shuffle", "balanced"),
+    "sweep.pruner": ("none", "median", "hyperband"),
 }
 
 
@@ -385,6 +415,10 @@ def validate(cfg: Any) -> None:
         (a.crop_padding >= 0, "augment.crop_padding", a.crop_padding, "must be >= 0"),
         (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", (a.mixup_alpha, a.cutmix_alpha), "must be >= 0"),
     ]
+    checks += _fold_checks(t)
+    checks += [(cfg.sweep.startup_trials >= 0, "sweep.startup_trials", cfg.sweep.startup_trials, "must be >= 0"),
+               (cfg.sweep.warmup_epochs >= 0, "sweep.warmup_epochs", cfg.sweep.warmup_epochs, "must be >= 0")]
+    checks.append(_class_weights_check(t.class_weights))
     # name is the run's folder under runs/: a path there would put the run somewhere else.
     name = str(cfg.name)
     checks.append((bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
@@ -392,3 +426,30 @@ def validate(cfg: Any) -> None:
     for ok, key, value, what in checks:
         if not ok:
             raise UserError(f"{key}={value} {what}")
+
+
+def _fold_checks(t: Any) -> list[tuple[bool, str, Any, str]]:
+    return [
+        (t.folds is None or t.folds >= 2, "trainer.folds", t.folds,
+         "must be at least 2 (each fold validates on 1/folds of the images; null: no cross-validation)"),
+        (t.fold is None or t.folds is not None, "trainer.fold", t.fold, "needs trainer.folds=K"),
+        (t.folds is None or t.fold is not None, "trainer.folds", t.folds,
+         "runs one job per fold: give it on the command line (cnntrain fit trainer.folds=K sets trainer.fold "
+         "for each job), or pick one fold with trainer.fold=k"),
+        (t.fold is None or t.folds is None or 0 <= t.fold < t.folds, "trainer.fold", t.fold,
+         f"must be in 0 .. trainer.folds-1 ({t.folds})"),
+    ]
+
+
+def _class_weights_check(w: Any) -> tuple[bool, str, Any, str]:
+    """The length is checked against the dataset's classes when they are known (engine.build)."""
+    from omegaconf import ListConfig
+
+    what = "must be null, balanced or a list of numbers >= 0, one per class, e.g. [1, 10]"
+    if w is None or w == "balanced":
+        return True, "trainer.class_weights", w, what
+    if isinstance(w, (list, ListConfig)):
+        ok = len(w) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in w)
+        ok = ok and any(v > 0 for v in w)
+        return ok, "trainer.class_weights", list(w), what
+    return False, "trainer.class_weights", w, what

@@ -264,6 +264,10 @@ def hydra_error_message(e: BaseException) -> str | None:
         return _omegaconf_message(cause, e)
     if isinstance(e, ConfigCompositionException):
         text = " ".join(str(e).split())
+        if "'hydra/sweeper/optuna' is validated against ConfigStore schema" in text:
+            # The old plugin's schema of the same name shadows cnntrain's own Optuna sweeper.
+            return ("hydra-optuna-sweeper (for optuna 2.x) is installed and clashes with cnntrain's own Optuna "
+                    "sweeper; pip uninstall hydra-optuna-sweeper && pip install 'cnntrain[optuna]' (optuna>=4)")
         return text
     if isinstance(e, ValueError) and str(e).startswith("Only one of --run"):  # Hydra: `--multirun --cfg job`
         return str(e).strip()

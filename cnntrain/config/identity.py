@@ -45,6 +45,7 @@ RESUME_FREE = frozenset({
     "logger.mlflow",
     "logger.log_figures",
     "logger.log_checkpoint",
+    "dataset.flips_change_label",  # what evaluate/predict may do with the model, not how it trains
 })
 
 

@@ -7,7 +7,9 @@ run restores its RNG state after everything that draws random numbers has been b
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -17,7 +19,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from cnntrain.augment import build_augment
 from cnntrain.config.compose import chosen_option
 from cnntrain.data import load_dataset
-from cnntrain.engine import distributed
+from cnntrain.data.folds import take_fold
+from cnntrain.data.images import ImageData
+from cnntrain.engine import balance, distributed
 from cnntrain.engine.checkpoint import find_checkpoint
 from cnntrain.engine.device import (
     configure_torch,
@@ -46,7 +50,12 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     run_dir = Path(distributed.broadcast_str(dist, str(run_dir)))  # rank 0's Hydra picked it
     precision = resolve_precision(str(t.precision), device)
     threads_note = configure_torch(device, t.deterministic, t.num_threads, t.seed, auto_threads=not dist.enabled)
-    data = load_dataset(cfg.dataset)
+    data = take_fold(load_dataset(cfg.dataset), t.folds, t.fold, cfg.dataset.split_seed)
+    counts = balance.class_counts(data.train_y, data.num_classes)
+    class_weights = balance.loss_weights(t.class_weights, counts, data.classes)
+    note = balance.imbalance_warning(counts, data.classes, cfg)
+    if note is not None and dist.main:
+        warnings.warn(note, stacklevel=2)
     model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
     channels_last = resolve_channels_last(str(t.channels_last), device, precision)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -62,6 +71,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         normalise=Normalise.of(data.mean, data.std, device, channels_last), precision=precision,
         augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
         grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
+        class_weights=None if class_weights is None else class_weights.to(device),
     )
     ema = None
     if t.ema_decay is not None:
@@ -81,7 +91,21 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     return Run(cfg=cfg, run_dir=run_dir, data=data, tensors=tensors, step=step, plain=plain, ema=ema,
                scheduler=scheduler, dist=dist, steps=steps, progress=progress,
                reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note,
-               keep_last=keep_last, data_fingerprint=data.fingerprint())
+               keep_last=keep_last, data_fingerprint=data.fingerprint(),
+               sample_weights=balance.sample_weights(cfg.dataset.sampler, data.train_y, counts),
+               record=_record(cfg, data, class_weights))
+
+
+def _record(cfg: DictConfig, data: ImageData, class_weights: torch.Tensor | None) -> dict[str, Any]:
+    """summary.json's account of the options that change what a run trains on."""
+    out: dict[str, Any] = {}
+    if class_weights is not None:
+        out["class_weights"] = {name: round(float(w), 6) for name, w in zip(data.classes, class_weights, strict=True)}
+    if cfg.dataset.sampler != "shuffle":
+        out["sampler"] = cfg.dataset.sampler
+    if cfg.trainer.folds is not None:
+        out["fold"] = {"fold": cfg.trainer.fold, "folds": cfg.trainer.folds, "val_images": len(data.val_y)}
+    return out
 
 
 def start_rows(run: Run) -> list[tuple[str, str]]:
@@ -108,6 +132,13 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
     if dist.enabled:
         rows.insert(-1, ("distributed", f"{dist.world} processes, global batch {t.batch_size} "
                                         f"({t.batch_size // dist.world} per rank)"))
+    if run.record.get("class_weights") is not None or cfg.dataset.sampler != "shuffle":
+        weights = run.record.get("class_weights")
+        rows.insert(-1, ("classes", ", ".join(filter(None, [
+            f"loss weights {', '.join(f'{w:.3g}' for w in weights.values())}" if weights else "",
+            f"{cfg.dataset.sampler} sampler" if cfg.dataset.sampler != "shuffle" else ""]))))
+    if t.folds is not None:
+        rows.insert(-1, ("fold", f"{t.fold + 1} of {t.folds}: validating on {len(data.val_y):,} images"))
     if t.ema_decay is not None:
         rows.insert(-1, ("ema", f"decay {t.ema_decay}: validation, best and test use the averaged weights"))
     if cfg.resume is not None:

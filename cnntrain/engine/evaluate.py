@@ -68,3 +68,23 @@ def evaluate(
     n = max(1.0, n)
     return {"loss": loss_total / n, "acc": correct / n, "top5_acc": top5_total / n if with_top5 else None,
             "pred": pred, "conf": torch.cat(confs) if confs else torch.zeros(0, device=device)}
+
+
+def class_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Balanced accuracy (the mean of the per-class recalls) and macro F1, over the classes the split has
+    images of, with the per-class precision and recall behind them: the figures accuracy hides when one
+    class dominates."""
+    y = y.to(pred.device)
+    cm = torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    cm = cm.double().cpu()
+    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+    present = support > 0
+    recall = torch.where(present, tp / support.clamp(min=1), torch.nan)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.where(present, 0.0, torch.nan))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    f1 = torch.where(present, f1, torch.nan)
+    if not bool(present.any()):
+        return {"balanced_acc": None, "macro_f1": None, "precision": [], "recall": []}
+    return {"balanced_acc": float(recall[present].mean()), "macro_f1": float(f1[present].mean()),
+            "precision": [None if v != v else round(float(v), 6) for v in precision.tolist()],
+            "recall": [None if v != v else round(float(v), 6) for v in recall.tolist()]}

@@ -46,10 +46,14 @@ class Normalise:
         return x * self.std + self.mean
 
 
-def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """The shuffle of an epoch is a pure function of (seed, epoch), so resume needs no generator state."""
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The shuffle of an epoch is a pure function of (seed, epoch), so resume needs no generator state.
+    With per-image `weights` (dataset.sampler=balanced) n images are drawn with replacement instead."""
     g = torch.Generator(device=device)
     g.manual_seed(seed * 1_000_003 + epoch)
+    if weights is not None:
+        return torch.multinomial(weights.to(device), n, replacement=True, generator=g)
     return torch.randperm(n, generator=g, device=device)
 
 

@@ -24,7 +24,7 @@ from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine import distributed
 from cnntrain.engine.build import build_run, start_rows
 from cnntrain.engine.device import describe
-from cnntrain.engine.evaluate import evaluate
+from cnntrain.engine.evaluate import class_metrics, evaluate
 from cnntrain.engine.inputs import epoch_order
 from cnntrain.engine.signals import StopRequested
 from cnntrain.engine.state import Progress, Run, save
@@ -37,6 +37,7 @@ from cnntrain.io.runlog import NullLog, RunLog
 from cnntrain.io.trackers import open_trackers
 from cnntrain.models import count_parameters, freeze_norm_stats, set_backbone_trainable
 from cnntrain.sweep import jobs as sweep_jobs
+from cnntrain.sweep import pruning
 
 # trainer.on_nonfinite=skip passes over a few bad batches; this many in a row means the model is broken.
 MAX_SKIPS_IN_A_ROW = 10
@@ -62,6 +63,7 @@ class Session:
     watch: CollapseWatch | None = None  # CPU runs: says so once if other processes make the threads collapse
     seconds_before: float = 0.0  # training time of the sessions before this one (a resumed run's)
     started: float = field(default_factory=time.perf_counter)  # when this session's training began
+    trial: pruning.TrialReport | None = None  # sweep.pruner: the Optuna trial this job reports its epochs to
 
     def seconds(self) -> float:
         """Training time of this session so far."""
@@ -93,12 +95,13 @@ def train(run: Run) -> float:
     if p.epoch >= t.epochs and completed(run.run_dir):
         raise UserError(f"the run in {run.run_dir} already finished {p.epoch} epochs; "
                         f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further")
-    s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs},
-                seconds_before=p.train_seconds)
+    s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs,
+                                 **run.record}, seconds_before=p.train_seconds)
     if run.device.type == "cpu":
         s.watch = CollapseWatch(torch.get_num_threads(), run.reporter.print)
     _record(run, s.summary)
     run.reporter.start("cnntrain fit", start_rows(run))
+    s.trial = pruning.open_trial(run.cfg) if not d.enabled else None
     s.stop.install()
     s.started = time.perf_counter()
     try:
@@ -116,6 +119,12 @@ def train(run: Run) -> float:
     except TrainingDiverged:
         s.summary["status"] = "diverged"
         _record(run, s.summary)
+        raise
+    except pruning.Pruned as e:
+        s.summary.update(status=pruning.PRUNED, pruned_epoch=e.epoch)
+        _record(run, s.summary)
+        run.reporter.print(f"trial {run.cfg.sweep.trial} pruned by the study's {run.cfg.sweep.pruner} pruner after "
+                           f"epoch {e.epoch}: {t.monitor} {e.value:.4f} falls behind the other trials")
         raise
     finally:
         s.stop.restore()
@@ -228,6 +237,8 @@ def _epoch(run: Run, s: Session) -> bool:
         f"{row['images_per_s']:,.0f} img/s  data {p.times['data'] / max(train_time, 1e-9):.0%}  "
         f"{row['epoch_s']:.1f}s"
     )
+    if s.trial is not None:
+        s.trial.epoch(epoch, val["acc"] if t.monitor == "val/acc" else val["loss"], last=epoch >= t.epochs)
     patience = t.early_stopping_patience
     if patience is not None and p.epochs_without_improvement >= patience and p.epoch < t.epochs:
         s.summary["early_stopped_epoch"] = epoch
@@ -255,7 +266,7 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
     """The training steps of an epoch, from where it stands; raises Interrupted on a signal."""
     cfg, t, p, d, step = run.cfg, run.cfg.trainer, run.progress, run.dist, run.step
     bs, steps, sums = t.batch_size, run.steps, p.sums
-    order = epoch_order(len(run.tensors["train_x"]), t.seed, epoch, run.device)
+    order = epoch_order(len(run.tensors["train_x"]), t.seed, epoch, run.device, run.sample_weights)
     run.model.train()
     freeze_norm_stats(run.model)  # a frozen backbone keeps its BatchNorm statistics too
     last_refresh = time.monotonic()
@@ -374,8 +385,10 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     log.scalar("test/loss", test["loss"], p.global_step)
     log.scalar("test/acc", test["acc"], p.global_step)
     key = f"best_{t.monitor.replace('/', '_')}"
+    balanced = class_metrics(test["pred"], run.tensors["test_y"], run.data.num_classes)
     summary.update(status="completed", epochs_done=p.epoch, best_epoch=p.best_epoch, **{key: p.best_metric},
-                   test_loss=test["loss"], test_acc=test["acc"], train_seconds=round(s.seconds_before + elapsed, 2),
+                   test_loss=test["loss"], test_acc=test["acc"], test_balanced_acc=balanced["balanced_acc"],
+                   test_macro_f1=balanced["macro_f1"], train_seconds=round(s.seconds_before + elapsed, 2),
                    global_step=p.global_step, skipped_steps=p.skipped_steps, parameters=count_parameters(run.model),
                    checkpoint=str(best_path))
     resumed = run.cfg.resume is not None
@@ -395,6 +408,7 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     run.reporter.final("done", [
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
         ("test acc", f"{test['acc']:.4f}"),
+        ("test balanced acc / macro F1", f"{balanced['balanced_acc'] or 0:.4f} / {balanced['macro_f1'] or 0:.4f}"),
         ("test loss", f"{test['loss']:.4f}"),
         ("time", f"{s.seconds_before + elapsed:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
         ("run dir", str(run.run_dir)),

@@ -77,6 +77,8 @@ class Run:
     # abandoned: it is replaced, not kept.
     keep_last: bool = True
     data_fingerprint: str = ""  # data.fingerprint(), computed once: provenance.json and every checkpoint hold it
+    sample_weights: torch.Tensor | None = None  # dataset.sampler=balanced: each training image's draw weight
+    record: dict[str, Any] = field(default_factory=dict)  # what summary.json records of how the run was built
 
     @property
     def model(self) -> nn.Module:
@@ -94,7 +96,8 @@ def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     return {"model": m.name, "arch": m.arch, "option": chosen_option("model"), **model_source(m),
             "classes": list(data.classes),
             "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
-            "std": list(data.std), "dataset": data.name}
+            "std": list(data.std), "dataset": data.name,
+            "flips_change_label": bool(cfg.dataset.flips_change_label)}
 
 
 def save(run: Run, name: str) -> None:

@@ -30,6 +30,7 @@ class TrainStep:
     grad_clip: float | None = None
     seed: int = 0
     rank: int = 0
+    class_weights: torch.Tensor | None = None  # trainer.class_weights, on the device; None: unweighted
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator(device=self.normalise.mean.device)
@@ -47,7 +48,8 @@ class TrainStep:
         dtype = self.precision.dtype
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.forward(x)
-        return logits, F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        return logits, F.cross_entropy(logits.float(), target, weight=self.class_weights,
+                                       label_smoothing=self.label_smoothing)
 
     def loss(self, x_u8: torch.Tensor, y: torch.Tensor, global_step: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

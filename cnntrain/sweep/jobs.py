@@ -89,7 +89,8 @@ def job_overrides(job_dir: Path) -> list[str] | None:
 
 def resumable(run_dir: Path) -> bool:
     """Holds a trainer checkpoint and did not finish."""
-    return (run_dir / "checkpoints" / LAST).is_file() and status(run_dir) != "completed"
+    # A trial its study pruned is over too: continuing it would undo the pruner's decision.
+    return (run_dir / "checkpoints" / LAST).is_file() and status(run_dir) not in ("completed", "pruned")
 
 
 def newest_unfinished_run(base: Path) -> Path | None:
