@@ -73,6 +73,22 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def wait_for_figures(run_dir: Path, timeout: float = 120) -> None:
+    """A completed fit draws its figures in a child process it does not wait for (trainer.figures=background):
+    wait until that child has finished (it removes figures/.pending.npz last)."""
+    import time
+
+    from cnntrain.io.figures import figures_pending
+
+    deadline = time.monotonic() + timeout
+    while figures_pending(run_dir):
+        if time.monotonic() > deadline:
+            log = run_dir / "figures" / "draw.log"
+            pytest.fail(f"figures of {run_dir} not drawn in {timeout:.0f} s: "
+                        f"{log.read_text() if log.is_file() else 'no draw.log'}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One real `cnntrain fit experiment=smoke` run shared by the tests that only read its outputs."""
@@ -80,4 +96,5 @@ def smoke_run(tmp_path_factory) -> Path:
     proc = run_cli(["fit", "experiment=smoke"], cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = run_dirs(cwd)
+    wait_for_figures(run_dir)  # every test that reads it sees the whole run
     return run_dir

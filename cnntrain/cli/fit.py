@@ -18,6 +18,7 @@ from cnntrain.cli.resume import expand_resume
 from cnntrain.config.compose import (
     check_options,
     config_dir,
+    fit_help,
     hydra_error_message,
     register_configs,
     register_resolvers,
@@ -28,11 +29,16 @@ from cnntrain.errors import UserError, user_path_error
 
 def run_fit(args: list[str]) -> None:
     """Run the Hydra app of `cnntrain fit` with these arguments; errors come out as UserError."""
+    given = args
+    args = take_config_dir_flags(args)  # the user's config folder joins the search path (register_configs)
+    text = fit_help(args)
+    if text is not None:  # Hydra's own --help composes every option of every group: seconds
+        print(text)
+        return
+    check_options(given)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
     import hydra
     from omegaconf import DictConfig
 
-    check_options(args)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
-    args = take_config_dir_flags(args)  # the user's config folder joins the search path (register_configs)
     register_configs()
     register_resolvers()
     # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.

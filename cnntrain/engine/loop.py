@@ -370,11 +370,13 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     write_json(run.run_dir / "summary.json", summary)
     log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
                                 "hparam/test_loss": test["loss"]})
-    if run.dist.main:  # run_dir/figures/*.png, the same in TensorBoard, and filters and feature maps there
-        figures.fit_figures(run.run_dir, log.tb, p.global_step, run.cfg.name, list(run.data.classes),
-                            run.tensors["test_x"], run.tensors["test_y"], test)
+    if run.dist.main:  # filters and feature maps in TensorBoard; run_dir/figures/*.png, the same in TensorBoard
         figures.model_images(run.model, run.tensors["test_x"][:1], run.step.normalise.from_uint8, log.tb,
                              p.global_step)
+        # matplotlib's import and drawing would be most of a small run's wall time: by default a child process
+        # draws them while this one prints its last lines and exits (trainer.figures).
+        figures.hand_over(run.run_dir, p.global_step, run.cfg.name, list(run.data.classes), run.tensors["test_x"],
+                          run.tensors["test_y"], test, t.figures)
     run.reporter.final("done", [
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
         ("test acc", f"{test['acc']:.4f}"),

@@ -24,11 +24,10 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, resume_epoch: int | None = None, resume_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_dir = run_dir
         self.csv_path = run_dir / "metrics.csv"
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
+        self._purge_step = resume_step or None
+        self._tb: Any = None
         if resume_epoch is None or not self.csv_path.exists():
             self._rewrite_csv([])
         else:
@@ -36,6 +35,16 @@ class RunLog:
                 self._rewrite_csv([row for row in csv.DictReader(f) if int(row["epoch"]) <= resume_epoch])
         self._csv_file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - lives as long as the run
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_COLUMNS)
+
+    @property
+    def tb(self) -> Any:
+        """The TensorBoard writer, made on first use: torch.utils.tensorboard imports tensorboard's plugins, which
+        nothing before the first training step needs (tests/test_startup.py)."""
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
+        return self._tb
 
     def _rewrite_csv(self, rows: list[dict[str, str]]) -> None:
         # Via a temporary file, so an interruption here cannot lose the rows already there.
@@ -85,10 +94,12 @@ class RunLog:
 
     def flush(self) -> None:
         """Put every event logged so far on disk: done before a checkpoint, so a crash after it loses none."""
-        self.tb.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        if self._tb is not None:
+            self._tb.close()
         if not self._csv_file.closed:
             self._csv_file.close()
 
