@@ -64,6 +64,23 @@ def cli_in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple
     return code, out.out, out.err
 
 
+@pytest.fixture
+def cli_here(tmp_path, capsys, monkeypatch):
+    """`cnntrain ARGS` in this process with tmp_path as the current folder, answered like run_cli (returncode,
+    stdout, stderr): for tests of help, composed configs and dry runs, which need no interpreter of their own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        code, out, err = cli_in_process(args, capsys)
+        return subprocess.CompletedProcess(["cnntrain", *args], code, out, err)
+
+    yield run
+    if threads is not None:  # a dry run sets torch's thread count for the process; later tests get it back
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Run directories (those holding .hydra/) under root/runs, oldest first."""
     return sorted((p.parent for p in (root / "runs").rglob(".hydra")), key=lambda p: p.stat().st_mtime)
