@@ -115,3 +115,11 @@ def smoke_run(tmp_path_factory) -> Path:
     (run_dir,) = run_dirs(cwd)
     wait_for_figures(run_dir)  # every test that reads it sees the whole run
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def one_epoch_smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One `cnntrain fit experiment=smoke trainer.epochs=1` through a pipe (as CI and logs see it), shared by the
+    tests that only read what it printed and wrote: (the process, its folder)."""
+    cwd = tmp_path_factory.mktemp("one_epoch")
+    return run_cli(["fit", "experiment=smoke", "trainer.epochs=1"], cwd), cwd
