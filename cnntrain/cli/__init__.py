@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
 def run() -> None:
     """The console script: main(), then leave without the interpreter's teardown. Freeing torch's modules and
     objects one by one takes about a third of `import torch`'s own time, and a command that has returned has
-    nothing left to free. The atexit handlers (logging's flush, ...) still run; a thread still working, or an
-    exit with a message, gets the ordinary exit."""
+    nothing left to free. The atexit handlers (logging's flush, ...) still run; a thread still working, an exit
+    with a message, or a profiler or tracer around us (`python -m cProfile -m cnntrain` writes its report after
+    we return) gets the ordinary exit."""
     code: object = 0
     try:
         main()
@@ -110,7 +111,7 @@ def run() -> None:
     import threading
 
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
-    if run_exitfuncs is None or any(t.is_alive() and not t.daemon for t in threading.enumerate()
+    if run_exitfuncs is None or sys.getprofile() is not None or sys.gettrace() is not None or any(t.is_alive() and not t.daemon for t in threading.enumerate()
                                     if t is not threading.main_thread()):
         raise SystemExit(code)
     run_exitfuncs()
