@@ -169,7 +169,8 @@ def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_figures_end_draws_before_the_command_returns(tmp_path):
-    """trainer.figures=end: the figures are there when the command returns; =off: none, until drawn by hand."""
+    """trainer.figures=end: the figures are there when the command returns; =off: none, until
+    `cnntrain report RUN figures=true` draws them."""
     args = ["fit", "experiment=smoke", "trainer.epochs=1", "trainer.progress=none"]
     proc = run_cli([*args, "trainer.figures=end", "name=end"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -179,9 +180,9 @@ def test_figures_end_draws_before_the_command_returns(tmp_path):
     assert sorted(p.name for p in (end / "figures").iterdir()) == ["confusion_test.png", "curves.png",
                                                                    "mistakes_test.png"]
     assert not (off / "figures" / "curves.png").exists()
-    drawn = subprocess.run([sys.executable, "-m", "cnntrain.io.draw", str(off)], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    drawn = run_cli(["report", str(off), "figures=true", "csv=null"], tmp_path)
     assert drawn.returncode == 0, drawn.stderr
+    assert f"figures: {off / 'figures'}" in drawn.stdout
     wait_for_figures(off)
     for name in ("curves.png", "confusion_test.png", "mistakes_test.png"):
         with Image.open(off / "figures" / name) as im:

@@ -166,7 +166,7 @@ class TrainerConfig:
     dry_run: bool = False
     # The end-of-run figures (figures/*.png and TensorBoard): background (a child process draws them after the
     # command's last line, which does not wait) | end (drawn before the command returns) | off (not drawn:
-    # `python -m cnntrain.io.draw RUN_DIR` draws them later).
+    # `cnntrain report RUN_DIR figures=true` draws them later).
     figures: str = "background"
     # Exponential moving average of the weights (e.g. 0.999); None disables. When on, validation,
     # the best checkpoint and the test use the averaged weights.

@@ -1,7 +1,8 @@
 """`python -m cnntrain.io.draw RUN_DIR`: draw the end-of-fit figures that a fit left pending (figures/.pending.npz).
 
-`cnntrain fit` starts this in the background when a run completes (trainer.figures=background); run it by hand
-for a run trained with trainer.figures=off. It imports neither torch nor cnntrain's engine.
+`cnntrain fit` starts this in the background when a run completes (trainer.figures=background); for a run trained
+with trainer.figures=off, `cnntrain report RUN_DIR figures=true` draws them. It imports neither torch nor cnntrain's
+engine.
 """
 
 from __future__ import annotations

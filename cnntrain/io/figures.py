@@ -210,7 +210,7 @@ def hand_over(run_dir: Path, step: int, name: str, classes: list[str], x: torch.
     """figures/ of a finished run (curves, test confusion matrix, most confidently wrong test images) and the same
     images in TensorBoard. What they need is written to figures/.pending.npz; `how` (trainer.figures) says who
     draws them: `background` a child process that the command does not wait for, `end` this process, now;
-    `off` nobody (`python -m cnntrain.io.draw RUN_DIR` draws them later). A failure here is logged, never fails
+    `off` nobody (`cnntrain report RUN_DIR figures=true` draws them later). A failure here is logged, never fails
     a finished run."""
     try:
         pending = _write_pending(run_dir, step, name, classes, x, y, test)
@@ -219,7 +219,7 @@ def hand_over(run_dir: Path, step: int, name: str, classes: list[str], x: torch.
         elif how == "background":
             _spawn_drawer(run_dir)
         else:
-            log.info("figures not drawn (trainer.figures=off); draw them with: python -m cnntrain.io.draw %s",
+            log.info("figures not drawn (trainer.figures=off); draw them with: cnntrain report %s figures=true",
                      pending.parent.parent)
     except Exception as e:  # figures are a by-product: report, keep the trained run
         log.warning("could not draw the run's figures: %s: %s", type(e).__name__, e)
