@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 # What the fit hands to the figure drawer: the test's confusion matrix, its worst mistakes, the run's name. Its
 # presence also says "figures pending": the drawer removes it when every figure is on disk and in TensorBoard.
 PENDING = ".pending.npz"
-FIT_FIGURES = ("curves", "confusion_test", "mistakes_test")
 
 MAX_ANNOTATED_CLASSES = 20  # above this the cells are too small for numbers
 MAX_LABELLED_CLASSES = 60  # above this tick labels would overlap: show every k-th
