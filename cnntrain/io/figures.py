@@ -213,6 +213,8 @@ def hand_over(run_dir: Path, step: int, name: str, classes: list[str], x: torch.
     a finished run."""
     try:
         pending = _write_pending(run_dir, step, name, classes, x, y, test)
+        if how == "background" and os.environ.get("SLURM_JOB_ID"):
+            how = "end"  # Slurm ends every process of a job when its main one exits: a drawer would be killed
         if how == "end":
             draw_pending(run_dir)
         elif how == "background":
