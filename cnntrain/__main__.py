@@ -1,4 +1,4 @@
-from cnntrain.cli import main
+from cnntrain.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,19 +38,58 @@ def param_groups(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig)
     return result
 
 
+# torch wraps optimizer methods (construction, zero_grad, step, state_dict) in decorators that import
+# torch._dynamo on their first call, only to tell a torch.compile trace to skip or break there: 1-2 s and about
+# 150 MB that an eager run never uses. They are recognised by where their code lives, not by name (functools.wraps
+# copies the name): torch._compile._disable_dynamo's `inner` and optim's `_use_grad_for_differentiable`.
+_DYNAMO_WRAPPERS = {("_compile.py", "inner"), ("optimizer.py", "_use_grad")}
+
+
+def _dynamo_wrapper(fn: Any) -> str | None:
+    code = getattr(fn, "__code__", None)
+    if code is None or not hasattr(fn, "__wrapped__"):
+        return None
+    key = (Path(code.co_filename).name, code.co_name)
+    return key[1] if key in _DYNAMO_WRAPPERS else None
+
+
+@functools.cache
+def eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """A subclass of a torch optimizer whose methods skip the wrappers that import torch._dynamo; same math,
+    same state_dict. A torch whose wrappers look different gets them back unchanged (correct, only slower to
+    start; tests/test_imports.py says so)."""
+    methods: dict[str, Any] = {}
+    for name in ("__init__", "add_param_group", "zero_grad", "step", "state_dict", "load_state_dict"):
+        fn = getattr(cls, name, None)
+        wrapper = _dynamo_wrapper(fn)
+        if wrapper is None:
+            continue
+        raw = fn.__wrapped__
+        if wrapper == "_use_grad":  # what it does besides the import: the step runs without autograd
+
+            def step(self: Any, *args: Any, _raw: Any = raw, **kwargs: Any) -> Any:
+                with torch.set_grad_enabled(self.defaults.get("differentiable", False)):
+                    return _raw(self, *args, **kwargs)
+
+            methods[name] = functools.wraps(raw)(step)
+        else:
+            methods[name] = raw
+    return type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
 @OPTIMIZERS.register("adam")
 def adam(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    return eager(torch.optim.Adam)(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    return eager(torch.optim.AdamW)(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 @OPTIMIZERS.register("sgd")
 def sgd(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
+    return eager(torch.optim.SGD)(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
 
 
 def build_optimizer(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig) -> torch.optim.Optimizer:

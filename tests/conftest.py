@@ -64,6 +64,23 @@ def cli_in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple
     return code, out.out, out.err
 
 
+@pytest.fixture
+def cli_here(tmp_path, capsys, monkeypatch):
+    """`cnntrain ARGS` in this process with tmp_path as the current folder, answered like run_cli (returncode,
+    stdout, stderr): for tests of help, composed configs and dry runs, which need no interpreter of their own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        code, out, err = cli_in_process(args, capsys)
+        return subprocess.CompletedProcess(["cnntrain", *args], code, out, err)
+
+    yield run
+    if threads is not None:  # a dry run sets torch's thread count for the process; later tests get it back
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Run directories (those holding .hydra/) under root/runs, oldest first."""
     return sorted((p.parent for p in (root / "runs").rglob(".hydra")), key=lambda p: p.stat().st_mtime)
@@ -73,6 +90,22 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def wait_for_figures(run_dir: Path, timeout: float = 120) -> None:
+    """A completed fit draws its figures in a child process it does not wait for (trainer.figures=background):
+    wait until that child has finished (it removes figures/.pending.npz last)."""
+    import time
+
+    from cnntrain.io.figures import figures_pending
+
+    deadline = time.monotonic() + timeout
+    while figures_pending(run_dir):
+        if time.monotonic() > deadline:
+            log = run_dir / "figures" / "draw.log"
+            pytest.fail(f"figures of {run_dir} not drawn in {timeout:.0f} s: "
+                        f"{log.read_text() if log.is_file() else 'no draw.log'}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One real `cnntrain fit experiment=smoke` run shared by the tests that only read its outputs."""
@@ -80,4 +113,13 @@ def smoke_run(tmp_path_factory) -> Path:
     proc = run_cli(["fit", "experiment=smoke"], cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = run_dirs(cwd)
+    wait_for_figures(run_dir)  # every test that reads it sees the whole run
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def one_epoch_smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One `cnntrain fit experiment=smoke trainer.epochs=1` through a pipe (as CI and logs see it), shared by the
+    tests that only read what it printed and wrote: (the process, its folder)."""
+    cwd = tmp_path_factory.mktemp("one_epoch")
+    return run_cli(["fit", "experiment=smoke", "trainer.epochs=1"], cwd), cwd

@@ -66,15 +66,15 @@ def test_checkpoints_load_safely_with_everything_needed(smoke_run):
     assert "optimizer" not in best and best["progress"]["epoch"] == summary(smoke_run)["best_epoch"]
 
 
-def test_plain_output_when_not_a_terminal(tmp_path):
-    proc = run_cli(["fit", "experiment=smoke", "trainer.epochs=1"], tmp_path)
+def test_plain_output_when_not_a_terminal(one_epoch_smoke):
+    proc, _ = one_epoch_smoke
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stdout  # no control codes in logs and pipes
     assert "epoch 1/1" in proc.stdout and "test acc" in proc.stdout and "tensorboard --logdir" in proc.stdout
 
 
-def test_dry_run_pushes_one_batch_and_writes_nothing(tmp_path):
-    proc = run_cli(["fit", "experiment=smoke", "trainer.dry_run=true"], tmp_path)
+def test_dry_run_pushes_one_batch_and_writes_nothing(cli_here, tmp_path):
+    proc = cli_here(["fit", "experiment=smoke", "trainer.dry_run=true"])
     assert proc.returncode == 0, proc.stderr
     assert "dry run ok" in proc.stdout
     assert run_dirs(tmp_path) == []

@@ -7,7 +7,7 @@ import torch
 
 from cnntrain.engine.device import configure_torch
 from cnntrain.io import cpus
-from tests.conftest import run_cli, run_dirs
+from tests.conftest import run_dirs
 
 
 def _cgroup(tmp_path, proc: str, files: dict[str, str]):
@@ -145,10 +145,10 @@ def test_one_thread_has_nothing_to_report(monkeypatch):
     assert watch.done
 
 
-def test_the_start_table_says_why_the_thread_count(tmp_path):
-    proc = run_cli(["fit", "experiment=smoke", "trainer.epochs=1", "trainer.progress=plain"], tmp_path)
+def test_the_start_table_says_why_the_thread_count(one_epoch_smoke):
+    proc, cwd = one_epoch_smoke
     assert proc.returncode == 0, proc.stdout + proc.stderr
     device_line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("device"))
     assert "thread" in device_line
-    (run_dir,) = run_dirs(tmp_path)
+    (run_dir,) = run_dirs(cwd)
     assert (run_dir / "provenance.json").exists()

@@ -19,6 +19,7 @@ from cnntrain.cli.resume import expand_resume
 from cnntrain.config.compose import (
     check_options,
     config_dir,
+    fit_help,
     hydra_error_message,
     register_configs,
     register_resolvers,
@@ -30,9 +31,7 @@ from cnntrain.sweep.pruning import PRUNED, Pruned
 
 def run_fit(args: list[str]) -> None:
     """Run the Hydra app of `cnntrain fit` with these arguments; errors come out as UserError."""
-    import hydra
-    from omegaconf import DictConfig
-
+    given = args
     if any(a in ("-h", "--help") for a in args):
         topics = [a for a in args if "=" not in a and not a.startswith("-")]
         if topics:  # `fit --help dataset`: the group's keys with what each means (Hydra's help lists groups)
@@ -40,9 +39,16 @@ def run_fit(args: list[str]) -> None:
 
             print(help_text(topics))
             return
-    check_options(args)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
-    typed = list(args)
     args = take_config_dir_flags(args)  # the user's config folder joins the search path (register_configs)
+    text = fit_help(args)
+    if text is not None:  # Hydra's own --help composes every option of every group: seconds
+        print(text)
+        return
+    check_options(given)  # `--lr 0.01`: one line naming optimizer.lr=0.01, not argparse's usage
+    typed = list(given)
+    import hydra
+    from omegaconf import DictConfig
+
     register_configs()
     register_resolvers()
     check_overrides(args, typed)  # a sweep without --multirun; every job of a sweep validated before any trains

@@ -18,14 +18,15 @@ from cnntrain.io.files import read_json
 from cnntrain.sweep.jobs import job_overrides, rerun_command
 
 HELP = """\
-usage: cnntrain report DIR [csv=FILE] [sort=metric|job|time]
+usage: cnntrain report DIR [csv=FILE] [sort=metric|job|time] [figures=true]
 
 One row per job of the sweep (or runs) under DIR: the overrides that differ between jobs, the
 best validation metric (trainer.monitor) and its epoch, test accuracy, training time and status,
 best first; trials an Optuna pruner stopped (sweep.pruner) have status "pruned". For a k-fold
 sweep (trainer.folds=K), the mean ± std of each metric across the folds. Failed jobs are listed with their error and the command that runs them again;
 unfinished ones with the command that continues them. The table is also written as CSV
-(default DIR/report.csv).
+(default DIR/report.csv). figures=true first draws the end-of-run figures of every run under DIR
+that has them pending (trained with trainer.figures=off, or stopped before its figures were drawn).
 
 examples:
   cnntrain report runs/default/multirun/2026-01-31_12-00-00_ab12
@@ -40,6 +41,8 @@ class ReportArgs:
     csv: str | None = "auto"
     # metric (best first, failures last) | job (job number) | time
     sort: str = "metric"
+    # Draw the pending end-of-run figures (figures/.pending.npz) of every run under DIR first.
+    figures: bool = False
 
 
 @dataclass
@@ -359,6 +362,8 @@ def main(argv: list[str]) -> None:
                         "(see `cnntrain report --help`)")
     check_choice("sort", args.sort, ("metric", "job", "time"))
     root = Path(args.dir).expanduser()
+    if args.figures:
+        _draw_pending(root)
     jobs = sort_jobs(collect(root), args.sort)
     common, keys = split_overrides(jobs)
     if args.csv is not None:  # first: a CSV path that cannot be written fails before any output
@@ -379,3 +384,14 @@ def main(argv: list[str]) -> None:
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
     print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def _draw_pending(root: Path) -> None:
+    from cnntrain.io.figures import PENDING, draw_pending
+
+    runs = sorted(p.parent.parent for p in root.rglob(f"figures/{PENDING}"))
+    for run_dir in runs:
+        draw_pending(run_dir)
+        print(f"figures: {run_dir / 'figures'}")
+    if not runs:
+        print(f"figures: none pending under {root}")

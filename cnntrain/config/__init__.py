@@ -190,6 +190,10 @@ class TrainerConfig:
     progress: str = "auto"
     # Build everything, push one batch through, and stop.
     dry_run: bool = False
+    # The end-of-run figures (figures/*.png and TensorBoard): background (a child process draws them after the
+    # command's last line, which does not wait) | end (drawn before the command returns) | off (not drawn:
+    # `cnntrain report RUN_DIR figures=true` draws them later).
+    figures: str = "background"
     # Exponential moving average of the weights (e.g. 0.999); None disables. When on, validation,
     # the best checkpoint and the test use the averaged weights.
     ema_decay: float | None = None
@@ -262,6 +266,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.monitor": ("val/acc", "val/loss"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "trainer.progress": ("auto", "rich", "plain", "none"),
+    "trainer.figures": ("background", "end", "off"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "scheduler.name": ("none", "cosine", "onecycle", "step"),
     "augment.policy": ("none", "randaugment", "trivialaugment"),

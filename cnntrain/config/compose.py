@@ -230,6 +230,36 @@ def chosen_option(group: str) -> str | None:
     return str(choice) if choice is not None else None
 
 
+def fit_help(args: list[str]) -> str | None:
+    """The text of `cnntrain fit --help`, as Hydra would print it, without running Hydra's app (which composes
+    the config of every group option, about 2 s); None where only Hydra can say it: anything beside --help
+    (overrides may change the text) or a user's folder that replaces fit.yaml or Hydra's own configs. Call it
+    after take_config_dir_flags."""
+    if args not in (["--help"], ["-h"]):
+        return None
+    user = user_config_dir()
+    if user is not None and ((user / "fit.yaml").exists() or (user / "hydra").exists()):
+        return None
+    import string
+
+    from omegaconf import OmegaConf
+
+    from cnntrain.registry import DATASETS, MODELS
+
+    options: dict[str, set[str]] = {}
+    for folder in filter(None, (config_dir(), user)):
+        for f in folder.rglob("*.yaml"):
+            group = f.parent.relative_to(folder).as_posix()
+            if group != "." and group != "hydra" and not group.startswith("hydra/"):
+                options.setdefault(group, set()).add(f.stem)
+    for group, registry in (("model", MODELS), ("dataset", DATASETS)):
+        options.setdefault(group, set()).update(registry.plugins())
+    groups = "".join(f"{g}: {', '.join(sorted(o))}\n" for g, o in sorted(options.items()))
+    help_cfg = OmegaConf.create({"hydra": {"help": OmegaConf.load(config_dir() / "hydra" / "help" / "cnntrain.yaml")}})
+    template = OmegaConf.to_container(help_cfg, resolve=True)["hydra"]["help"]["template"]
+    return string.Template(template).safe_substitute(APP_CONFIG_GROUPS=groups)
+
+
 def compose_fit(overrides: list[str], return_hydra_config: bool = False) -> Any:
     """The config `cnntrain fit OVERRIDES` would run with, composed but not run (no run directory)."""
     from hydra import compose, initialize_config_dir

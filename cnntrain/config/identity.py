@@ -33,6 +33,7 @@ RESUME_FREE = frozenset({
     "trainer.eval_batch_size",
     "trainer.on_nonfinite",
     "trainer.progress",
+    "trainer.figures",
     "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps",
     "trainer.dry_run",

@@ -399,11 +399,15 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     write_json(run.run_dir / "summary.json", summary)
     log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
                                 "hparam/test_loss": test["loss"]})
-    if run.dist.main:  # run_dir/figures/*.png, the same in TensorBoard, and filters and feature maps there
-        figures.fit_figures(run.run_dir, log, p.global_step, run.cfg.name, list(run.data.classes),
-                            run.tensors["test_x"], run.tensors["test_y"], test)
+    if run.dist.main:  # filters and feature maps in TensorBoard; run_dir/figures/*.png, the same in TensorBoard
         figures.model_images(run.model, run.tensors["test_x"][:1], run.step.normalise.from_uint8, log,
                              p.global_step)
+        # matplotlib's import and drawing would be most of a small run's wall time: by default a child process
+        # draws them while this one prints its last lines and exits (trainer.figures). MLflow uploads the PNGs
+        # with the summary, so there they are drawn first.
+        how = "end" if t.figures == "background" and run.cfg.logger.mlflow and run.cfg.logger.log_figures else t.figures
+        figures.hand_over(run.run_dir, p.global_step, run.cfg.name, list(run.data.classes), run.tensors["test_x"],
+                          run.tensors["test_y"], test, how, tensorboard=run.cfg.logger.tensorboard)
     log.summary(summary)
     run.reporter.final("done", [
         (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),

@@ -2,22 +2,33 @@
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
 state), saved as PNG and the same pixels sent to TensorBoard.
+
+This module imports neither torch nor matplotlib at import time: the end-of-fit figures are drawn by a child
+process (`python -m cnntrain.io.draw RUN_DIR`, see `hand_over`) that needs neither torch's 2 s nor its memory.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
+
+# What the fit hands to the figure drawer: the test's confusion matrix, its worst mistakes, the run's name. Its
+# presence also says "figures pending": the drawer removes it when every figure is on disk and in TensorBoard.
+PENDING = ".pending.npz"
 
 MAX_ANNOTATED_CLASSES = 20  # above this the cells are too small for numbers
 MAX_LABELLED_CLASSES = 60  # above this tick labels would overlap: show every k-th
@@ -36,10 +47,21 @@ def save(fig: Any, path: Path, dpi: int = 110) -> np.ndarray:
     """Write the figure as PNG; return its pixels (H, W, 3 uint8) for TensorBoard."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
+    save_png(fig, path, dpi)
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def save_png(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Write the figure as PNG through a temporary file: a process stopped mid-write leaves the old file or none,
+    never half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, facecolor="white", format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def to_tensorboard(writer: Any, tag: str, pixels: np.ndarray, step: int) -> None:
@@ -118,9 +140,10 @@ def per_class_figure(classes: Sequence[str], precision: np.ndarray, recall: np.n
     return fig
 
 
-def mistakes_figure(images: torch.Tensor, true: Sequence[int], pred: Sequence[int], conf: Sequence[float],
+def mistakes_figure(images: Any, true: Sequence[int], pred: Sequence[int], conf: Sequence[float],
                     classes: Sequence[str], title: str) -> Any:
-    """A grid of images (uint8 [N, C, H, W]), each titled with its true and predicted class."""
+    """A grid of images (uint8 [N, C, H, W], a CPU tensor or an array), each titled with its true and predicted
+    class."""
     n = len(images)
     cols = min(8, max(1, n))
     rows = max(1, int(np.ceil(n / cols)))
@@ -136,7 +159,7 @@ def mistakes_figure(images: torch.Tensor, true: Sequence[int], pred: Sequence[in
     if n == 0:
         axes[0].text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
     for k in range(n):
-        img = images[k].permute(1, 2, 0).numpy()
+        img = np.asarray(images[k]).transpose(1, 2, 0)
         if img.shape[2] == 1:
             axes[k].imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
@@ -156,12 +179,16 @@ def _short(name: str, limit: int = 18) -> str:
 
 def confusion_matrix(true: torch.Tensor, pred: torch.Tensor, n: int) -> np.ndarray:
     """n x n counts, rows true class, columns predicted."""
+    import torch
+
     flat = true.cpu().long() * n + pred.cpu().long()
     return torch.bincount(flat, minlength=n * n).view(n, n).numpy()
 
 
 def worst_mistakes(true: torch.Tensor, pred: torch.Tensor, conf: torch.Tensor, k: int = 16) -> torch.Tensor:
     """Indices of the k wrong predictions made with the highest confidence."""
+    import torch
+
     wrong = torch.nonzero(true.cpu() != pred.cpu()).flatten()
     order = torch.argsort(conf.cpu()[wrong].float(), descending=True, stable=True)
     return wrong[order[:k]]
@@ -177,36 +204,108 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- end of fit
 
 
-def fit_figures(run_dir: Path, writer: Any, step: int, name: str, classes: list[str], x: torch.Tensor,
-                y: torch.Tensor, test: dict[str, Any]) -> None:
-    """figures/ of a finished run (curves, test confusion matrix, most confidently wrong test images),
-    and the same images in TensorBoard. A failure here is logged, never fails a finished run."""
+def hand_over(run_dir: Path, step: int, name: str, classes: list[str], x: torch.Tensor, y: torch.Tensor,
+              test: dict[str, Any], how: str, tensorboard: bool = True) -> None:
+    """figures/ of a finished run (curves, test confusion matrix, most confidently wrong test images) and the same
+    images in TensorBoard. What they need is written to figures/.pending.npz; `how` (trainer.figures) says who
+    draws them: `background` a child process that the command does not wait for, `end` this process, now;
+    `off` nobody (`cnntrain report RUN_DIR figures=true` draws them later). A failure here is logged, never fails
+    a finished run."""
     try:
-        _fit_figures(run_dir, writer, step, classes, x, y, test, name)
+        pending = _write_pending(run_dir, step, name, classes, x, y, test, tensorboard)
+        if how == "background" and os.environ.get("SLURM_JOB_ID"):
+            how = "end"  # Slurm ends every process of a job when its main one exits: a drawer would be killed
+        if how == "end":
+            draw_pending(run_dir)
+        elif how == "background":
+            _spawn_drawer(run_dir)
+        else:
+            log.info("figures not drawn (trainer.figures=off); draw them with: cnntrain report %s figures=true",
+                     pending.parent.parent)
     except Exception as e:  # figures are a by-product: report, keep the trained run
         log.warning("could not draw the run's figures: %s: %s", type(e).__name__, e)
 
 
-def _fit_figures(run_dir: Path, writer: Any, step: int, classes: list[str], x: torch.Tensor, y: torch.Tensor,
-                 test: dict[str, Any], name: str) -> None:
-    out = run_dir / "figures"
+def _write_pending(run_dir: Path, step: int, name: str, classes: list[str], x: torch.Tensor, y: torch.Tensor,
+                   test: dict[str, Any], tensorboard: bool = True) -> Path:
+    pred, y = test["pred"].cpu(), y.cpu()
+    conf = test.get("conf")
+    idx = worst_mistakes(y, pred, conf) if conf is not None else y[:0].long()
+    out = run_dir / "figures" / PENDING
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".pending.{os.getpid()}.tmp.npz")
+    np.savez(tmp, step=step, name=name, classes=np.array(classes, dtype=str), images=len(y),
+             correct=int((pred == y).sum()), cm=confusion_matrix(y, pred, len(classes)),
+             mistakes=x[idx.to(x.device)].cpu().numpy(), true=y[idx].numpy(), pred=pred[idx].numpy(),
+             conf=(conf.cpu()[idx].float().numpy() if conf is not None else np.zeros(0)),
+             has_conf=conf is not None, tensorboard=tensorboard)
+    os.replace(tmp, out)
+    return out
+
+
+def _spawn_drawer(run_dir: Path) -> None:
+    """Start the drawer in its own session (a Ctrl-C at the terminal after the command returned does not reach it),
+    with this checkout's cnntrain on its path and its messages in the run's log."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with open(run_dir / "figures" / "draw.log", "ab") as err:
+        subprocess.Popen([sys.executable, "-m", "cnntrain.io.draw", str(run_dir)], stdin=subprocess.DEVNULL,
+                         stdout=err, stderr=err, env=env, close_fds=True, start_new_session=True)
+
+
+def figures_pending(run_dir: Path) -> bool:
+    """Whether the fit's figures of run_dir are still to be drawn (or being drawn)."""
+    return (run_dir / "figures" / PENDING).is_file()
+
+
+def draw_pending(run_dir: Path) -> None:
+    """Draw what figures/.pending.npz describes into figures/*.png and a TensorBoard event file of its own
+    beside the run's; then remove it. Needs numpy, matplotlib and tensorboard, never torch."""
+    folder = run_dir / "figures"
+    with np.load(folder / PENDING) as f:
+        data = {k: f[k] for k in f.files}
+    step, classes, images = int(data["step"]), [str(c) for c in data["classes"]], int(data["images"])
+    pngs: dict[str, Path] = {}
     rows = read_metrics(run_dir / "metrics.csv")
     if rows:
-        fig = curves_figure(rows, f"{name}: {run_dir.name}")
-        to_tensorboard(writer, "figures/curves", save(fig, out / "curves.png"), step)
-    pred = test["pred"].cpu()
-    y = y.cpu()
-    acc = float((pred == y).float().mean()) if len(y) else 0.0
-    cm = confusion_matrix(y, pred, len(classes))
-    fig = confusion_figure(cm, classes, f"Test confusion matrix ({len(y):,} images, accuracy {acc:.2%})")
-    to_tensorboard(writer, "figures/confusion_test", save(fig, out / "confusion_test.png"), step)
-    conf = test.get("conf")
-    if conf is not None:
-        idx = worst_mistakes(y, pred, conf)
-        fig = mistakes_figure(x[idx.to(x.device)].cpu(), y[idx].tolist(), pred[idx].tolist(), conf.cpu()[idx].tolist(),
-                              classes, "Most confidently wrong test images")
-        to_tensorboard(writer, "figures/mistakes_test", save(fig, out / "mistakes_test.png"), step)
-    writer.flush()
+        save_png(curves_figure(rows, f"{data['name']}: {run_dir.name}"), folder / "curves.png")
+        pngs["curves"] = folder / "curves.png"
+    acc = int(data["correct"]) / images if images else 0.0
+    save_png(confusion_figure(data["cm"], classes, f"Test confusion matrix ({images:,} images, accuracy {acc:.2%})"),
+             folder / "confusion_test.png")
+    pngs["confusion_test"] = folder / "confusion_test.png"
+    if bool(data["has_conf"]):
+        save_png(mistakes_figure(data["mistakes"], data["true"].tolist(), data["pred"].tolist(),
+                                 data["conf"].tolist(), classes, "Most confidently wrong test images"),
+                 folder / "mistakes_test.png")
+        pngs["mistakes_test"] = folder / "mistakes_test.png"
+    if bool(data.get("tensorboard", True)):  # logger.tensorboard: the run keeps event files
+        _png_events(run_dir / "tensorboard", {f"figures/{k}": p for k, p in pngs.items()}, step)
+    (folder / PENDING).unlink(missing_ok=True)
+
+
+def _png_events(log_dir: Path, pngs: dict[str, Path], step: int) -> None:
+    """The PNG files, as they are, as TensorBoard images at `step`, in an event file of their own (TensorBoard
+    reads every file of the folder); tensorboard's own writer, so no torch."""
+    import time
+
+    from PIL import Image
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    values = []
+    for tag, path in pngs.items():
+        data = path.read_bytes()
+        with Image.open(path) as im:
+            width, height, channels = im.width, im.height, len(im.getbands())
+        values.append(Summary.Value(tag=tag, image=Summary.Image(
+            height=height, width=width, colorspace=channels, encoded_image_string=data)))
+    writer = EventFileWriter(str(log_dir), filename_suffix=".figures")
+    try:
+        writer.add_event(Event(summary=Summary(value=values), wall_time=time.time(), step=step))
+    finally:
+        writer.close()
 
 
 # --------------------------------------------------------------------------- the model itself, for TensorBoard
@@ -230,6 +329,8 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value:
 
 def _tile(maps: torch.Tensor, size: tuple[int, int], nrow: int = 8) -> torch.Tensor:
     """[N, H, W] -> a grid image [3, H', W'] with each map scaled to [0, 1] on its own."""
+    import torch.nn.functional as F
+
     flat = maps.flatten(1)
     lo, hi = flat.amin(1).view(-1, 1, 1), flat.amax(1).view(-1, 1, 1)
     maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
@@ -239,6 +340,9 @@ def _tile(maps: torch.Tensor, size: tuple[int, int], nrow: int = 8) -> torch.Ten
 
 def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
     """The first convolution's kernels as an image grid: RGB for 3 input channels, else their mean."""
+    import torch.nn.functional as F
+    from torch import nn
+
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
         return None
@@ -257,6 +361,9 @@ def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
 def feature_maps(model: nn.Module, x: torch.Tensor, max_layers: int = 4, max_channels: int = 16
                  ) -> list[tuple[str, torch.Tensor]]:
     """Grids of the first channels of a few convolutions (first to last) for one input [1, C, H, W]."""
+    import torch
+    from torch import nn
+
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         return []
@@ -286,6 +393,8 @@ def _display_size(size: tuple[int, ...], at_least: int = 84) -> tuple[int, int]:
 
 def model_images(model: Any, x_u8: torch.Tensor, to_input: Any, writer: Any, step: int) -> None:
     """First-layer filters and feature maps of one image (uint8 [1, C, H, W]), to a run's TensorBoard."""
+    import torch.nn.functional as F
+
     try:
         filters = first_layer_filters(model)
         if filters is not None:

@@ -52,7 +52,9 @@ def provenance(device_name: str, seed: int, data_fingerprint: str, argv: list[st
         "platform": platform.platform(),
         "packages": package_versions(),
         "torch_cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        # Asking loads libcudnn (about 50 MB of a CPU run's memory): only where a GPU can use it.
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() and torch.backends.cudnn.is_available()
+        else None,
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
         "seed": seed,

@@ -106,9 +106,19 @@ class TensorBoardTracker(Tracker):
     name = "tensorboard"
 
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        self.log_dir = run_dir / "tensorboard"
+        self.purge_step = resume_step or None
+        self._tb: Any = None
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
+    @property
+    def tb(self) -> Any:
+        """The writer, made on first use: torch.utils.tensorboard imports tensorboard's plugins, which nothing
+        before the first training step needs (tests/test_startup.py)."""
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
+        return self._tb
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.tb.add_scalar(tag, value, step)
@@ -133,10 +143,12 @@ class TensorBoardTracker(Tracker):
             self.tb.add_scalar(k, v, 0)
 
     def flush(self) -> None:
-        self.tb.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self, status: str | None = None) -> None:
-        self.tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def viewer(self, run_dir: Path) -> tuple[str, str] | None:
         return "tensorboard", f"tensorboard --logdir {run_dir}"
