@@ -57,7 +57,7 @@ def _dynamo_wrapper(fn: Any) -> str | None:
 def eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """A subclass of a torch optimizer whose methods skip the wrappers that import torch._dynamo; same math,
     same state_dict. A torch whose wrappers look different gets them back unchanged (correct, only slower to
-    start; tests/test_imports.py says so)."""
+    start; tests/test_startup.py says so)."""
     methods: dict[str, Any] = {}
     for name in ("__init__", "add_param_group", "zero_grad", "step", "state_dict", "load_state_dict"):
         fn = getattr(cls, name, None)

@@ -116,8 +116,8 @@ def run() -> None:
     import threading
 
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
-    if run_exitfuncs is None or sys.getprofile() is not None or sys.gettrace() is not None or any(t.is_alive() and not t.daemon for t in threading.enumerate()
-                                    if t is not threading.main_thread()):
+    busy = any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())
+    if run_exitfuncs is None or sys.getprofile() is not None or sys.gettrace() is not None or busy:
         raise SystemExit(code)
     run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
