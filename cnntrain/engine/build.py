@@ -16,15 +16,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnntrain.augment import build_augment
 from cnntrain.data import load_dataset
-from cnntrain.engine import distributed
+from cnntrain.engine import distributed, tuning
 from cnntrain.engine.checkpoint import find_checkpoint
-from cnntrain.engine.device import (
-    configure_torch,
-    describe,
-    resolve_channels_last,
-    resolve_device,
-    resolve_precision,
-)
+from cnntrain.engine.device import configure_torch, describe, resolve_device, resolve_precision
 from cnntrain.engine.inputs import Normalise
 from cnntrain.engine.state import Progress, Run, restore
 from cnntrain.engine.step import TrainStep
@@ -47,8 +41,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     threads_note = configure_torch(device, t.deterministic, t.num_threads, t.seed, auto_threads=not dist.enabled)
     data = load_dataset(cfg.dataset)
     model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
-    channels_last = resolve_channels_last(str(t.channels_last), device, precision)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = model.to(device)  # the layout is chosen below, once a resume's recorded choice is known
     optimizer = build_optimizer(model, cfg.optimizer, cfg.model)
     # Under torchrun a partial last batch could leave a rank with nothing, so it is dropped there.
     steps = len(data.train_x) // t.batch_size if dist.enabled else math.ceil(len(data.train_x) / t.batch_size)
@@ -58,7 +51,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     step = TrainStep(
         model=model, forward=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
-        normalise=Normalise.of(data.mean, data.std, device, channels_last), precision=precision,
+        normalise=Normalise.of(data.mean, data.std, device), precision=precision,
         augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
         grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
     )
@@ -66,6 +59,12 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if t.ema_decay is not None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     progress = Progress() if cfg.resume is None else restore(cfg, step, scheduler, ema, data, device)
+    shape = (data.channels, *data.image_size)
+    choice = tuning.decide(cfg, step, device, shape, data.num_classes, progress.tuning, dist.enabled,
+                           steps * max(1, t.epochs - progress.epoch))
+    # Weights and optimizer state keep their values in either layout, so a resume restores before this.
+    tuning.apply(choice, step, [model] + ([ema.module] if ema is not None else []))
+    progress.tuning = choice.record()
     last = run_dir / "checkpoints" / LAST
     keep_last = cfg.resume is None or (last.is_file() and find_checkpoint(cfg.resume).resolve() == last.resolve())
     if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
@@ -101,6 +100,7 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
         ("device", f"{describe(run.device)}, precision {precision.label}"
                    f"{', channels_last' if channels_last else ''}{', compiled' if t.compile else ''}"
                    f"{f'; threads: {run.threads_note}' if run.threads_note and run.device.type == 'cpu' else ''}"),
+        ("layout", layout_row(run.progress.tuning, channels_last, run.step.micro_batch)),
         ("run dir", str(run.run_dir)),
     ]
     if dist.enabled:
@@ -111,3 +111,10 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
     if cfg.resume is not None:
         rows.append(("resume", f"from epoch {run.progress.epoch}, step {run.progress.global_step}"))
     return rows
+
+
+def layout_row(record: dict, channels_last: bool, micro_batch: int | None) -> str:
+    """The start table's line on the layout and compute chunk, and where they came from."""
+    chunk = f"chunks of {micro_batch} (gradients accumulated)" if micro_batch else "whole batch"
+    how = record.get("how")
+    return f"{'channels_last' if channels_last else 'contiguous'}, {chunk}{f' ({how})' if how else ''}"
