@@ -138,3 +138,24 @@ def test_a_resumed_run_keeps_the_recorded_layout_and_chunk(tmp_path, cache):
     kept = {**recorded, "how": "as recorded in the checkpoint"}
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["progress"]["tuning"] == kept
     assert summary(run_dir)["tuning"] == kept and summary(run_dir)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_a_timed_choice_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, cache):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    _seed_cache(cache, True, 8)
+    assert run_cli(["fit", *FIT, "trainer.epochs=2"], straight, env=env).returncode == 0
+    assert run_cli(["fit", *FIT, "trainer.epochs=1"], split, env=env).returncode == 0
+    (first,) = run_dirs(split)
+    _seed_cache(cache, False, None)
+    assert run_cli(["fit", f"resume={first}", "trainer.epochs=2"], split, env=env).returncode == 0
+    (reference,) = run_dirs(straight)
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (reference, first))
+    assert a["progress"]["tuning"]["channels_last"] and b["progress"]["tuning"]["micro_batch"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
