@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -120,7 +121,8 @@ def decide(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     if mb_auto and has_batch_norm(step.model):
         mb_auto = False  # per-chunk batch statistics (ghost batch norm) would change what the model learns
     why_not = ("deterministic runs do not time" if t.deterministic else "not timed under torch.compile"
-               if t.compile else "not timed under torchrun" if distributed else "")
+               if t.compile else "not timed under torchrun" if distributed else "not timed in a dry run"
+               if t.dry_run else "")
     if why_not or not (cl_auto or mb_auto):
         return Tuning(rule_cl, mb_fixed, f"rule: {why_not}" if why_not else "rule: BatchNorm keeps the whole batch")
     cache = read_cache()
@@ -151,8 +153,9 @@ def _probe(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's draws stay its own
         # The first step carries one-off set-up (kernels, allocations) that the run's first step is then
         # spared; the second says what a step costs.
-        probe.time((channels_last, micro))
-        step_s = probe.time((channels_last, micro))
+        cold = probe.time((channels_last, micro))
+        # A model whose first step alone eats half the budget cannot be timed within it: stop here.
+        step_s = probe.time((channels_last, micro)) if cold < BUDGET_S / 2 else math.inf
         deadline = started + min(BUDGET_S, BUDGET_SHARE * step_s * total_steps)
         if cl_todo:
             now = time.perf_counter()
