@@ -149,34 +149,47 @@ def _probe(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     started = time.perf_counter()
     batch = cfg.trainer.batch_size
     probe = _Probe(step, device, shape, batch, num_classes)
-    entries: dict[str, Any] = {}
+    layout_cands = [(channels_last, micro), (not channels_last, micro)] if cl_todo else []
+    chunks = chunk_candidates(batch) if mb_todo else []
+    timed: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's draws stay its own
         # The first step carries one-off set-up (kernels, allocations) that the run's first step is then
-        # spared; the second says what a step costs.
+        # spared; the second says what a step costs, and is the default's first sample.
         cold = probe.time((channels_last, micro))
         # A model whose first step alone eats half the budget cannot be timed within it: stop here.
         step_s = probe.time((channels_last, micro)) if cold < BUDGET_S / 2 else math.inf
-        deadline = started + min(BUDGET_S, BUDGET_SHARE * step_s * total_steps)
-        if cl_todo:
+        budget = min(BUDGET_S, BUDGET_SHARE * step_s * total_steps)
+        deadline = started + budget
+        # Steps each race needs at least (a first step per new candidate, then two rounds), to share the time.
+        need_layout, need_chunks = 3 * len(layout_cands) - 1, 3 * len(chunks) + 1
+        if layout_cands:
             now = time.perf_counter()
-            times = probe.race([(channels_last, micro), (not channels_last, micro)],
-                               now + (deadline - now) / 2 if mb_todo else deadline, step_s)
+            share = need_layout / (need_layout + need_chunks) if need_chunks > 1 else 1.0
+            times = probe.race(layout_cands, now + (deadline - now) * share, step_s)
             if times is not None:
-                channels_last = _pick(times, (channels_last, micro))[0]
-                entries[cache_keys(cfg, device, step.precision, shape, channels_last)[0]] = {
-                    "channels_last": channels_last}
+                channels_last = _pick(times, layout_cands[0])[0]
+                timed["layout"] = channels_last
         if mb_todo:
-            cands = [(channels_last, None), *[(channels_last, c) for c in chunk_candidates(batch)]]
+            cands = [(channels_last, None), *[(channels_last, c) for c in chunks]]
             times = probe.race(cands, deadline, step_s) if len(cands) > 1 else {cands[0]: step_s}
             if times is not None:
                 micro = _pick(times, (channels_last, None))[1]
-                entries[cache_keys(cfg, device, step.precision, shape, channels_last)[1]] = {"micro_batch": micro}
+                timed["chunk"] = micro
     seconds = time.perf_counter() - started
-    if not entries:
-        # Too short a run to earn a probe: the defaults, and nothing cached (a longer run of it may time them).
-        return Tuning(channels_last, micro, f"rule: too short a run to time ({seconds:.1f} s spent)")
-    write_cache(entries)
-    return Tuning(channels_last, micro, f"measured in {seconds:.1f} s")
+    short = budget < BUDGET_S  # limited by the run's length rather than by the probe's own budget
+    entries: dict[str, Any] = {}
+    if cl_todo and ("layout" in timed or not short):
+        entries[cache_keys(cfg, device, step.precision, shape, channels_last)[0]] = {"channels_last": channels_last}
+    if mb_todo and ("chunk" in timed or not short):
+        entries[cache_keys(cfg, device, step.precision, shape, channels_last)[1]] = {"micro_batch": micro}
+    if entries:
+        write_cache(entries)
+    if timed:
+        return Tuning(channels_last, micro, f"measured in {seconds:.1f} s")
+    # Nothing fitted the budget. For a short run, a longer one may time it, so nothing is cached; a step too slow
+    # for the probe's own budget stays so, and the defaults are cached to spare later runs the attempt.
+    return Tuning(channels_last, micro, f"rule: {'too short a run' if short else 'a step too slow'} to time "
+                                        f"({seconds:.1f} s spent)")
 
 
 Candidate = tuple[bool, int | None]  # (channels_last, micro_batch)
@@ -197,7 +210,7 @@ class _Probe:
         self.x = torch.randn((batch, *shape), generator=gen).to(device)
         self.y = torch.randint(num_classes, (batch,), generator=gen).to(device)
         self.steps: dict[bool, TrainStep] = {}
-        self.warmed: set[Candidate] = set()
+        self.warm: dict[Candidate, list[float]] = {}  # step times of candidates past their first step
 
     def time(self, cand: Candidate) -> float:
         """Seconds of one optimisation step in this layout and chunk."""
@@ -212,27 +225,34 @@ class _Probe:
         t = time.perf_counter()
         step.train(x, self.y)
         sync()
-        self.warmed.add(cand)
-        return time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        if cand in self.warm:
+            self.warm[cand].append(seconds)
+        else:
+            self.warm[cand] = []
+        return seconds
 
     def race(self, cands: list[Candidate], deadline: float, step_s: float) -> dict[Candidate, float] | None:
-        """The median step time of each candidate over interleaved rounds (each warmed up first) that end
-        by the deadline; None when two rounds would not fit (then nothing is run)."""
-        cold = [c for c in cands if c not in self.warmed]
-        if time.perf_counter() + step_s * (len(cold) + 2 * len(cands)) > deadline:
+        """The median step time of each candidate over two to five rounds that end by the deadline, a
+        candidate's earlier warm steps counting as its first; None when two rounds would not fit (then
+        nothing is run)."""
+        cold = [c for c in cands if c not in self.warm]
+        have = {c: len(self.warm.get(c, [])) for c in cands}
+        steps = len(cold) + sum(max(0, 2 - have[c]) for c in cands)
+        if time.perf_counter() + step_s * steps > deadline:
             return None
         for c in cold:
             self.time(c)
-        times: dict[Candidate, list[float]] = {c: [] for c in cands}
-        rounds = 0
+        rounds = min(have.values())
         while rounds < 5:
-            estimate = sum(min(v) for v in times.values()) if rounds else step_s * len(cands)
+            estimate = sum(min(self.warm[c]) for c in cands) if rounds else step_s * len(cands)
             if rounds >= 2 and time.perf_counter() + estimate > deadline:
                 break
             for c in cands:
-                times[c].append(self.time(c))
+                if len(self.warm[c]) <= rounds:
+                    self.time(c)
             rounds += 1
-        return {c: statistics.median(v) for c, v in times.items()}
+        return {c: statistics.median(self.warm[c]) for c in cands}
 
 
 def _nothing() -> None:
