@@ -118,6 +118,8 @@ def decide(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     if recorded:
         return Tuning(recorded["channels_last"] if cl_auto else rule_cl,
                       recorded["micro_batch"] if mb_auto else mb_fixed, "as recorded in the checkpoint")
+    if cfg.resume is not None:  # a checkpoint from before the record: it trained by the rule, so go on by it
+        return Tuning(rule_cl, mb_fixed, "rule: the checkpoint has no record of its own")
     if mb_auto and has_batch_norm(step.model):
         mb_auto = False  # per-chunk batch statistics (ghost batch norm) would change what the model learns
     why_not = ("deterministic runs do not time" if t.deterministic else "not timed under torch.compile"
