@@ -159,3 +159,37 @@ def test_a_resumed_run_with_a_timed_choice_is_bitwise_equal_to_an_uninterrupted_
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def _fake_timing(monkeypatch, seconds):
+    """Step times by candidate (channels_last, micro_batch), so the choice does not depend on this machine's noise."""
+    def fake(self, cand):
+        self.warm.setdefault(cand, [])
+        self.warm[cand].append(seconds[cand])
+        return seconds[cand]
+
+    monkeypatch.setattr(tuning._Probe, "time", fake)
+
+
+def test_the_fastest_candidate_wins_only_by_a_clear_margin(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(tuning, "BUDGET_SHARE", 1.0)
+    args = ("trainer.batch_size=128", "trainer.micro_batch=auto")  # chunks of 32 and 16 are timed
+    # fp32's rule says contiguous; channels_last is 20% faster, and in it chunks of 32 are 10% faster than the
+    # whole batch and chunks of 16 only 1% (within the margin, but slower than 32 anyway).
+    _fake_timing(monkeypatch, {(False, None): 0.012, (True, None): 0.010, (True, 32): 0.009, (True, 16): 0.0099})
+    run = _build(tmp_path, *args)
+    assert run.progress.tuning["channels_last"] is True and run.progress.tuning["micro_batch"] == 32
+    assert run.step.micro_batch == 32 and run.step.normalise.channels_last
+    cache.unlink()
+    # 2% faster is noise on a shared machine: the defaults stay.
+    _fake_timing(monkeypatch, {(False, None): 0.010, (True, None): 0.0098, (False, 32): 0.0098, (False, 16): 0.0098})
+    assert _build(tmp_path, *args).progress.tuning["channels_last"] is False
+    assert json.loads(cache.read_text()) and _build(tmp_path, *args).progress.tuning["micro_batch"] is None
+
+
+def test_a_run_too_short_for_the_probe_keeps_the_rule_and_caches_nothing(tmp_path, cache, monkeypatch):
+    _fake_timing(monkeypatch, {(False, None): 0.01, (True, None): 0.001})  # channels_last would win by far
+    run = _build(tmp_path, "trainer.epochs=1")  # 32 steps: their 5% would not pay for two rounds of both layouts
+    assert run.progress.tuning["channels_last"] is False
+    assert run.progress.tuning["how"].startswith("rule: too short a run to time")
+    assert not cache.exists()
