@@ -32,10 +32,11 @@ from torch import nn
 from cnntrain.engine.device import Precision, describe, resolve_channels_last
 from cnntrain.engine.step import TrainStep
 
-# Everything the probe may spend on a first run, warm-up steps included (the issue's promise is 2 s; the rest
-# is for copying the model).
+# Everything the probe's steps may take on a first run, warm-up steps included: with the copies of the model,
+# a first run starts at most about 2 s later.
 BUDGET_S = 1.8
-# ...and never more than this share of the run it tunes (from its first step's time): a short run keeps the rule.
+# ...and never more than this share of the run it tunes (estimated from one warm step): a short run keeps the
+# defaults, since the probe could not pay for itself there.
 BUDGET_SHARE = 0.05
 # A candidate replaces the default (the rule's layout, the whole batch) only when this much faster: the
 # probe's timings are short, and a choice that flips with noise would make runs differ for nothing.
@@ -51,7 +52,7 @@ class Tuning:
     how: str  # where the choice came from, for the start table
 
     def record(self) -> dict[str, Any]:
-        """What the checkpoint and summary.json hold; a resumed run reads it back with `recorded`."""
+        """What the checkpoint and summary.json hold; a resumed run passes it back to `decide` as `recorded`."""
         return {"channels_last": self.channels_last, "micro_batch": self.micro_batch, "how": self.how}
 
 
