@@ -68,6 +68,7 @@ def _build(tmp_path, *overrides):
 
 def test_the_probe_times_once_and_the_second_run_uses_its_cache(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(tuning, "BUDGET_SHARE", 1.0)  # smoke is too short a run to earn a probe otherwise
+    monkeypatch.setattr(tuning, "MIN_STEPS", 0)
     first = _build(tmp_path, "trainer.micro_batch=auto").progress.tuning
     assert first["how"].startswith("measured in "), first
     assert float(first["how"].split()[2]) <= tuning.BUDGET_S + 0.2
@@ -173,6 +174,7 @@ def _fake_timing(monkeypatch, seconds):
 
 def test_the_fastest_candidate_wins_only_by_a_clear_margin(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(tuning, "BUDGET_SHARE", 1.0)
+    monkeypatch.setattr(tuning, "MIN_STEPS", 0)
     args = ("trainer.batch_size=128", "trainer.micro_batch=auto")  # chunks of 32 and 16 are timed
     # fp32's rule says contiguous; channels_last is 20% faster, and in it chunks of 32 are 10% faster than the
     # whole batch and chunks of 16 only 1% (within the margin, but slower than 32 anyway).
@@ -189,7 +191,12 @@ def test_the_fastest_candidate_wins_only_by_a_clear_margin(tmp_path, cache, monk
 
 def test_a_run_too_short_for_the_probe_keeps_the_rule_and_caches_nothing(tmp_path, cache, monkeypatch):
     _fake_timing(monkeypatch, {(False, None): 0.01, (True, None): 0.001})  # channels_last would win by far
+    monkeypatch.setattr(tuning, "MIN_STEPS", 0)
     run = _build(tmp_path, "trainer.epochs=1")  # 32 steps: their 5% would not pay for two rounds of both layouts
     assert run.progress.tuning["channels_last"] is False
-    assert run.progress.tuning["how"].startswith("rule: too short a run to time")
+    assert run.progress.tuning["how"].startswith("rule: too short a run to time (")  # found out by timing a step
     assert not cache.exists()
+    monkeypatch.setattr(tuning, "MIN_STEPS", 200)
+    monkeypatch.setattr(tuning._Probe, "time", lambda *a: pytest.fail("timed a run shorter than MIN_STEPS"))
+    # smoke's 96 steps (fault-injection tests count its losses and steps: a probe there would shift them)
+    assert _build(tmp_path).progress.tuning["how"] == "rule: too short a run to time"

@@ -41,6 +41,9 @@ BUDGET_SHARE = 0.05
 # A candidate replaces the default (the rule's layout, the whole batch) only when this much faster: the
 # probe's timings are short, and a choice that flips with noise would make runs differ for nothing.
 MARGIN = 0.03
+# The probe takes about 6 steps for the layout and 7 more for the chunk; below this many optimisation steps
+# they would be more than BUDGET_SHARE of the run before anything is timed, so a shorter run does not try.
+MIN_STEPS = 200
 SMALLEST_CHUNK = 16
 CACHE_FILE = "tuning.json"
 
@@ -137,6 +140,8 @@ def decide(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     micro = cache[chunk_key]["micro_batch"] if mb_auto and not mb_todo else mb_fixed
     if not (cl_todo or mb_todo):
         return Tuning(channels_last, micro, "cached")
+    if total_steps < MIN_STEPS:
+        return Tuning(channels_last, micro, "rule: too short a run to time")
     return _probe(cfg, step, device, shape, num_classes, cl_todo, channels_last, mb_todo, micro, total_steps)
 
 
