@@ -275,9 +275,28 @@ def _copy_step(step: TrainStep, channels_last: bool) -> TrainStep:
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [twin[id(p)] for p in g["params"]]}
               for g in step.optimizer.param_groups]
     optimizer = type(step.optimizer)(groups, **step.optimizer.defaults)
-    scaler = torch.amp.GradScaler(step.normalise.mean.device.type, enabled=step.scaler.is_enabled())
+    # Only fp16 needs a real scaler. Elsewhere a disabled GradScaler is pure bookkeeping, and whatever counts the
+    # run's optimisation steps by it (tests/faults.py kills and signals runs at step N) must not count these.
+    scaler = (torch.amp.GradScaler(step.normalise.mean.device.type) if step.scaler.is_enabled()
+              else _NoScaler())
     return dataclasses.replace(step, model=model, forward=model, optimizer=optimizer, scaler=scaler, augment=None,
                                normalise=dataclasses.replace(step.normalise, channels_last=channels_last))
+
+
+class _NoScaler:
+    """The part of GradScaler's interface TrainStep uses, for unscaled (bf16, fp32) steps."""
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
 
 
 def apply(tuning: Tuning, step: TrainStep, modules: list[nn.Module]) -> None:
