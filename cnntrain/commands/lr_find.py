@@ -231,12 +231,12 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
         idx = order[i * bs : (i + 1) * bs]
         x_u8 = x_train.index_select(0, idx.to(x_train.device)).to(built.device, non_blocking=True)
         y = y_train.index_select(0, idx.to(y_train.device)).to(built.device, non_blocking=True)
-        _, _, loss = step.loss(x_u8, y, i_step)
+        x, target = step.prepare(x_u8, y, i_step)
+        _, loss, stepped = step.train(x, target, skip_nonfinite=True)
         value = loss.item()  # one sync per step: the stopping rule needs it
-        if not math.isfinite(value):
+        if not stepped:
             stopped_early = True
             break
-        step.update(loss)
         avg = args.smoothing * avg + (1 - args.smoothing) * value
         smooth = avg / (1 - args.smoothing ** (i_step + 1))  # bias-corrected: no pull towards 0 at the start
         lrs.append(lr)

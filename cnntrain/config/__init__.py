@@ -164,8 +164,13 @@ class TrainerConfig:
     device: str = "auto"
     # auto | 32 | bf16 | fp16
     precision: str = "auto"
-    # Memory layout of activations: auto | true | false.
+    # Memory layout of activations: auto (both timed at start, the verdict cached per machine, model, input,
+    # batch and precision) | true | false.
     channels_last: str = "auto"
+    # Forward/backward in chunks of this many images whose gradients accumulate into one optimizer step:
+    # null (the whole batch), a number (gradient accumulation; BatchNorm then sees chunk statistics) or auto
+    # (the fastest chunk by timing; models with BatchNorm keep the whole batch).
+    micro_batch: Any = None
     # torch.compile the model: faster steps after a slower start.
     compile: bool = False
     # Seed of weights, shuffling and augmentation (the splits have dataset.split_seed).
@@ -428,6 +433,7 @@ def validate(cfg: Any) -> None:
     name = str(cfg.name)
     checks.append((bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
                    "name", name, "must be a plain folder name (no '/'; it becomes runs/<name>/)"))
+    checks.append(_micro_batch_check(t.micro_batch, t.batch_size))
     for ok, key, value, what in checks:
         if not ok:
             raise UserError(f"{key}={value} {what}")
@@ -458,3 +464,16 @@ def _class_weights_check(w: Any) -> tuple[bool, str, Any, str]:
         ok = ok and any(v > 0 for v in w)
         return ok, "trainer.class_weights", list(w), what
     return False, "trainer.class_weights", w, what
+
+
+def _micro_batch_check(value: Any, batch_size: int) -> tuple[bool, str, Any, str]:
+    """trainer.micro_batch: null, auto or a whole number of images from 1 to trainer.batch_size."""
+    key = "trainer.micro_batch"
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return True, key, value, ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False, key, value, "must be null, auto or a number of images (1 to trainer.batch_size)"
+    if value < 1:
+        return False, key, value, "must be at least 1 (or null for the whole batch, or auto)"
+    return (value <= batch_size, key, value,
+            f"is larger than trainer.batch_size={batch_size}; use at most {batch_size} (or null for the whole batch)")

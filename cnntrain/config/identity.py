@@ -28,6 +28,7 @@ RESUME_FREE = frozenset({
     "trainer.num_threads",
     "trainer.precision",
     "trainer.channels_last",
+    "trainer.micro_batch",
     "trainer.compile",
     "trainer.deterministic",
     "trainer.eval_batch_size",

@@ -21,15 +21,9 @@ from cnntrain.config.compose import chosen_option
 from cnntrain.data import load_dataset
 from cnntrain.data.folds import take_fold
 from cnntrain.data.images import ImageData
-from cnntrain.engine import balance, distributed
+from cnntrain.engine import balance, distributed, tuning
 from cnntrain.engine.checkpoint import find_checkpoint
-from cnntrain.engine.device import (
-    configure_torch,
-    describe,
-    resolve_channels_last,
-    resolve_device,
-    resolve_precision,
-)
+from cnntrain.engine.device import configure_torch, describe, resolve_device, resolve_precision
 from cnntrain.engine.inputs import Normalise
 from cnntrain.engine.state import Progress, Run, restore
 from cnntrain.engine.step import TrainStep
@@ -57,8 +51,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if note is not None and dist.main:
         warnings.warn(note, stacklevel=2)
     model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
-    channels_last = resolve_channels_last(str(t.channels_last), device, precision)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = model.to(device)  # the layout is chosen below, once a resume's recorded choice is known
     optimizer = build_optimizer(model, cfg.optimizer, cfg.model)
     # Under torchrun a partial last batch could leave a rank with nothing, so it is dropped there.
     steps = len(data.train_x) // t.batch_size if dist.enabled else math.ceil(len(data.train_x) / t.batch_size)
@@ -68,7 +61,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     step = TrainStep(
         model=model, forward=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
-        normalise=Normalise.of(data.mean, data.std, device, channels_last), precision=precision,
+        normalise=Normalise.of(data.mean, data.std, device), precision=precision,
         augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
         grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
         class_weights=None if class_weights is None else class_weights.to(device),
@@ -77,6 +70,12 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if t.ema_decay is not None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     progress = Progress() if cfg.resume is None else restore(cfg, step, scheduler, ema, data, device)
+    shape = (data.channels, *data.image_size)
+    choice = tuning.decide(cfg, step, device, shape, data.num_classes, progress.tuning, dist.enabled,
+                           steps * max(1, t.epochs - progress.epoch))
+    # Weights and optimizer state keep their values in either layout, so a resume restores before this.
+    tuning.apply(choice, step, [model] + ([ema.module] if ema is not None else []))
+    progress.tuning = choice.record()
     last = run_dir / "checkpoints" / LAST
     keep_last = cfg.resume is None or (last.is_file() and find_checkpoint(cfg.resume).resolve() == last.resolve())
     if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
@@ -127,6 +126,7 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
         ("device", f"{describe(run.device)}, precision {precision.label}"
                    f"{', channels_last' if channels_last else ''}{', compiled' if t.compile else ''}"
                    f"{f'; threads: {run.threads_note}' if run.threads_note and run.device.type == 'cpu' else ''}"),
+        ("layout", layout_row(run.progress.tuning, channels_last, run.step.micro_batch)),
         ("run dir", str(run.run_dir)),
     ]
     if dist.enabled:
@@ -152,3 +152,10 @@ def resume_point(p: Progress, steps: int) -> str:
     if p.step_in_epoch == 0:
         return f"at the start of epoch {p.epoch + 1} ({p.epoch} done, {p.global_step:,} steps)"
     return f"in epoch {p.epoch + 1}, after step {p.step_in_epoch} of {steps} ({p.global_step:,} steps in all)"
+
+
+def layout_row(record: dict, channels_last: bool, micro_batch: int | None) -> str:
+    """The start table's line on the layout and compute chunk, and where they came from."""
+    chunk = f"chunks of {micro_batch} (gradients accumulated)" if micro_batch else "whole batch"
+    how = record.get("how")
+    return f"{'channels_last' if channels_last else 'contiguous'}, {chunk}{f' ({how})' if how else ''}"

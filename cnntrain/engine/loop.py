@@ -81,8 +81,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
 def dry_run(run: Run) -> float:
     """One forward/backward on a real batch: proves the config builds and fits before a long run."""
     x_u8 = run.tensors["train_x"][: run.cfg.trainer.batch_size]
-    x, _, loss = run.step.loss(x_u8, run.tensors["train_y"][: len(x_u8)], 0)
-    loss.backward()
+    x, target = run.step.prepare(x_u8, run.tensors["train_y"][: len(x_u8)], 0)
+    _, loss = run.step.accumulate(x, target)  # in trainer.micro_batch chunks, as training would
     run.reporter.start("cnntrain fit --dry-run", start_rows(run))
     run.reporter.print(f"dry run ok: one batch of {len(x)} through forward and backward, loss {loss.item():.4f}; "
                        "nothing was trained or written")
@@ -96,7 +96,7 @@ def train(run: Run) -> float:
         raise UserError(f"the run in {run.run_dir} already finished {p.epoch} epochs; "
                         f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further")
     s = Session(_open_log(run), {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs,
-                                 **run.record}, seconds_before=p.train_seconds)
+                                 **run.record, "tuning": dict(p.tuning)}, seconds_before=p.train_seconds)
     if run.device.type == "cpu":
         s.watch = CollapseWatch(torch.get_num_threads(), run.reporter.print)
     _record(run, s.summary)
@@ -288,12 +288,11 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
         x_u8, y = next(batch_iter)  # resident: one gather; streamed: the DataLoader's next batch
         x, target = step.prepare(x_u8, y, p.global_step)
         t1 = time.perf_counter()
-        logits, loss = step.forward_loss(x, target)
-        if t.on_nonfinite == "skip" and not torch.isfinite(loss):  # a sync per step, only in skip mode
+        logits, loss, stepped = step.train(x, target, skip_nonfinite=t.on_nonfinite == "skip")
+        if not stepped:
             _skip(run, s, loss, epoch)
             p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
             continue
-        step.update(loss)
         run.scheduler.step()
         if run.ema is not None:
             run.ema.update_parameters(run.model)

@@ -40,11 +40,15 @@ class Progress:
     # Wall time of training (epochs, validation, checkpoints) over every session of the run, up to the last
     # checkpoint; a resume adds its own. A checkpoint written before this field existed counts as 0.
     train_seconds: float = 0.0
+    # The layout and compute chunk the run trains with and where they came from (engine.tuning): a resume
+    # keeps them, so it trains exactly as the run started.
+    tuning: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["sums"] = {k: v.detach().cpu() for k, v in self.sums.items()}
         d["times"] = dict(self.times)
+        d["tuning"] = dict(self.tuning)
         return d
 
     @classmethod
@@ -52,7 +56,7 @@ class Progress:
         return cls(p["epoch"], p["step_in_epoch"], p["global_step"], p["best_metric"], p["best_epoch"],
                    p.get("epochs_without_improvement", 0), p.get("skipped_steps", 0),
                    {k: v.to(device) for k, v in p["sums"].items()}, dict(p["times"]),
-                   float(p.get("train_seconds", 0.0)))
+                   float(p.get("train_seconds", 0.0)), dict(p.get("tuning", {})))
 
 
 @dataclass
