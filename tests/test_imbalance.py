@@ -69,7 +69,8 @@ def _minority_recall(cwd: Path, option: str) -> tuple[float, dict, str]:
     run_dir = run_dirs(cwd)[-1]
     proc = run_cli(["evaluate", f"ckpt={run_dir}", "tensorboard=false", "mistakes=0"], cwd, env=env)
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((run_dir / "evaluate" / "custom-test" / "metrics.json").read_text())
+    (metrics_file,) = (run_dir / "evaluate").glob("custom-test-*/metrics.json")  # a folder per evaluate call
+    metrics = json.loads(metrics_file.read_text())
     shirt = next(c for c in metrics["per_class"] if c["class"] == "shirt")
     s = summary(run_dir)
     assert s["test_balanced_acc"] == pytest.approx(metrics["balanced_acc"], abs=1e-6)

@@ -19,13 +19,18 @@ from cnntrain.models import (
     set_backbone_trainable,
 )
 from cnntrain.registry import MODELS
+from tests.conftest import needs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
+# Every registered architecture; timm's only where its extra is installed.
+EVERY_MODEL = [pytest.param(n, marks=needs("timm", "timm")) if n == "timm" else n for n in sorted(MODELS)]
 
 
 def cfg_for(name: str, **kw) -> ModelConfig:
     if name == "torchvision":
         kw.setdefault("arch", "resnet18")
+    if name == "timm":
+        kw.setdefault("arch", "resnet10t")
     if name == "custom":  # the tests' own model module (tests/plugins/mynets.py)
         kw.setdefault("_target_", "tests.plugins.mynets.TinyNet")
     return ModelConfig(name=name, **kw)
@@ -45,7 +50,7 @@ def test_simple_cnn_has_the_keras_seed_parameter_count():
     assert count_parameters(model) == 93_322
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", EVERY_MODEL)
 @pytest.mark.parametrize(("channels", "size", "classes"), [(1, 28, 10), (3, 32, 100)])
 def test_every_model_fits_the_dataset_shape(name, channels, size, classes):
     model = build_model(cfg_for(name), channels, (size, size), classes)
@@ -194,7 +199,7 @@ def test_freeze_backbone_leaves_only_the_head_trainable(name):
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", EVERY_MODEL)
 def test_bf16_autocast_channels_last_training_step(name):
     torch.manual_seed(0)
     model = build_model(cfg_for(name, dropout=0.1), 3, (32, 32), 10).to(memory_format=torch.channels_last)

@@ -221,12 +221,15 @@ class SweepConfig:
     # Stop an Optuna trial whose validation metric (trainer.monitor) falls behind at an epoch:
     # none | median | hyperband. Needs the Optuna sweeper (--multirun hydra/sweeper=optuna).
     pruner: str = "none"
-    # median: trials that must finish before any is pruned, and the epochs of each trial never pruned.
+    # median: trials that must finish before any is pruned.
     startup_trials: int = 2
+    # The first epochs of each trial, which are never pruned.
     warmup_epochs: int = 0
-    # Set by the Optuna sweeper for each job: the study's storage and name and the trial the job is.
+    # Set by the Optuna sweeper for each job: the study's storage (an RDB URL).
     storage: str | None = None
+    # Set by the Optuna sweeper for each job: the name of the study the job belongs to.
     study: str | None = None
+    # Set by the Optuna sweeper for each job: the number of the trial the job is.
     trial: int | None = None
 
 
