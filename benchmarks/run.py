@@ -50,19 +50,34 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
 FAST_BATCH = 256
 
 
+# --precision 32: every contender in fp32 on a CPU whose `auto` would pick bf16, so a machine with native bf16
+# can also measure what CPUs without it get. Empty: what `auto` picks.
+FORCED_PRECISION: list[str] = []
+
+
 @functools.cache
 def fast_settings() -> tuple[str, bool]:
-    """What precision=auto and channels_last=auto resolve to on this CPU ("bf16" or "32"; channels_last),
-    through cnntrain's own resolver, so the bare loop runs what the fit ran: a CPU without native bf16
-    trains fp32 there, and a bare loop forced into emulated bf16 would be a strawman."""
+    """What this benchmark's precision (auto unless --precision) and channels_last=auto resolve to on this CPU
+    ("bf16" or "32"; channels_last), through cnntrain's own resolver, so the bare loop runs what the fit ran: a
+    CPU without native bf16 trains fp32 there, and a bare loop forced into emulated bf16 would be a strawman."""
     sys.path.insert(0, str(REPO))
     import torch
 
     from cnntrain.engine.device import resolve_channels_last, resolve_precision
 
     cpu = torch.device("cpu")
-    precision = resolve_precision("auto", cpu)
+    precision = resolve_precision(FORCED_PRECISION[0] if FORCED_PRECISION else "auto", cpu)
     return precision.label, resolve_channels_last("auto", cpu, precision)
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether precision=auto picks bf16 on this CPU (AVX512-BF16 or AMX), whatever --precision says."""
+    import torch
+
+    from cnntrain.engine.device import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu")).label == "bf16"
 
 
 def machine() -> str:
@@ -76,7 +91,7 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     # Native bf16 (AVX512-BF16/AMX) or not decides which runs' figures compare: auto trains bf16 or fp32.
-    bf16 = "native bf16" if fast_settings()[0] == "bf16" else "no native bf16"
+    bf16 = "native bf16" if native_bf16() else "no native bf16"
     return (f"{cpu}, {os.cpu_count()} cores ({bf16}), {gpu}, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
@@ -115,8 +130,9 @@ def cnntrain_fit(args: list[str], work: Path, env: dict[str, str] | None = None
     """`cnntrain fit ARGS` in work/; returns its summary (plus the torch threads it ran), metrics rows, wall
     seconds, peak RSS MB."""
     before = set(work.rglob("summary.json"))
-    _, wall, rss = run([PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args, *QUICK_DATA], cwd=work,
-                       env=env)
+    forced = [f"trainer.precision={FORCED_PRECISION[0]}"] if FORCED_PRECISION else []
+    _, wall, rss = run([PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args, *QUICK_DATA, *forced],
+                       cwd=work, env=env)
     (path,) = set(work.rglob("summary.json")) - before
     with open(path.parent / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -501,6 +517,8 @@ def section_accuracy(work: Path, quick: bool) -> list[tuple[str, str, float, flo
     for recipe, args in (("default (embedded MNIST 5k, seed recipe)", []),
                          ("experiment=fashion_fast", ["experiment=fashion_fast"])):
         for precision in ("bf16", "32"):
+            if precision == "bf16" and FORCED_PRECISION:
+                continue
             if precision == "bf16" and args and fast_settings()[0] != "bf16":
                 continue  # emulated bf16 takes a quarter of an hour here, for a precision auto never picks
             s, m, _, _ = cnntrain_fit([*args, f"trainer.precision={precision}", *extra], work)
@@ -534,10 +552,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--rounds", type=int, help="peers: interleaved rounds of every contender (default 2; 1 with "
                     "--quick)")
+    ap.add_argument("--precision", choices=["32"], help="train every contender in fp32, even where auto would "
+                    "pick bf16: the figures of CPUs without native bf16, measured on one that has it")
     ap.add_argument("--repo", type=Path, help="time the cnntrain of another checkout (e.g. the commit before a "
                     "refactor) against the same peers; compare the ratios of two runs, not their images/s")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 2)
+    if args.precision:
+        FORCED_PRECISION.append(args.precision)
     if args.quick:
         QUICK_DATA.append("dataset=mnist5k")
     if args.repo:
@@ -553,7 +575,8 @@ def main() -> None:
     tutorial_median: float | None = None
     lines = [f"# Benchmark results\n\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              f"  \nCommand: `python benchmarks/run.py{' --quick' if args.quick else ''}"
-             f"{''.join(' --only ' + s for s in args.only or [])}{f' --repo {args.repo}' if args.repo else ''}`\n"]
+             f"{''.join(' --only ' + s for s in args.only or [])}{f' --repo {args.repo}' if args.repo else ''}"
+             f"{f' --precision {args.precision} --rounds {args.rounds}' if args.precision else ''}`\n"]
 
     def show(new: list[str]) -> None:
         lines.extend(new)
@@ -586,7 +609,9 @@ def main() -> None:
             table = ["## Accuracy: bf16 autocast against fp32\n",
                      "| recipe | precision | test acc | best val acc | training s |", "|---|---|---:|---:|---:|"]
             table += [f"| {r} | {p} | {a:.4f} | {v:.4f} | {s:.1f} |" for r, p, a, s, v in acc]
-            if fast_settings()[0] != "bf16":
+            if FORCED_PRECISION:
+                table += ["", "`--precision 32`: every run in fp32, as on a CPU without native bf16."]
+            elif not native_bf16():
                 table += ["", "This CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated and several "
                               "times slower, and `precision=auto` trains fp32. The default recipe still shows "
                               "both; fashion_fast runs fp32 only."]
