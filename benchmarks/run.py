@@ -312,7 +312,7 @@ STARTUP = [
     ("dynamo", '`python -c "import torch, torch._dynamo"`', ["-c", "import torch, torch._dynamo"], ""),
     ("smoke", "`cnntrain fit experiment=smoke`", SMOKE, "<= 2.0x, <= 150 MB beyond torch"),
     ("smoke_end", "... `trainer.figures=end` (drawn before it returns)", [*SMOKE, "trainer.figures=end"], ""),
-    ("smoke_off", "... `trainer.figures=off` (none drawn)", [*SMOKE, "trainer.figures=off"], ""),
+    ("smoke_off", "... `trainer.figures=off` (none drawn)", [*SMOKE, "trainer.figures=off", "name=smoke_off"], ""),
     ("predict", "`cnntrain predict` one image", None, ""),
     ("help", "`cnntrain --help`", ["-m", "cnntrain", "--help"], "<= 0.5 s"),
     ("fit_help", "`cnntrain fit --help`", ["-m", "cnntrain", "fit", "--help"], "<= 0.5 s"),
@@ -326,7 +326,9 @@ def _figures_done(work: Path, timeout: float = 300) -> float:
     """Wait until no run under work has figures pending (the background drawer of trainer.figures=background
     would otherwise load the machine during the next command); seconds waited."""
     t = time.perf_counter()
-    while any(work.rglob("figures/.pending.npz")) and time.perf_counter() - t < timeout:
+    # trainer.figures=off leaves its figures pending for `cnntrain report RUN figures=true`: nobody draws those.
+    while (any(p for p in work.rglob("figures/.pending.npz") if "smoke_off" not in p.parts)
+           and time.perf_counter() - t < timeout):
         time.sleep(0.05)
     return time.perf_counter() - t
 
@@ -351,7 +353,8 @@ def section_startup(work: Path, quick: bool) -> dict:
         for key, _, argv, _ in STARTUP:
             if key == "predict":
                 ckpt = next(iter(work.rglob("best.pt")))
-                argv = ["-m", "cnntrain", "predict", f"ckpt={ckpt}", f"inputs={image}", f"out={work / 'predict'}"]
+                argv = ["-m", "cnntrain", "predict", f"ckpt={ckpt}", f"inputs={image}", f"out={work / 'predict'}",
+                        "overwrite=true"]  # each round replaces the last round's prediction
             elif key == "init":
                 argv = ["-m", "cnntrain", "init", str(work / f"init{r}")]
             _, wall, peak = run([PY, *argv], cwd=work)
@@ -436,7 +439,8 @@ def limit_lines(r: dict) -> list[str]:
              f"Matrix multiply (torch.mm, {rates['threads']} threads): **{rates['fp32']:,.0f} GFLOP/s fp32** "
              f"({rates['size']}x{rates['size']}), **{rates['bf16']:,.1f} GFLOP/s bf16** "
              f"({rates['bf16_size']}x{rates['bf16_size']}{'' if rates['bf16_size'] == rates['size'] else ': no native bf16, emulated'}). "
-             f"`precision=auto` trains in {precision} here, so the limit is {limit:,.0f} GFLOP/s. FLOPs per trained "
+             f"{'`--precision 32` trains' if FORCED_PRECISION else '`precision=auto` trains'} in {precision} here, "
+             f"so the limit is {limit:,.0f} GFLOP/s. FLOPs per trained "
              "image: forward + backward of a batch, counted by torch.utils.flop_counter (convolutions and matrix "
              "multiplies; the rest is not counted).\n",
              "| model, experiment=fashion_fast | MFLOP per image | limit images/s | cnntrain images/s | % of limit |",

@@ -17,7 +17,24 @@ REPO = Path(__file__).resolve().parent.parent
 # The longest files first. `make test` gives each file to one worker (pytest-xdist, --dist loadscope), so a
 # long file that happened to start last would run alone for minutes after the others finished.
 LONGEST_FIRST = ("test_bad_input.py", "test_benchmarks.py", "test_gpu_check.py", "test_plugins.py",
-                 "test_fashion_accuracy.py", "test_sweeps.py", "test_resume.py", "test_signals.py")
+                 "test_first_use.py", "test_optuna.py", "test_tuning.py", "test_imbalance.py",
+                 "test_fashion_accuracy.py", "test_sweeps.py", "test_resume.py", "test_signals.py", "test_folds.py",
+                 "test_timm.py", "test_startup.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's own cache folder ($XDG_CACHE_HOME, inherited by xdist's workers and every CLI subprocess):
+    cnntrain's layout/chunk probe keeps its verdicts there, so a test neither reads a verdict that the user's
+    own runs left nor leaves one behind in ~/.cache."""
+    if os.environ.get("CNNTRAIN_TEST_CACHE"):
+        return  # an xdist worker: the controller made it
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="cnntrain-test-cache-")
+    os.environ["CNNTRAIN_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
