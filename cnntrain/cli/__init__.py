@@ -18,7 +18,7 @@ COMMANDS = {
     "evaluate": "score a checkpoint on a dataset split: per-class metrics, confusion matrix, figures",
     "predict": "classify image files (file, folder or glob) with a checkpoint; top-k table and CSV",
     "explain": "Grad-CAM heat maps: which pixels drove each prediction",
-    "export": "write the model as TorchScript, ONNX or a state_dict, checked against the eager model",
+    "export": "write the model as a torch.export .pt2 (default), ONNX, TorchScript or a state_dict, checked",
     "list": "the options of every config group (yours and installed plug-ins' too), with descriptions",
     "report": "one table of a sweep's jobs (overrides, best metric, test, time, status, errors), plus a CSV",
     "lr-find": "learning-rate range test: loss against an exponentially growing lr, plot and suggested lr",
@@ -47,6 +47,7 @@ examples:
   cnntrain fit --multirun optimizer.lr=1e-3,3e-3    # a sweep, one run directory per job
   cnntrain fit --cfg job                            # print the composed config and exit
   cnntrain fit --help                               # config groups, their options and Hydra flags
+  cnntrain fit --help trainer                       # a group's keys: type, default, what each means
   cnntrain fit resume=runs/default/<run>            # continue an interrupted run
   cnntrain evaluate ckpt=runs/default/<run>         # test metrics, confusion matrix, figures
   cnntrain predict ckpt=runs/default/<run> inputs=photos/
