@@ -18,6 +18,7 @@ from cnntrain.config import DatasetConfig
 from cnntrain.data.decode import oneline
 from cnntrain.data.images import ImageData, carve_val, finish, three_way, warn_ignored
 from cnntrain.errors import UserError
+from cnntrain.io.files import user_cache_dir
 from cnntrain.registry import DATASETS
 
 DATA_DIR = Path(__file__).parent
@@ -30,9 +31,7 @@ KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
 def cache_dir(name: str) -> Path:
     """Default home of a downloadable dataset: $CNNTRAIN_DATA/<name>, else ~/.cache/cnntrain/<name>."""
     base = os.environ.get("CNNTRAIN_DATA")
-    if not base:
-        base = str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "cnntrain")
-    return Path(base).expanduser() / name
+    return (Path(base).expanduser() if base else user_cache_dir()) / name
 
 def tv_datasets() -> Any:
     """torchvision.datasets, imported only when needed (the import takes seconds)."""

@@ -7,11 +7,9 @@ training seeds are compared on the same validation and test images.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -223,10 +221,3 @@ def warn_ignored(cfg: DatasetConfig, keys: Sequence[str]) -> None:
         if value != getattr(defaults, key):
             warnings.warn(f"dataset.{key}={value} has no effect on dataset '{cfg.name}'; ignored", stacklevel=3)
 
-
-def cache_dir(name: str) -> Path:
-    """Default home of a downloadable dataset: $CNNTRAIN_DATA/<name>, else ~/.cache/cnntrain/<name>."""
-    base = os.environ.get("CNNTRAIN_DATA")
-    if not base:
-        base = str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "cnntrain")
-    return Path(base).expanduser() / name

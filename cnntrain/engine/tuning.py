@@ -22,7 +22,6 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 
 from cnntrain.engine.device import Precision, describe, resolve_channels_last
 from cnntrain.engine.step import TrainStep
+from cnntrain.io.files import user_cache_dir
 
 # Everything the probe's steps may take on a first run, warm-up steps included: with the copies of the model,
 # a first run starts at most about 2 s later.
@@ -59,14 +59,9 @@ class Tuning:
         return {"channels_last": self.channels_last, "micro_batch": self.micro_batch, "how": self.how}
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cnntrain"
-
-
 def read_cache() -> dict[str, Any]:
     try:
-        data = json.loads((cache_dir() / CACHE_FILE).read_text())
+        data = json.loads((user_cache_dir() / CACHE_FILE).read_text())
     except (OSError, ValueError):
         return {}  # none yet, unreadable or damaged: measure again
     return data if isinstance(data, dict) else {}
@@ -74,7 +69,7 @@ def read_cache() -> dict[str, Any]:
 
 def write_cache(entries: dict[str, Any]) -> None:
     """Merge entries into the cache; a cache that cannot be written costs a probe next time, nothing more."""
-    folder = cache_dir()
+    folder = user_cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         data = {**read_cache(), **entries}

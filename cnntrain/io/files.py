@@ -152,3 +152,9 @@ def given_output_dir(path: Path, overwrite: bool) -> Path:
         else:
             entry.unlink()
     return path
+
+
+def user_cache_dir() -> Path:
+    """cnntrain's folder in the user's cache ($XDG_CACHE_HOME/cnntrain, else ~/.cache/cnntrain): downloaded
+    datasets (unless $CNNTRAIN_DATA) and the layout/chunk probe's verdicts."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cnntrain"
