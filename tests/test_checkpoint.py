@@ -143,3 +143,17 @@ def test_a_torchscript_file_is_refused_for_what_it_is(tmp_path):
         torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(path))
     with pytest.raises(UserError, match="is a TorchScript program .* model.state_dict.pt or model.safetensors"):
         load_checkpoint(path)
+
+
+def test_the_run_of_a_run_folder_its_checkpoints_folder_or_a_checkpoint(tmp_path):
+    from cnntrain.io.files import RunDir
+
+    run = RunDir(tmp_path / "runs" / "default" / "2024-01-01" / "12-00-00")
+    run.checkpoints.mkdir(parents=True)
+    save_checkpoint(run.last, _state(1.0))
+    assert run.last == run.path / "checkpoints" / "last.pt" and run.best.name == "best.pt"
+    for given in (run.path, run.checkpoints, run.last, run.best):  # best.pt need not exist yet
+        assert RunDir.of(given) == run
+    elsewhere = tmp_path / "weights" / "model.pt"
+    assert RunDir.of(elsewhere).path == elsewhere.parent  # a checkpoint outside a run: its own folder
+    assert [r.path for r in RunDir.with_last(run.path.parent)] == [run.path]

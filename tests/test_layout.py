@@ -114,3 +114,20 @@ def test_every_place_contributing_names_exists():
         else:
             missing.append(name)
     assert not missing, f"CONTRIBUTING.md names what does not exist: {missing}"
+
+
+def test_the_run_directory_layout_is_spelt_out_in_one_module():
+    """`checkpoints/` and its file names are `io.files.RunDir`'s: every other module asks it for a path, so the
+    layout of a run directory changes in one place."""
+    names = {"checkpoints", "last.pt", "last.prev.pt", "best.pt"}
+    home = PACKAGE / "io" / "files.py"
+    # engine/loop.py is being rewritten on another branch; its one path goes through RunDir at that merge.
+    pending = {PACKAGE / "engine" / "loop.py"}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path in (home, *pending):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert found == []

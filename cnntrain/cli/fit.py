@@ -26,6 +26,7 @@ from cnntrain.config.compose import (
     take_config_dir_flags,
 )
 from cnntrain.errors import UserError, user_path_error
+from cnntrain.io.files import RunDir
 from cnntrain.sweep.pruning import PRUNED, Pruned
 
 
@@ -107,7 +108,7 @@ def run_fit(args: list[str]) -> None:
 def _interrupted(job: _JobState) -> UserError:
     """Ctrl-C that reached here, before the loop's own handler (or a second one): say what is left of the run."""
     run_dir = job.run_dir
-    if run_dir is not None and (run_dir / "checkpoints" / "last.pt").is_file():
+    if run_dir is not None and RunDir(run_dir).last.is_file():
         error = UserError(f"interrupted; the last checkpoint of the run is kept: cnntrain fit resume={run_dir}")
     elif run_dir is not None and run_dir.is_dir():
         error = UserError(f"interrupted before the run's first checkpoint: there is nothing to resume (its log and "
@@ -226,9 +227,9 @@ class _JobState:
         run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
         if run_dir is None or not any(a.startswith("resume=") for a in args):
             return
-        hydra_dir = Path(run_dir) / ".hydra"
-        self._saved = {f: f.read_bytes() for f in hydra_dir.glob("*.yaml")}
-        last = Path(run_dir) / "checkpoints" / "last.pt"
+        run = RunDir(Path(run_dir))
+        self._saved = {f: f.read_bytes() for f in run.hydra.glob("*.yaml")}
+        last = run.last
         self._last = (last, _stat_key(last))
 
     def restore_resumed_run(self) -> None:

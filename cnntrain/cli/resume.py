@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cnntrain.config.compose import compose_fit
 from cnntrain.errors import UserError
+from cnntrain.io.files import RunDir
 from cnntrain.sweep import jobs as sweep
 
 
@@ -19,8 +20,8 @@ def expand_resume(args: list[str]) -> list[str]:
     from cnntrain.engine.checkpoint import find_checkpoint
 
     path = find_checkpoint(resume)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    saved = run_dir / ".hydra" / "overrides.yaml"
+    run = RunDir.of(path)
+    run_dir, saved = run.path, run.overrides
     if not saved.is_file():
         raise UserError(f"{run_dir} is not a cnntrain run directory (no .hydra/overrides.yaml); "
                         "resume takes a run directory or its checkpoints/last.pt")
@@ -40,9 +41,9 @@ def expand_resume(args: list[str]) -> list[str]:
 
 def _check_same_run(run_dir: Path, path: Path, overrides: list[str]) -> None:
     """Refuse a resume whose overrides change what the run is (its dataset, model, recipe), before Hydra
-    touches the run directory; `engine.state.restore` checks the same against the checkpoint, and the data
+    touches the run directory; `engine.checkpoint.restore` checks the same against the checkpoint, and the data
     against their recorded fingerprint."""
-    recorded = run_dir / ".hydra" / "config.yaml"
+    recorded = RunDir(run_dir).config
     if not recorded.is_file():
         return  # nothing to compare here; restore compares with the checkpoint's config
     from omegaconf import OmegaConf

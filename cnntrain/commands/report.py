@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cnntrain.errors import UserError, os_reason, path_error
-from cnntrain.io.files import read_json
+from cnntrain.io.files import RunDir, read_json
 from cnntrain.sweep.jobs import job_overrides, rerun_command
 
 HELP = """\
@@ -81,7 +81,7 @@ def _seconds(run_dir: Path, summary: dict[str, Any]) -> float | None:
     if isinstance(summary.get("train_seconds"), (int, float)):
         return float(summary["train_seconds"])
     try:  # unfinished: the epochs so far
-        with open(run_dir / "metrics.csv", newline="") as f:
+        with open(RunDir(run_dir).metrics, newline="") as f:
             return sum(float(r["epoch_s"]) for r in csv.DictReader(f) if r.get("epoch_s")) or None
     except (OSError, ValueError, KeyError):
         return None
@@ -91,7 +91,7 @@ def _monitor(run_dir: Path, summary: dict[str, Any]) -> str | None:
     keys = [k for k in summary if k.startswith("best_val_")]
     if keys:
         return "val/" + keys[0].removeprefix("best_val_")
-    cfg = run_dir / ".hydra" / "config.yaml"
+    cfg = RunDir(run_dir).config
     if cfg.is_file():
         from omegaconf import OmegaConf
 
@@ -100,15 +100,15 @@ def _monitor(run_dir: Path, summary: dict[str, Any]) -> str | None:
 
 
 def read_job(job_dir: Path) -> Job:
-    summary = read_json(job_dir / "summary.json") or {}
+    summary = read_json(RunDir(job_dir).summary) or {}
     run_dir = job_dir
     if summary.get("status") == "moved" and summary.get("run_dir"):
         run_dir = Path(summary["run_dir"])
-        summary = read_json(run_dir / "summary.json") or {}
+        summary = read_json(RunDir(run_dir).summary) or {}
     overrides = job_overrides(job_dir) or job_overrides(run_dir) or []
     # The Optuna sweeper's record of the trial a job is: the job number says it, the table need not.
     overrides = [o for o in overrides if o.split("=", 1)[0] not in ("sweep.storage", "sweep.study", "sweep.trial")]
-    status = str(summary.get("status") or ("pending" if not (run_dir / "checkpoints").exists() else "running"))
+    status = str(summary.get("status") or ("pending" if not RunDir(run_dir).checkpoints.exists() else "running"))
     monitor = _monitor(run_dir, summary)
     key = f"best_{monitor.replace('/', '_')}" if monitor else ""
     job = Job(job_dir.name, job_dir, run_dir, status, overrides, monitor, summary.get(key),
@@ -116,7 +116,7 @@ def read_job(job_dir: Path) -> Job:
               summary.get("test_loss"), _seconds(run_dir, summary), summary.get("test_balanced_acc"),
               summary.get("test_macro_f1"), str(summary.get("error") or ""))
     if status not in ("completed", "pruned"):  # a pruned trial was stopped on purpose: nothing to continue
-        if (run_dir / "checkpoints" / "last.pt").is_file():
+        if RunDir(run_dir).last.is_file():
             job.next_command = f"cnntrain fit resume={run_dir}"
         elif status == "failed" or status == "pending":
             job.next_command = str(summary.get("command") or rerun_command(overrides))

@@ -7,7 +7,7 @@ splits; the data themselves are checked by their fingerprint when they are loade
 optimizer, schedule, augmentation or batch. Continuing on other data or with another recipe is a new run
 that starts from the weights: `cnntrain fit model.weights=<run>/checkpoints/last.pt ...`.
 
-Pure functions on plain containers: the CLI checks before Hydra runs (no torch), `engine.state.restore`
+Pure functions on plain containers: the CLI checks before Hydra runs (no torch), `engine.checkpoint.restore`
 checks again against the config saved in the checkpoint.
 """
 

@@ -22,14 +22,14 @@ from cnntrain.data import load_dataset
 from cnntrain.data.folds import take_fold
 from cnntrain.data.images import ImageData
 from cnntrain.engine import balance, distributed, tuning
-from cnntrain.engine.checkpoint import find_checkpoint
+from cnntrain.engine.checkpoint import Progress, find_checkpoint, restore
 from cnntrain.engine.device import configure_torch, describe, resolve_device, resolve_precision
 from cnntrain.engine.inputs import Normalise
-from cnntrain.engine.state import Progress, Run, restore
+from cnntrain.engine.state import Run
 from cnntrain.engine.step import TrainStep
 from cnntrain.errors import UserError
 from cnntrain.io.console import make_reporter
-from cnntrain.io.files import LAST
+from cnntrain.io.files import RunDir
 from cnntrain.models import build_model, chosen_label, count_parameters, model_label, set_backbone_trainable
 from cnntrain.optim import build_optimizer, build_scheduler
 
@@ -76,7 +76,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     # Weights and optimizer state keep their values in either layout, so a resume restores before this.
     tuning.apply(choice, step, [model] + ([ema.module] if ema is not None else []))
     progress.tuning = choice.record()
-    last = run_dir / "checkpoints" / LAST
+    last = RunDir(run_dir).last
     keep_last = cfg.resume is None or (last.is_file() and find_checkpoint(cfg.resume).resolve() == last.resolve())
     if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
         set_backbone_trainable(model, True)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnntrain.engine.checkpoint import load_checkpoint
+from cnntrain.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from cnntrain.engine.inputs import Normalise
 from cnntrain.errors import UserError
-from cnntrain.io.files import BEST, LAST, call_dir, given_output_dir, output_dir, slug
+from cnntrain.io.files import RunDir, call_dir, given_output_dir, output_dir, slug
 from cnntrain.io.logs import log_to
 
 CKPT_HELP = ("checkpoint file (best.pt, last.pt, or export's model.pt2, model.state_dict.pt or model.safetensors), "
@@ -79,8 +79,7 @@ class Trained:
     @property
     def run_dir(self) -> Path:
         """The run directory of a checkpoint under runs/.../checkpoints/, else the checkpoint's folder."""
-        parent = self.checkpoint.parent
-        return parent.parent if parent.name == "checkpoints" else parent
+        return RunDir.of(self.checkpoint).path
 
     def out_dir(self, command: str, out: str | None, default: Path | None = None) -> Path:
         """out= (created), or by default <run dir>/<command>; a path that cannot be used is a one-line error."""
@@ -113,21 +112,6 @@ def inputs_label(inputs: str) -> str:
     if any(c in inputs for c in "*?["):
         return slug(inputs)
     return slug(Path(inputs.rstrip("/")).expanduser().stem or inputs)
-
-
-def resolve_checkpoint(spec: str) -> Path:
-    """A checkpoint file, a run directory (-> checkpoints/best.pt, else last.pt) or its checkpoints/ folder."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        for folder in (path / "checkpoints", path):
-            for name in (BEST, LAST):
-                if (folder / name).is_file():
-                    return folder / name
-        raise UserError(f"no checkpoint in {path} (looked for checkpoints/{BEST} and checkpoints/{LAST}); "
-                        "ckpt= takes a run directory of cnntrain fit or a .pt checkpoint")
-    if not path.exists():
-        raise UserError(f"checkpoint or run directory not found: {path}")
-    return path
 
 
 def model_config(config: dict[str, Any], path: Path) -> Any:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from cnntrain.io.figures import draw_pending, figures_pending
+from cnntrain.io.files import RunDir
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> int:
         print(f"{run_dir}: no figures pending (figures/.pending.npz)", file=sys.stderr)
         return 1
     draw_pending(run_dir)
-    errors = run_dir / "figures" / "draw.log"  # a background drawer's stderr: kept only when it says something
+    errors = RunDir(run_dir).figures / "draw.log"  # a background drawer's stderr: kept only when it says something
     if errors.is_file() and errors.stat().st_size == 0:
         errors.unlink(missing_ok=True)
     return 0

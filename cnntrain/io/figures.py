@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cnntrain.io.files import RunDir
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -231,7 +233,7 @@ def _write_pending(run_dir: Path, step: int, name: str, classes: list[str], x: t
     pred, y = test["pred"].cpu(), y.cpu()
     conf = test.get("conf")
     idx = worst_mistakes(y, pred, conf) if conf is not None else y[:0].long()
-    out = run_dir / "figures" / PENDING
+    out = RunDir(run_dir).figures / PENDING
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".pending.{os.getpid()}.tmp.npz")
     np.savez(tmp, step=step, name=name, classes=np.array(classes, dtype=str), images=len(y),
@@ -248,25 +250,26 @@ def _spawn_drawer(run_dir: Path) -> None:
     with this checkout's cnntrain on its path and its messages in the run's log."""
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    with open(run_dir / "figures" / "draw.log", "ab") as err:
+    with open(RunDir(run_dir).figures / "draw.log", "ab") as err:
         subprocess.Popen([sys.executable, "-m", "cnntrain.io.draw", str(run_dir)], stdin=subprocess.DEVNULL,
                          stdout=err, stderr=err, env=env, close_fds=True, start_new_session=True)
 
 
 def figures_pending(run_dir: Path) -> bool:
     """Whether the fit's figures of run_dir are still to be drawn (or being drawn)."""
-    return (run_dir / "figures" / PENDING).is_file()
+    return (RunDir(run_dir).figures / PENDING).is_file()
 
 
 def draw_pending(run_dir: Path) -> None:
     """Draw what figures/.pending.npz describes into figures/*.png and a TensorBoard event file of its own
     beside the run's; then remove it. Needs numpy, matplotlib and tensorboard, never torch."""
-    folder = run_dir / "figures"
+    run = RunDir(run_dir)
+    folder = run.figures
     with np.load(folder / PENDING) as f:
         data = {k: f[k] for k in f.files}
     step, classes, images = int(data["step"]), [str(c) for c in data["classes"]], int(data["images"])
     pngs: dict[str, Path] = {}
-    rows = read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(run.metrics)
     if rows:
         save_png(curves_figure(rows, f"{data['name']}: {run_dir.name}"), folder / "curves.png")
         pngs["curves"] = folder / "curves.png"
@@ -280,7 +283,7 @@ def draw_pending(run_dir: Path) -> None:
                  folder / "mistakes_test.png")
         pngs["mistakes_test"] = folder / "mistakes_test.png"
     if bool(data.get("tensorboard", True)):  # logger.tensorboard: the run keeps event files
-        _png_events(run_dir / "tensorboard", {f"figures/{k}": p for k, p in pngs.items()}, step)
+        _png_events(run.tensorboard, {f"figures/{k}": p for k, p in pngs.items()}, step)
     (folder / PENDING).unlink(missing_ok=True)
 
 

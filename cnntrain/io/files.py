@@ -1,5 +1,7 @@
-"""Files of a run directory: names, atomic JSON records, and removing a run that never started.
+"""Files of a run directory: where each lives (`RunDir`), atomic JSON records, removing a run that never
+started, and the folders the commands write their results into.
 
+`RunDir` is the one place that spells out the layout of a run directory; everything else asks it for a path.
 Kept free of torch so that the CLI and sweep bookkeeping can use it before torch is imported.
 """
 
@@ -9,15 +11,98 @@ import contextlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cnntrain.errors import UserError, os_reason, path_error
 
-# Checkpoint files under <run>/checkpoints/.
+CHECKPOINTS = "checkpoints"  # the run's folder of checkpoints, <run>/checkpoints/
+# Checkpoint files under <run>/checkpoints/ (engine.checkpoint says what each holds).
 LAST = "last.pt"  # trainer state at the last epoch end (or step checkpoint): what resume reads
 PREV = "last.prev.pt"  # the last.pt before it: a damaged last.pt still leaves a resumable checkpoint
 BEST = "best.pt"  # weights of the best epoch by trainer.monitor: what the test and inference use
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory (runs/<name>/<date>/<time>, or a sweep's job folder) and where each of its files lives."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, path: Path | str) -> RunDir:
+        """The run that `path` belongs to: a run directory, its checkpoints/ folder or a file in either.
+        A checkpoint file outside any run belongs to its own folder."""
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        return cls(folder.parent if folder.name == CHECKPOINTS else folder)
+
+    @classmethod
+    def with_last(cls, base: Path) -> list[RunDir]:
+        """The run directories directly under `base` that hold a trainer checkpoint (last.pt)."""
+        return [cls(p.parent.parent) for p in base.glob(f"*/{CHECKPOINTS}/{LAST}")]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def checkpoint(self, name: str) -> Path:
+        """<run>/checkpoints/<name>: LAST, PREV or BEST."""
+        return self.checkpoints / name
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint(LAST)
+
+    @property
+    def previous(self) -> Path:
+        return self.checkpoint(PREV)
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint(BEST)
+
+    @property
+    def summary(self) -> Path:
+        """summary.json: the run's status and results, rewritten as it goes."""
+        return self.path / "summary.json"
+
+    @property
+    def metrics(self) -> Path:
+        """metrics.csv: a row per epoch."""
+        return self.path / "metrics.csv"
+
+    @property
+    def provenance(self) -> Path:
+        """provenance.json: versions, machine, data fingerprint."""
+        return self.path / "provenance.json"
+
+    @property
+    def splits(self) -> Path:
+        """splits.csv: which image went to which split."""
+        return self.path / "splits.csv"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def hydra(self) -> Path:
+        """.hydra/: the config Hydra composed for the run and the overrides it was given."""
+        return self.path / ".hydra"
+
+    @property
+    def overrides(self) -> Path:
+        return self.hydra / "overrides.yaml"
+
+    @property
+    def config(self) -> Path:
+        return self.hydra / "config.yaml"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -51,13 +136,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def status(run_dir: Path) -> str | None:
     """The run's status as its summary.json records it (running, completed, failed, ...)."""
-    return (read_json(run_dir / "summary.json") or {}).get("status")
+    return (read_json(RunDir(run_dir).summary) or {}).get("status")
 
 
 def discard_run_dir(run_dir: Path) -> None:
     """Remove the directory of a run that never trained (no summary.json, no checkpoint): a failed or
     dry start leaves nothing under runs/. A run with results is never touched."""
-    if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+    run = RunDir(run_dir)
+    if run.summary.exists() or run.checkpoints.exists():
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     with contextlib.suppress(OSError):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from cnntrain.io.files import RunDir
 from cnntrain.io.trackers import TensorBoardTracker, Tracker, Trackers
 
 METRIC_COLUMNS = [
@@ -30,7 +31,7 @@ class RunLog:
     def __init__(self, run_dir: Path, resume_epoch: int | None = None, resume_step: int | None = None,
                  trackers: Tracker | None = None):
         self.run_dir = run_dir
-        self.csv_path = run_dir / "metrics.csv"
+        self.csv_path = RunDir(run_dir).metrics
         self.trackers = trackers if trackers is not None else TensorBoardTracker(run_dir, resume_step)
         if resume_epoch is None or not self.csv_path.exists():
             self._rewrite_csv([])

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cnntrain.errors import UserError
+from cnntrain.io.files import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class TensorBoardTracker(Tracker):
     name = "tensorboard"
 
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
-        self.log_dir = run_dir / "tensorboard"
+        self.log_dir = RunDir(run_dir).tensorboard
         self.purge_step = resume_step or None
         self._tb: Any = None
 
@@ -369,15 +370,13 @@ class MlflowTracker(Tracker):
     def close(self, status: str | None = None) -> None:
         self.flush()
         if status == "completed":
-            summary = self.run_dir / "summary.json"
-            if summary.is_file():
-                self.client.log_artifact(self.run_id, str(summary))
-            figures = self.run_dir / "figures"
-            if self.cfg.log_figures and figures.is_dir():
-                self.client.log_artifacts(self.run_id, str(figures), artifact_path="figures")
-            best = self.run_dir / "checkpoints" / "best.pt"
-            if self.cfg.log_checkpoint and best.is_file():
-                self.client.log_artifact(self.run_id, str(best), artifact_path="checkpoints")
+            run = RunDir(self.run_dir)
+            if run.summary.is_file():
+                self.client.log_artifact(self.run_id, str(run.summary))
+            if self.cfg.log_figures and run.figures.is_dir():
+                self.client.log_artifacts(self.run_id, str(run.figures), artifact_path=run.figures.name)
+            if self.cfg.log_checkpoint and run.best.is_file():
+                self.client.log_artifact(self.run_id, str(run.best), artifact_path=run.checkpoints.name)
         self.client.set_terminated(self.run_id, STATUS.get(str(status), "FAILED"))
 
     def viewer(self, run_dir: Path) -> tuple[str, str] | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cnntrain.io.cpus import usable_cores
-from cnntrain.io.files import LAST, read_json, status, write_json
+from cnntrain.io.files import RunDir, read_json, status, write_json
 
 # Keys that do not change what a job computes: ignored when matching a job to an earlier run of it
 # (and left out of the job directory names, see hydra.job.config.override_dirname in configs/fit.yaml).
@@ -77,12 +77,12 @@ def _canonical_value(o: Any, text: str) -> str:
 
 def job_overrides(job_dir: Path) -> list[str] | None:
     """The overrides a job ran with: .hydra/overrides.yaml, or the copy in the record of a failed start."""
-    saved = job_dir / ".hydra" / "overrides.yaml"
+    saved = RunDir(job_dir).overrides
     if saved.is_file():
         from omegaconf import OmegaConf
 
         return [str(o) for o in OmegaConf.load(saved)]
-    summary = read_json(job_dir / "summary.json") or {}
+    summary = read_json(RunDir(job_dir).summary) or {}
     overrides = summary.get("overrides")
     return [str(o) for o in overrides] if isinstance(overrides, list) else None
 
@@ -90,15 +90,16 @@ def job_overrides(job_dir: Path) -> list[str] | None:
 def resumable(run_dir: Path) -> bool:
     """Holds a trainer checkpoint and did not finish."""
     # A trial its study pruned is over too: continuing it would undo the pruner's decision.
-    return (run_dir / "checkpoints" / LAST).is_file() and status(run_dir) not in ("completed", "pruned")
+    return RunDir(run_dir).last.is_file() and status(run_dir) not in ("completed", "pruned")
 
 
 def newest_unfinished_run(base: Path) -> Path | None:
     """`resume=auto` for a single run: the newest resumable run directory directly under base (runs/<name>)."""
     if not base.is_dir():
         return None
-    runs = [p.parent.parent for p in base.glob(f"*/checkpoints/{LAST}") if resumable(p.parent.parent)]
-    return max(runs, key=lambda d: (d / "checkpoints" / LAST).stat().st_mtime, default=None)
+    runs = [run for run in RunDir.with_last(base) if resumable(run.path)]
+    newest = max(runs, key=lambda run: run.last.stat().st_mtime, default=None)
+    return newest.path if newest is not None else None
 
 
 def matching_sweep_dir(sweeps: Path, overrides: Iterable[str]) -> Path | None:
@@ -129,7 +130,7 @@ def prepare_job(cfg: Any, run_dir: Path) -> tuple[Path, str | None, float | None
     if not in_sweep():
         return run_dir, cfg.resume, None
     auto = cfg.resume == "auto"
-    requeued = cfg.resume is None and (run_dir / "checkpoints" / LAST).is_file()
+    requeued = cfg.resume is None and RunDir(run_dir).last.is_file()
     if not (auto or requeued):
         return run_dir, cfg.resume, None
     candidates = [run_dir]
@@ -143,18 +144,19 @@ def prepare_job(cfg: Any, run_dir: Path) -> tuple[Path, str | None, float | None
     key = f"best_{str(cfg.trainer.monitor).replace('/', '_')}"
 
     def age(d: Path) -> float:
-        return (d / "summary.json").stat().st_mtime if (d / "summary.json").exists() else 0.0
+        summary = RunDir(d).summary
+        return summary.stat().st_mtime if summary.exists() else 0.0
 
-    done = [d for d in candidates if status(d) == "completed" and (read_json(d / "summary.json") or {}).get(key) is not None]
+    done = [d for d in candidates if status(d) == "completed" and (read_json(RunDir(d).summary) or {}).get(key) is not None]
     if done:
         best = max(done, key=age)
         _point_to(run_dir, best, "completed earlier: not run again (resume=auto)")
         _log(f"{'resume=auto' if auto else 'requeued job'}: this job completed in {best}; "
              f"returning its recorded {cfg.trainer.monitor}")
-        return best, None, float(read_json(best / "summary.json")[key])  # type: ignore[index]
+        return best, None, float(read_json(RunDir(best).summary)[key])  # type: ignore[index]
     unfinished = [d for d in candidates if resumable(d)]
     if unfinished:
-        target = max(unfinished, key=lambda d: (d / "checkpoints" / LAST).stat().st_mtime)
+        target = max(unfinished, key=lambda d: RunDir(d).last.stat().st_mtime)
         _point_to(run_dir, target, "continued in its earlier directory (resume=auto)")
         _log(f"{'resume=auto' if auto else 'requeued job'}: continuing {target}")
         return target, str(target), None
@@ -165,7 +167,7 @@ def _point_to(run_dir: Path, target: Path, why: str) -> None:
     """A job directory whose work lives elsewhere says so (cnntrain report follows the pointer)."""
     if target.resolve() != run_dir.resolve():
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "summary.json", {"status": "moved", "run_dir": str(target), "reason": why})
+        write_json(RunDir(run_dir).summary, {"status": "moved", "run_dir": str(target), "reason": why})
 
 
 def _log(message: str) -> None:
@@ -251,7 +253,7 @@ def new_run_command(overrides: Iterable[str], *more: str) -> str:
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """Leave a failed job's error where `cnntrain report` and people look: its summary.json."""
-    path = run_dir / "summary.json"
+    path = RunDir(run_dir).summary
     summary = read_json(path)
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         # Our own stop handler already wrote `interrupted`; a hard exit (second Ctrl-C, a
