@@ -66,9 +66,10 @@ test: need-python  ## the whole suite, slow tests included (this is what CI runs
 test-fast: need-python  ## skip the slow tests
 	$(PYTHON) -m pytest -q -m "not slow" -n auto --dist loadscope
 
-lint: need-python  ## ruff, and the layering contracts (import-linter: see [tool.importlinter] in pyproject.toml)
+lint: need-python  ## ruff, the layering contracts (import-linter) and the type checker (mypy): see pyproject.toml
 	$(PYTHON) -m ruff check cnntrain tests benchmarks scripts
 	$(BIN)/lint-imports
+	$(PYTHON) -m mypy
 
 format: need-python  ## ruff format
 	$(PYTHON) -m ruff format cnntrain tests benchmarks scripts
@@ -86,4 +87,4 @@ wheel: need-python  ## build the wheel into dist/
 	$(PYTHON) -m pip wheel --no-deps -w dist .
 
 clean:  ## build outputs and caches (not .venv, not runs/)
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

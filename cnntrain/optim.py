@@ -6,7 +6,7 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from cnntrain.errors import UserError
 from cnntrain.registry import OPTIMIZERS, SCHEDULERS
 
 
-def param_groups(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig) -> list[dict]:
+def param_groups(model: nn.Module, opt: OptimizerConfig, model_cfg: ModelConfig) -> list[dict[str, Any]]:
     """Split parameters by (backbone|head) x (decay|no decay).
 
     Biases and norm-layer weights (1-D tensors) get no weight decay unless asked: decaying them
@@ -53,8 +53,11 @@ def _dynamo_wrapper(fn: Any) -> str | None:
     return key[1] if key in _DYNAMO_WRAPPERS else None
 
 
+_O = TypeVar("_O", bound=torch.optim.Optimizer)
+
+
 @functools.cache
-def eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+def eager(cls: type[_O]) -> type[_O]:
     """A subclass of a torch optimizer whose methods skip the wrappers that import torch._dynamo; same math,
     same state_dict. A torch whose wrappers look different gets them back unchanged (correct, only slower to
     start; tests/test_startup.py says so)."""
@@ -62,7 +65,7 @@ def eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     for name in ("__init__", "add_param_group", "zero_grad", "step", "state_dict", "load_state_dict"):
         fn = getattr(cls, name, None)
         wrapper = _dynamo_wrapper(fn)
-        if wrapper is None:
+        if wrapper is None or fn is None:
             continue
         raw = fn.__wrapped__
         if wrapper == "_use_grad":  # what it does besides the import: the step runs without autograd
@@ -78,17 +81,17 @@ def eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
 
 
 @OPTIMIZERS.register("adam")
-def adam(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
+def adam(groups: list[dict[str, Any]], opt: OptimizerConfig) -> torch.optim.Optimizer:
     return eager(torch.optim.Adam)(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
+def adamw(groups: list[dict[str, Any]], opt: OptimizerConfig) -> torch.optim.Optimizer:
     return eager(torch.optim.AdamW)(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Optimizer:
+def sgd(groups: list[dict[str, Any]], opt: OptimizerConfig) -> torch.optim.Optimizer:
     return eager(torch.optim.SGD)(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
 
 

@@ -39,7 +39,10 @@ def wants_help(args: list[str]) -> bool:
 
 
 def _hints(schema: type) -> dict[str, Any]:
-    return typing.get_type_hints(schema)
+    from cnntrain.config import declared
+
+    keys = declared(schema)
+    return {k: v for k, v in typing.get_type_hints(schema).items() if k in keys}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -67,7 +70,9 @@ def _is_str_field(tp: Any) -> bool:
 
 
 def _keys(schema: type, prefix: str = "") -> list[str]:
-    return [f"{prefix}{f.name}" for f in dataclasses.fields(schema)]
+    from cnntrain.config import declared
+
+    return [f"{prefix}{name}" for name in declared(schema)]
 
 
 def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, Any] | None = None) -> T:
@@ -75,7 +80,7 @@ def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, A
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    from cnntrain.config import OPEN_GROUPS
+    from cnntrain.config import OPEN_GROUPS, open_part
 
     cfg = OmegaConf.structured(schema)
     open_nodes = [f.name for f in dataclasses.fields(schema) if f.name in OPEN_GROUPS]
@@ -104,7 +109,10 @@ def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, A
                 OmegaConf.update(cfg, key, value, merge=True)
             else:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
-        return typing.cast(T, OmegaConf.to_object(cfg))
+        parsed = OmegaConf.to_object(cfg)
+        for name in open_nodes:  # a custom dataset's own keys go to its `own`, as in fit
+            setattr(parsed, name, open_part(cfg[name], type(getattr(parsed, name))))
+        return typing.cast(T, parsed)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", "") or "?"
         raise UserError(f"cnntrain {command} needs {key}=...; see `cnntrain {command} --help`") from None

@@ -189,7 +189,7 @@ def suggest(lrs: list[float], curve: list[float]) -> tuple[float | None, float]:
 def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = None) -> Result:
     """The range test itself; writes out/lr_find.{csv,png,json} and prints the suggestion."""
 
-    from cnntrain.config import validate
+    from cnntrain.config import typed, validate
     from cnntrain.engine.build import build_run, start_rows
     from cnntrain.engine.inputs import epoch_order
     from cnntrain.io.logs import log_to
@@ -261,7 +261,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     log_to(out / "lr_find.log")  # what was logged so far (the table, the steps, warnings), and what follows
     _write_csv(out / "lr_find.csv", result)
     _write_json(out / "lr_find.json", result, how, cfg, overrides or [])
-    _plot(out / "lr_find.png", result, how, model_label(cfg.model),
+    _plot(out / "lr_find.png", result, how, model_label(typed(cfg).model),
           built.data.name, cfg.optimizer.name, bs)
     keep = [o for o in (overrides or []) if not o.startswith(("optimizer.lr=", "trainer.progress="))]
     command = " ".join(["cnntrain fit", *keep, f"optimizer.lr={chosen:.2g}"])

@@ -3,18 +3,40 @@
 Hydra composes the YAML files under ``configs/`` on top of :class:`FitConfig`, so a
 key that is not declared here, or a value of the wrong type, is rejected while the
 config is composed (before anything is built). Ranges and choices that a type cannot
-express are checked by :func:`validate`.
+express are checked by :func:`validate`. :func:`typed` then turns the composed config into
+these dataclasses, once, and each builder takes its own part of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cnntrain.errors import UserError, did_you_mean
 
+_T = TypeVar("_T")
 
-@dataclass
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from typing_extensions import dataclass_transform
+
+    # The type checker sees every schema class as frozen: below the CLI nothing writes to the config
+    # (a changed copy is dataclasses.replace).
+    @dataclass_transform(frozen_default=True, field_specifiers=(field,))
+    def config_schema(cls: type[_T]) -> type[_T]: ...
+else:
+    # At run time they stay plain dataclasses: OmegaConf makes a read-only node of a frozen one, into which
+    # Hydra could merge neither the YAML files nor the command line's overrides.
+    config_schema = dataclass
+
+# OmegaConf leaves a field with this metadata out of the config it makes from the schema: `own` below is
+# no config key (not in Hydra's config, --help or a checkpoint's config), only where `typed` puts the
+# keys of the user's own.
+_NOT_A_KEY = {"omegaconf_ignore": True}
+
+
+@config_schema
 class DatasetConfig:
     # Registry key in cnntrain.registry.DATASETS, or the name of an installed plug-in.
     name: str = "mnist5k"
@@ -57,9 +79,12 @@ class DatasetConfig:
     sampler: str = "shuffle"
     # Whether mirroring an image changes its class (digits, text): test-time augmentation then refuses flips.
     flips_change_label: bool = False
+    # dataset=custom and plug-ins: the keys of `dataset` this schema does not declare, the callable's keyword
+    # arguments (not a config key: see _NOT_A_KEY).
+    own: dict[str, Any] = field(default_factory=dict, metadata=_NOT_A_KEY)
 
 
-@dataclass
+@config_schema
 class ModelConfig:
     # Registry key in cnntrain.registry.MODELS, or the name of an installed plug-in.
     name: str = "simple_cnn"
@@ -84,9 +109,12 @@ class ModelConfig:
     unfreeze_epoch: int | None = None
     # Learning rate of the backbone relative to optimizer.lr (fine-tuning).
     backbone_lr_scale: float = 1.0
+    # model=custom and plug-ins: the keys of `model` this schema does not declare, the callable's keyword
+    # arguments (not a config key: see _NOT_A_KEY).
+    own: dict[str, Any] = field(default_factory=dict, metadata=_NOT_A_KEY)
 
 
-@dataclass
+@config_schema
 class AugmentConfig:
     # Name of the preset, for the record; the fields below say what is done.
     name: str = "none"
@@ -114,7 +142,7 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0
 
 
-@dataclass
+@config_schema
 class OptimizerConfig:
     # adam | adamw | sgd
     name: str = "adam"
@@ -134,7 +162,7 @@ class OptimizerConfig:
     nesterov: bool = False
 
 
-@dataclass
+@config_schema
 class SchedulerConfig:
     # none | cosine | onecycle | step
     name: str = "none"
@@ -152,7 +180,7 @@ class SchedulerConfig:
     gamma: float = 0.1
 
 
-@dataclass
+@config_schema
 class TrainerConfig:
     # Passes over the training images.
     epochs: int = 5
@@ -216,7 +244,7 @@ class TrainerConfig:
     fold: int | None = None
 
 
-@dataclass
+@config_schema
 class SweepConfig:
     # Stop an Optuna trial whose validation metric (trainer.monitor) falls behind at an epoch:
     # none | median | hyperband. Needs the Optuna sweeper (--multirun hydra/sweeper=optuna).
@@ -233,7 +261,7 @@ class SweepConfig:
     trial: int | None = None
 
 
-@dataclass
+@config_schema
 class LoggerConfig:
     """The backends that record the run besides metrics.csv, turned on by the logger group's options:
     logger=tensorboard (the default), logger=mlflow, or both: logger=[tensorboard,mlflow]."""
@@ -252,7 +280,7 @@ class LoggerConfig:
     log_checkpoint: bool = True
 
 
-@dataclass
+@config_schema
 class FitConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -304,18 +332,58 @@ def takes_own_keys(group: str, name: str) -> bool:
     return registry is not None and (name == "custom" or name in registry.plugins())
 
 
-def own_keys(node: Any, schema: type) -> dict[str, Any]:
-    """The keys of a model/dataset node (a DictConfig or the dataclass made from it) that `schema` does
-    not declare: the user's keyword arguments for a `_target_` or plug-in, as plain values."""
-    import dataclasses
+def declared(schema: type) -> list[str]:
+    """The config keys of a schema class: its fields, less `own` (which holds the undeclared ones)."""
+    return [f.name for f in dataclasses.fields(schema) if not f.metadata.get("omegaconf_ignore")]
 
+
+def own_keys(node: Any, schema: type) -> dict[str, Any]:
+    """The keys of a model/dataset node that `schema` does not declare: the user's keyword arguments for a
+    `_target_` or plug-in, as plain values. The node is a DictConfig, or the dataclass made from one: its
+    `own` (see `typed`), or the attributes that a plain OmegaConf.to_object sets for such keys."""
     from omegaconf import DictConfig, OmegaConf
 
-    known = {f.name for f in dataclasses.fields(schema)}
+    known = declared(schema)
     if isinstance(node, DictConfig):
         return {str(k): OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                 for k, v in node.items() if k not in known}
-    return {k: v for k, v in vars(node).items() if k not in known}
+    attributes = {k: v for k, v in vars(node).items() if k not in known and k != "own"}
+    return {**getattr(node, "own", {}), **attributes}
+
+
+_Open = TypeVar("_Open", ModelConfig, DatasetConfig)
+
+
+def open_part(node: Any, schema: type[_Open]) -> _Open:
+    """A model or dataset node (a DictConfig or a dict) as its schema class, with the keys the schema does
+    not declare in `own`."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    assert isinstance(values, dict)
+    known = declared(schema)
+    part = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
+                                               {k: v for k, v in values.items() if k in known}))
+    assert isinstance(part, schema)
+    return dataclasses.replace(part, own={str(k): v for k, v in values.items() if k not in known})
+
+
+def typed(cfg: DictConfig) -> FitConfig:
+    """The composed, validated config as FitConfig's dataclasses, made once where a run is built: each
+    builder then takes its own part (FitConfig.model, .optimizer, ...). A custom or plug-in model's or
+    dataset's own keys go to its `own`."""
+    from omegaconf import OmegaConf
+
+    parts: dict[str, Any] = {}
+    for f in dataclasses.fields(FitConfig):
+        node = cfg[f.name]
+        if f.name == "model":
+            parts[f.name] = open_part(node, ModelConfig)
+        elif f.name == "dataset":
+            parts[f.name] = open_part(node, DatasetConfig)
+        else:
+            parts[f.name] = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+    return FitConfig(**parts)
 
 
 def check_known_keys(cfg: Any, prefix: str = "") -> None:
@@ -325,8 +393,6 @@ def check_known_keys(cfg: Any, prefix: str = "") -> None:
     composed in and silently ignored. `model` and `dataset` take keys of their own only for
     a `_target_` (name custom) or an installed plug-in, whose arguments they are.
     """
-    import dataclasses
-
     from omegaconf import DictConfig, OmegaConf
 
     if not isinstance(cfg, DictConfig):
@@ -337,11 +403,11 @@ def check_known_keys(cfg: Any, prefix: str = "") -> None:
     group = prefix.rstrip(".")
     if group in OPEN_GROUPS and takes_own_keys(group, str(cfg.get("name"))):
         return
-    known = [f.name for f in dataclasses.fields(schema)]
-    for key in cfg:
+    known = declared(schema)
+    for key in map(str, cfg):
         if key not in known:
             where = f" in '{prefix.rstrip('.')}'" if prefix else ""
-            raise UserError(f"unknown key '{prefix}{key}'{where}{did_you_mean(str(key), known)}; "
+            raise UserError(f"unknown key '{prefix}{key}'{where}{did_you_mean(key, known)}; "
                             f"known keys: {', '.join(known)}")
     for key in known:
         check_known_keys(cfg._get_node(key), f"{prefix}{key}.")

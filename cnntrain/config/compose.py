@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cnntrain.config import FitConfig
+from cnntrain.config import FitConfig, declared
 from cnntrain.errors import UserError, did_you_mean
 
 # One tag per process: keeps two runs started in the same second in different directories.
@@ -126,6 +126,8 @@ def notice_clashes() -> None:
         return
     _noticed = True
     folder = user_config_dir()
+    if folder is None:  # nothing of the user's to replace a built-in
+        return
     for group, option in clashes():
         what = "the primary config fit.yaml" if not group else f"the built-in {group} option '{option}'"
         path = folder / group / f"{option}.yaml" if group else folder / "fit.yaml"
@@ -256,7 +258,8 @@ def fit_help(args: list[str]) -> str | None:
         options.setdefault(group, set()).update(registry.plugins())
     groups = "".join(f"{g}: {', '.join(sorted(o))}\n" for g, o in sorted(options.items()))
     help_cfg = OmegaConf.create({"hydra": {"help": OmegaConf.load(config_dir() / "hydra" / "help" / "cnntrain.yaml")}})
-    template = OmegaConf.to_container(help_cfg, resolve=True)["hydra"]["help"]["template"]
+    resolved: Any = OmegaConf.to_container(help_cfg, resolve=True)
+    template = resolved["hydra"]["help"]["template"]
     return string.Template(template).safe_substitute(APP_CONFIG_GROUPS=groups)
 
 
@@ -361,7 +364,7 @@ def _schema_keys(group: str) -> list[str]:
         if part not in fields:
             return []
         node = fields[part].default_factory  # type: ignore[assignment]
-    return [f.name for f in dataclasses.fields(node)]
+    return declared(node)
 
 
 def all_keys() -> list[str]:
@@ -372,7 +375,7 @@ def all_keys() -> list[str]:
     for f in dataclasses.fields(FitConfig):
         keys.append(f.name)
         if f.default_factory is not dataclasses.MISSING:  # a group: its fields
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory)]  # type: ignore[arg-type]
+            keys += [f"{f.name}.{g}" for g in declared(f.default_factory)]  # type: ignore[arg-type]
     return keys
 
 

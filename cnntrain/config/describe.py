@@ -71,7 +71,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _default(f: dataclasses.Field) -> str:
+def _default(f: dataclasses.Field[Any]) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
@@ -87,10 +87,14 @@ def _default(f: dataclasses.Field) -> str:
 
 def keys(schema: type, prefix: str = "") -> list[Key]:
     """Every leaf key under `schema`, in the schema's order, with its type, default and description."""
+    from cnntrain.config import declared
+
     hints = typing.get_type_hints(schema)
     comments = _comments(schema)
     out: list[Key] = []
     for f in dataclasses.fields(schema):
+        if f.name not in declared(schema):
+            continue
         tp = hints[f.name]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out += keys(tp, f"{prefix}{f.name}.")

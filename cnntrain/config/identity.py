@@ -82,7 +82,7 @@ def _same(a: Any, b: Any) -> bool:
         return float(a) == float(b)  # 3 and 3.0 from YAML
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
+    return bool(a == b)
 
 
 def identity_changes(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

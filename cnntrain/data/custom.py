@@ -36,7 +36,7 @@ SPLITS = ("train", "val", "test")
 SOURCE_KEYS = ("root", "download", "file")
 
 
-def _call_kwargs(fn: Any, label: str, cfg: Any) -> dict[str, Any]:
+def _call_kwargs(fn: Any, label: str, cfg: DatasetConfig) -> dict[str, Any]:
     try:
         sig = inspect.signature(fn)
         params = {n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -117,7 +117,7 @@ def _known_labels(ds: Any) -> list[int] | None:
 
 
 class _Failures:
-    def __init__(self, label: str, cfg: Any) -> None:
+    def __init__(self, label: str, cfg: DatasetConfig) -> None:
         self.label, self.cfg, self.items = label, cfg, []
 
     def add(self, what: str, e: Exception) -> None:
@@ -135,7 +135,7 @@ class _Failures:
                           stacklevel=3)
 
 
-def _resident(pool: list[tuple[str, Any, int]], cfg: Any, label: str, fails: _Failures) -> tuple:
+def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures) -> tuple:
     """Read every item: (uint8 [N, C, H, W], labels, kept pool positions)."""
     images, labels, kept = [], [], []
     for k, (what, ds, i) in enumerate(pool):
@@ -166,7 +166,7 @@ def _resident(pool: list[tuple[str, Any, int]], cfg: Any, label: str, fails: _Fa
     return torch.from_numpy(out), labels, kept
 
 
-def _streamed(pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: Any, label: str,
+def _streamed(pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: DatasetConfig, label: str,
               first: np.ndarray) -> tuple:
     """Labels only (from `targets`/`labels`, else one pass); images are read by DataLoader workers."""
     channels = cfg.channels or first.shape[2]
@@ -183,7 +183,7 @@ def _streamed(pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: Any,
     return x, labels, list(range(len(pool)))
 
 
-def load_from(fn: Any, label: str, key: str, cfg: Any, name: str) -> ImageData:
+def load_from(fn: Any, label: str, key: str, cfg: DatasetConfig, name: str) -> ImageData:
     """Call the user's dataset function or class and turn what it returns into cnntrain's ImageData."""
     if not callable(fn):
         raise UserError(f"{key}: {label} is a {type(fn).__name__}, not a function or class")
@@ -230,7 +230,7 @@ def load_custom(cfg: DatasetConfig) -> ImageData:
     return load_from(fn, str(cfg._target_), "dataset._target_", cfg, "custom")
 
 
-def load_plugin(name: str, cfg: Any) -> ImageData:
+def load_plugin(name: str, cfg: DatasetConfig) -> ImageData:
     """dataset=<plug-in name>: the callable an installed package's entry point names."""
     fn, plugin = DATASETS.load_plugin(name)
     return load_from(fn, plugin.label, f"dataset={name}", cfg, name)

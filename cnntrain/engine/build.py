@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnntrain.augment import build_augment
+from cnntrain.config import FitConfig, typed
 from cnntrain.config.compose import chosen_option
 from cnntrain.data import load_dataset
 from cnntrain.data.folds import take_fold
@@ -38,31 +39,32 @@ SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Build everything `cfg` asks for; with cfg.resume, restore the run's checkpoint into it."""
-    t = cfg.trainer
+    fc = typed(cfg)  # each builder below takes its own part of it
+    t = fc.trainer
     dist = distributed.from_env()
     device = distributed.setup(dist, resolve_device(t.device), t.batch_size)
     run_dir = Path(distributed.broadcast_str(dist, str(run_dir)))  # rank 0's Hydra picked it
     precision = resolve_precision(str(t.precision), device)
     threads_note = configure_torch(device, t.deterministic, t.num_threads, t.seed, auto_threads=not dist.enabled)
-    data = take_fold(load_dataset(cfg.dataset), t.folds, t.fold, cfg.dataset.split_seed)
+    data = take_fold(load_dataset(fc.dataset), t.folds, t.fold, fc.dataset.split_seed)
     counts = balance.class_counts(data.train_y, data.num_classes)
     class_weights = balance.loss_weights(t.class_weights, counts, data.classes)
     note = balance.imbalance_warning(counts, data.classes, cfg)
     if note is not None and dist.main:
         warnings.warn(note, stacklevel=2)
-    model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
+    model = build_model(fc.model, data.channels, data.image_size, data.num_classes)
     model = model.to(device)  # the layout is chosen below, once a resume's recorded choice is known
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.model)
+    optimizer = build_optimizer(model, fc.optimizer, fc.model)
     # Under torchrun a partial last batch could leave a rank with nothing, so it is dropped there.
     steps = len(data.train_x) // t.batch_size if dist.enabled else math.ceil(len(data.train_x) / t.batch_size)
     if steps == 0:
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the {len(data.train_x)} training images")
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, steps, t.epochs)
+    scheduler = build_scheduler(optimizer, fc.scheduler, fc.optimizer.lr, steps, t.epochs)
     step = TrainStep(
         model=model, forward=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
         normalise=Normalise.of(data.mean, data.std, device), precision=precision,
-        augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
+        augment=build_augment(fc.augment, data.num_classes), label_smoothing=t.label_smoothing,
         grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
         class_weights=None if class_weights is None else class_weights.to(device),
     )
@@ -78,7 +80,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     progress.tuning = choice.record()
     last = RunDir(run_dir).last
     keep_last = cfg.resume is None or (last.is_file() and find_checkpoint(cfg.resume).resolve() == last.resolve())
-    if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
+    if fc.model.freeze_backbone and fc.model.unfreeze_epoch is not None and progress.epoch + 1 >= fc.model.unfreeze_epoch:
         set_backbone_trainable(model, True)
     # Resident data: moved once; non_blocking lets the copies overlap on CUDA.
     tensors = {name: getattr(data, name).to(device, non_blocking=True) for name in SPLITS}
@@ -91,11 +93,11 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                scheduler=scheduler, dist=dist, steps=steps, progress=progress,
                reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note,
                keep_last=keep_last, data_fingerprint=data.fingerprint(),
-               sample_weights=balance.sample_weights(cfg.dataset.sampler, data.train_y, counts),
-               record=_record(cfg, data, class_weights))
+               sample_weights=balance.sample_weights(fc.dataset.sampler, data.train_y, counts),
+               record=_record(fc, data, class_weights))
 
 
-def _record(cfg: DictConfig, data: ImageData, class_weights: torch.Tensor | None) -> dict[str, Any]:
+def _record(cfg: FitConfig, data: ImageData, class_weights: torch.Tensor | None) -> dict[str, Any]:
     """summary.json's account of the options that change what a run trains on."""
     out: dict[str, Any] = {}
     if class_weights is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnntrain.config import ModelConfig
 from cnntrain.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from cnntrain.engine.inputs import Normalise
 from cnntrain.errors import UserError
@@ -114,13 +115,13 @@ def inputs_label(inputs: str) -> str:
     return slug(Path(inputs.rstrip("/")).expanduser().stem or inputs)
 
 
-def model_config(config: dict[str, Any], path: Path) -> Any:
+def model_config(config: dict[str, Any], path: Path) -> ModelConfig:
     """The checkpoint's ModelConfig, set to build the bare architecture (no download, no weights file).
-    A custom model's own keys come along as attributes (see config.own_keys)."""
+    A custom model's own keys come along in its `own`."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnntrain.config import ModelConfig
+    from cnntrain.config import open_part
 
     try:
         base = OmegaConf.structured(ModelConfig)
@@ -131,16 +132,14 @@ def model_config(config: dict[str, Any], path: Path) -> Any:
         raise UserError(f"{path}: cannot read its model config ({first}); was it written by another "
                         "cnntrain version?") from None
     cfg.weights, cfg.pretrained, cfg.freeze_backbone = None, False, False
-    return OmegaConf.to_object(cfg)
+    return open_part(cfg, ModelConfig)
 
 
-def model_record(cfg: Any) -> dict[str, Any]:
+def model_record(cfg: ModelConfig) -> dict[str, Any]:
     """A ModelConfig (with a custom model's own keys) as a plain dict."""
-    from dataclasses import asdict
+    from cnntrain.config import declared, own_keys
 
-    from cnntrain.config import ModelConfig, own_keys
-
-    return {**asdict(cfg), **own_keys(cfg, ModelConfig)}
+    return {**{k: getattr(cfg, k) for k in declared(ModelConfig)}, **own_keys(cfg, ModelConfig)}
 
 
 def _rebuild(config: dict[str, Any], meta: dict[str, Any], path: Path, pre: Preprocess, classes: list[str]) -> nn.Module:

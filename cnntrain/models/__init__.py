@@ -110,7 +110,7 @@ def check_shapes(model: nn.Module, label: str, in_channels: int, image_size: tup
 
 
 
-def model_label(cfg: Any) -> str:
+def model_label(cfg: ModelConfig) -> str:
     """How a model config is named in messages and tables: resnet8, torchvision/resnet18, mynets.TinyNet."""
     if cfg.name == "custom" and cfg._target_:
         return str(cfg._target_)
@@ -128,7 +128,7 @@ def chosen_label(option: str | None, label: str) -> str:
     return f"{option} ({label})"
 
 
-def model_source(cfg: Any) -> dict[str, Any]:
+def model_source(cfg: ModelConfig) -> dict[str, Any]:
     """Where a custom or plug-in model's code came from, for the checkpoint's record (empty for built-ins)."""
     import sys
 
@@ -147,7 +147,7 @@ def model_source(cfg: Any) -> dict[str, Any]:
     return {}
 
 
-def _construct(cfg: Any, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:
+def _construct(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:
     own = own_keys(cfg, ModelConfig)
     if cfg.name == "custom":
         return custom.custom(in_channels, image_size, num_classes, _target_=cfg._target_,
@@ -165,7 +165,7 @@ def _construct(cfg: Any, in_channels: int, image_size: tuple[int, int], num_clas
     return builder(in_channels, image_size, num_classes, **builder_kwargs(cfg, builder, cfg.name))
 
 
-def _check_head_options(cfg: Any, model: nn.Module, label: str) -> None:
+def _check_head_options(cfg: ModelConfig, model: nn.Module, label: str) -> None:
     """Freezing and a separate backbone lr need a classifier layer; say so in one line when there is none."""
     if find_head(model) is not None:
         return

@@ -51,7 +51,7 @@ def _parameters(fn: Any) -> tuple[dict[str, inspect.Parameter], bool] | None:
     return params, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
 
 
-def user_kwargs(cfg: Any, own: dict[str, Any]) -> dict[str, Any]:
+def user_kwargs(cfg: ModelConfig, own: dict[str, Any]) -> dict[str, Any]:
     """The model keys the user set for a custom model: built-in ones that differ from the schema's
     defaults (so the callable's own defaults hold otherwise), and the keys of its own."""
     defaults = ModelConfig()
@@ -105,7 +105,7 @@ def custom(in_channels: int, image_size: tuple[int, int], num_classes: int, _tar
     return instantiate(fn, str(_target_), "model._target_", in_channels, image_size, num_classes, kwargs)
 
 
-def build_plugin(name: str, cfg: Any, own: dict[str, Any], in_channels: int, image_size: tuple[int, int],
+def build_plugin(name: str, cfg: ModelConfig, own: dict[str, Any], in_channels: int, image_size: tuple[int, int],
                  num_classes: int) -> nn.Module:
     """model=<plug-in name>: the callable an installed package's entry point names, like a _target_."""
     fn, plugin = MODELS.load_plugin(name)

@@ -25,8 +25,9 @@ def find_head(model: nn.Module) -> nn.Module | None:
     name = getattr(model, "head_name", None)
     if name:
         return model.get_submodule(name)
-    if isinstance(getattr(model, "head", None), nn.Module):
-        return model.head
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module):
+        return head
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linear[-1] if linear else None
 

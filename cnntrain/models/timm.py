@@ -39,7 +39,8 @@ def sample(per_pattern: int = 3) -> list[str]:
 
 
 def _head_name(model: nn.Module) -> str | None:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
     if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
         return None
     return next((n for n, m in model.named_modules() if m is head), None)

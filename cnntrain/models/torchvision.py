@@ -31,16 +31,17 @@ def torchvision_names() -> list[str]:
 
 def _adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> None:
     name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
-    if conv is None or conv.in_channels == in_channels:
+    if conv is None or name is None or conv.in_channels == in_channels:
         return
+    # torch types a conv's sizes as tuple[int, ...], which its own constructor does not take
     new = nn.Conv2d(
-        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
         conv.groups, conv.bias is not None, conv.padding_mode,
     )
     if pretrained:
         with torch.no_grad():
             new.weight.copy_(rechannel(conv.weight, in_channels))
-            if conv.bias is not None:
+            if conv.bias is not None and new.bias is not None:
                 new.bias.copy_(conv.bias)
     _set_submodule(model, name, new)
 
@@ -55,8 +56,8 @@ def _replace_head(model: nn.Module, label: str, num_classes: int, dropout: float
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         if not convs:
             raise UserError(f"model {label}: cannot find a classifier layer to replace for {num_classes} classes")
-        name, old = convs[-1]
-        new = ConvClassifier(old, num_classes, dropout)
+        name, conv = convs[-1]
+        new = ConvClassifier(conv, num_classes, dropout)
     _set_submodule(model, name, new)
     return name
 

@@ -8,6 +8,8 @@ classifier head (``head_name``), the one layer that depends on the class count.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,9 +43,10 @@ class ConvClassifier(nn.Conv2d):
     """The same for networks whose head is a convolution (torchvision's SqueezeNet)."""
 
     def __init__(self, template: nn.Conv2d, out_channels: int, dropout: float = 0.0) -> None:
+        # torch types a conv's sizes as tuple[int, ...], which its own constructor does not take
         super().__init__(
-            template.in_channels, out_channels, template.kernel_size, template.stride, template.padding,
-            template.dilation, 1, template.bias is not None, template.padding_mode,
+            template.in_channels, out_channels, template.kernel_size, template.stride, template.padding,  # type: ignore[arg-type]
+            template.dilation, 1, template.bias is not None, template.padding_mode,  # type: ignore[arg-type]
         )
         self.dropout = float(dropout)
 
@@ -66,7 +69,7 @@ def too_small(label: str, minimum: int, image_size: tuple[int, int]) -> UserErro
 
 # A flatten head needs the spatial size after the convolutions. Each op is
 # ("conv", kernel, padding) or ("pool", size); None means the input is too small.
-Ops = tuple[tuple, ...]
+Ops = tuple[tuple[Any, ...], ...]
 
 
 def _spatial(size: int, ops: Ops) -> int | None:
@@ -112,7 +115,8 @@ class SimpleCNN(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(self.features(x)))
