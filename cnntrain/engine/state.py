@@ -126,6 +126,13 @@ def save(run: Run, name: str) -> None:
     ckpt.save_checkpoint(folder / name, state, previous=previous)
 
 
+def load_best(run: Run) -> Path:
+    """Put the best checkpoint's weights (the validated ones) into the run's model for the test; its path."""
+    path = run.run_dir / "checkpoints" / BEST
+    run.model.load_state_dict(ckpt.load_checkpoint(path)["model"])
+    return path
+
+
 def load_weights_checked(cfg: DictConfig, model: nn.Module, state: dict[str, Any], path: Path,
                          data: ImageData) -> None:
     """Load a checkpoint's weights into the configured model, naming the mismatch if they do not fit."""
