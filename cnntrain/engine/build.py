@@ -60,6 +60,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if steps == 0:
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the {len(data.train_x)} training images")
     scheduler = build_scheduler(optimizer, fc.scheduler, fc.optimizer.lr, steps, t.epochs)
+    ema = None
+    if t.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     step = TrainStep(
         model=model, forward=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
@@ -67,10 +70,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         augment=build_augment(fc.augment, data.num_classes), label_smoothing=t.label_smoothing,
         grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
         class_weights=None if class_weights is None else class_weights.to(device),
+        scheduler=scheduler, ema=ema, skip_nonfinite=t.on_nonfinite == "skip",
+        unfreeze_epoch=cfg.model.unfreeze_epoch if cfg.model.freeze_backbone else None, lr=cfg.optimizer.lr,
     )
-    ema = None
-    if t.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     progress = Progress() if cfg.resume is None else restore(cfg, step, scheduler, ema, data, device)
     shape = (data.channels, *data.image_size)
     choice = tuning.decide(cfg, step, device, shape, data.num_classes, progress.tuning, dist.enabled,

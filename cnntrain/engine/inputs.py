@@ -6,10 +6,14 @@ run and the after-training commands cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from cnntrain.data.batches import StreamedImages
 
 
 def to_unit(x_u8: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,19 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device,
     if weights is not None:
         return torch.multinomial(weights.to(device), n, replacement=True, generator=g)
     return torch.randperm(n, generator=g, device=device)
+
+
+def epoch_batches(x: torch.Tensor | StreamedImages, y: torch.Tensor, order: torch.Tensor, batch_size: int,
+                  steps: range, device: torch.device, rank: int = 0, world: int = 1
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The uint8 batches of an epoch's `steps` (a resumed epoch's are the rest of them), taken in `order`;
+    under torchrun each rank gets its share of the same global batch."""
+    from cnntrain.data import batches  # here: predict and export use this module without the datasets
+
+    chunks = [order[i * batch_size : (i + 1) * batch_size] for i in steps]
+    if world > 1:
+        chunks = [c[rank::world] for c in chunks]
+    return batches.iterate(x, y, chunks, device)
 
 
 def augment_seed(seed: int, global_step: int, rank: int = 0) -> int:

@@ -16,11 +16,13 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from cnntrain.data.images import ImageData
+from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine import distributed
 from cnntrain.engine.checkpoint import Progress, save
 from cnntrain.engine.step import TrainStep
+from cnntrain.io.files import RunDir
 
-__all__ = ["Progress", "Run", "save"]
+__all__ = ["Progress", "Run", "load_best", "save"]
 
 
 @dataclass
@@ -55,3 +57,10 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.step.normalise.mean.device
+
+
+def load_best(run: Run) -> Path:
+    """Put the best checkpoint's weights (the validated ones) into the run's model for the test; its path."""
+    path = RunDir(run.run_dir).best
+    run.model.load_state_dict(ckpt.load_checkpoint(path)["model"])
+    return path

@@ -275,7 +275,8 @@ def _copy_step(step: TrainStep, channels_last: bool) -> TrainStep:
     scaler = (torch.amp.GradScaler(step.normalise.mean.device.type) if step.scaler.is_enabled()
               else _NoScaler())
     return dataclasses.replace(step, model=model, forward=model, optimizer=optimizer, scaler=scaler, augment=None,
-                               normalise=dataclasses.replace(step.normalise, channels_last=channels_last))
+                               normalise=dataclasses.replace(step.normalise, channels_last=channels_last),
+                               scheduler=None, ema=None)
 
 
 class _NoScaler:

@@ -22,7 +22,7 @@ METRIC_COLUMNS = [
 
 class RunLog:
     """metrics.csv (per-epoch metrics, in the run directory) and the `logger` group's backends (io.trackers:
-    TensorBoard, MLflow), behind the calls the loop makes.
+    TensorBoard, MLflow), behind the calls the run's records (engine.records) make.
 
     On resume the CSV keeps its rows up to the checkpoint's epoch and continues; TensorBoard is told to drop
     anything an earlier process logged at or after the resumed step, MLflow continues the same run.
@@ -99,10 +99,3 @@ class RunLog:
         self.trackers.close(status)
         if not self._csv_file.closed:
             self._csv_file.close()
-
-
-class NullLog:
-    """What ranks other than 0 get under torchrun: every logging call does nothing."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None

@@ -1,9 +1,9 @@
 """Where a run's records go besides metrics.csv: the `logger` group's backends behind one small interface.
 
-The loop talks to `io.runlog.RunLog`, which writes metrics.csv and hands everything else to the Trackers
-here: scalars, the epoch's metrics, images, hparams, the end summary, and close (with the run's status). A
-backend is a subclass of Tracker that overrides what it records; adding one is a new class and a line in
-`open_trackers`, not an edit of the loop. A backend that fails mid-run is reported once and left out: the
+The run's records (engine.records) talk to `io.runlog.RunLog`, which writes metrics.csv and hands everything
+else to the Trackers here: scalars, the epoch's metrics, images, hparams, the end summary, and close (with the
+run's status). A backend is a subclass of Tracker that overrides what it records; adding one is a new class
+and a line in `open_trackers`, not an edit of the records or the loop. A backend that fails mid-run is reported once and left out: the
 records of a run never stop its training. Opening a backend (the tracking store) does fail the run, before
 training, in one line.
 """
