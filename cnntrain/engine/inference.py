@@ -191,6 +191,7 @@ def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
     if not isinstance(config, dict) and isinstance(state.get("model_config"), dict):
         config = {"model": state["model_config"]}  # export format=state_dict of cnntrain <= 0.1: the model only
     pre, classes = _preprocess_of(meta, path)
+    assert isinstance(meta, dict)  # _preprocess_of refuses any other
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{path} lacks the model config (config or model_config) that cnntrain fit and export "
                         "write, so the architecture cannot be rebuilt; it cannot be used for inference")
@@ -438,7 +439,7 @@ def image_batches(paths: Sequence[Path], pre: Preprocess, batch_size: int, on_er
             out = np.empty((len(chunk), pre.channels, h, w), dtype=np.uint8)
             keep: list[int] = []
             for i, (arr, why) in enumerate(pool.map(pre.decode, chunk)):
-                if why is None:
+                if arr is not None:  # decoded (else `why` says why not)
                     out[i] = arr
                     keep.append(i)
                 elif on_error == "skip":

@@ -173,7 +173,7 @@ class TrainStep:
     def update(self, loss: torch.Tensor) -> None:
         """Scaled backward (fp16), optional clipping of the true gradient norm, optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         self.apply()
 
     def apply(self) -> None:
