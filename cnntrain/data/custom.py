@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cnntrain.config import DatasetConfig, own_keys
-from cnntrain.data.batches import DatasetImages
+from cnntrain.data.batches import DatasetImages, Images
 from cnntrain.data.decode import IMAGE_TYPES, as_hwc, to_uint8_chw
 from cnntrain.data.imagefolder import split_recorded, stream_or_not
 from cnntrain.data.images import ImageData, finish
@@ -118,7 +118,8 @@ def _known_labels(ds: Any) -> list[int] | None:
 
 class _Failures:
     def __init__(self, label: str, cfg: DatasetConfig) -> None:
-        self.label, self.cfg, self.items = label, cfg, []
+        self.label, self.cfg = label, cfg
+        self.items: list[str] = []
 
     def add(self, what: str, e: Exception) -> None:
         if isinstance(e, UserError):
@@ -135,7 +136,8 @@ class _Failures:
                           stacklevel=3)
 
 
-def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures) -> tuple:
+def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures
+              ) -> tuple[Images, list[int], list[int]]:
     """Read every item: (uint8 [N, C, H, W], labels, kept pool positions)."""
     images, labels, kept = [], [], []
     for k, (what, ds, i) in enumerate(pool):
@@ -167,7 +169,7 @@ def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, 
 
 
 def _streamed(pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: DatasetConfig, label: str,
-              first: np.ndarray) -> tuple:
+              first: np.ndarray) -> tuple[Images, list[int], list[int]]:
     """Labels only (from `targets`/`labels`, else one pass); images are read by DataLoader workers."""
     channels = cfg.channels or first.shape[2]
     size = (int(cfg.image_size),) * 2 if cfg.image_size is not None else tuple(first.shape[:2])
