@@ -54,8 +54,9 @@ def main(argv: list[str]) -> None:
     from rich.table import Table
 
     from cnntrain.commands.args import check_choice, console, images_and_model, start
+    from cnntrain.commands.images import image_batches, inputs_label
     from cnntrain.engine import tta
-    from cnntrain.engine.inference import CKPT_HELP, image_batches, inputs_label, logits_of, precision_for, prepare
+    from cnntrain.engine.inference import CKPT_HELP, logits_of, precision_for, prepare
 
     args = start(argv, PredictArgs, "predict", HELP.format(ckpt=CKPT_HELP))
     if args is None:
