@@ -34,7 +34,9 @@ EXPERIMENTS = [_experiment(p) for p in sorted((CONFIGS / "experiment").glob("*.y
 
 
 # Options that need a key of the user's to be complete.
-NEEDS = {("model", "custom"): ["model._target_=mynets.TinyNet"], ("dataset", "custom"): ["dataset._target_=mydata.build"]}
+NEEDS = {("model", "custom"): ["model._target_=mynets.TinyNet"], ("dataset", "custom"): ["dataset._target_=mydata.build"],
+         ("dataset", "imagefolder"): ["dataset.root=photos"],
+         ("dataset", "csv"): ["dataset.root=photos", "dataset.file=labels.csv"]}
 
 
 # Options that validation refuses without their extra (the package is checked before any data are loaded).
@@ -73,6 +75,8 @@ def test_every_named_option_has_a_builder():
         for p in sorted((CONFIGS / group).glob("*.yaml")):
             assert OmegaConf.load(p).name in registry, p
     assert list(AUGMENTATIONS) == ["hflip", "vflip", "affine", "crop", "policy", "erasing", "mix"]  # the order
+    # Validation knows the optimizers and schedules by their declared names: each has its builder.
+    assert list(OPTIMIZERS) == list(OPTIMIZERS.names) and list(SCHEDULERS) == list(SCHEDULERS.names)
 
 
 def test_every_option_file_describes_itself():

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cnntrain.commands.args import CheckpointArgs
+from cnntrain.config import PRECISIONS
 from cnntrain.errors import UserError
 
 HELP = """\
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> None:
     args = start(argv, PredictArgs, "predict", HELP.format(ckpt=CKPT_HELP))
     if args is None:
         return
-    check_choice("precision", args.precision, ("auto", "32", "bf16", "fp16"))
+    check_choice("precision", args.precision, PRECISIONS)
     check_choice("tta", args.tta, tta.CHOICES)
     if args.top_k < 1:
         raise UserError(f"top_k={args.top_k} must be at least 1")
