@@ -178,7 +178,8 @@ class TrainerConfig:
     seed: int = 0
     # Bit-identical reruns: deterministic kernels only, and the thread count does not follow the load.
     deterministic: bool = False
-    # CPU threads for torch; None keeps torch's default (one per core).
+    # CPU threads for torch; None: one per usable physical core, less the cores other processes keep busy (the
+    # load is not looked at with trainer.deterministic; OMP_NUM_THREADS or MKL_NUM_THREADS, when set, decide).
     num_threads: int | None = None
     # Clip the global gradient norm to this value; None disables.
     grad_clip: float | None = None
