@@ -403,7 +403,7 @@ def validate(cfg: Any) -> None:
         (t.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", t.early_stopping_min_delta, "must be >= 0"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be at least 1"),
         (t.checkpoint_every_n_steps >= 0, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 0"),
-        *dataset_checks(d),
+        *_dataset_checks(d),
         (o.lr > 0, "optimizer.lr", o.lr, "must be > 0"),
         (o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", o.betas, "must be two numbers in [0, 1)"),
@@ -459,7 +459,7 @@ def _raise_first(checks: list[tuple[bool, str, Any, str]]) -> None:
             raise UserError(f"{key}={value} {what}")
 
 
-def dataset_checks(d: Any) -> list[tuple[bool, str, Any, str]]:
+def _dataset_checks(d: Any) -> list[tuple[bool, str, Any, str]]:
     """The checks of the dataset's values alone. What needs the files (does dataset.root exist, is the CSV
     there and well-formed) is the loader's, which reads them."""
     return [
@@ -486,7 +486,7 @@ def check_dataset(d: Any) -> None:
         group, _, leaf = key.partition(".")
         if group == "dataset":
             _check_choice(key, getattr(d, leaf), options)
-    _raise_first(dataset_checks(d))
+    _raise_first(_dataset_checks(d))
 
 
 def _fold_checks(t: Any) -> list[tuple[bool, str, Any, str]]:
