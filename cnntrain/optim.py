@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from cnntrain.config import ModelConfig, OptimizerConfig, SchedulerConfig
-from cnntrain.errors import UserError
 from cnntrain.registry import OPTIMIZERS, SCHEDULERS
 
 
@@ -131,9 +130,7 @@ def cosine(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs:
 
 @SCHEDULERS.register("onecycle")
 def onecycle(sched: SchedulerConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> LrFactor:
-    if sched.warmup_epochs:
-        raise UserError(f"scheduler.warmup_epochs={sched.warmup_epochs:g} does not apply to scheduler=onecycle, whose "
-                        "rise is its warm-up (scheduler.pct_start); remove it")
+    # Its rise is its warm-up: config.validate refuses a scheduler.warmup_epochs beside it.
     total = max(1, steps_per_epoch * epochs)
     peak = (sched.max_lr or base_lr) / base_lr
     rise = max(1, int(sched.pct_start * total))

@@ -3,9 +3,9 @@
 Each builder registers itself where it is defined::
 
     @MODELS.register("simple_cnn")
-    def simple_cnn(cfg, in_channels, image_size, num_classes): ...
+    def simple_cnn(in_channels, image_size, num_classes, width=32, hidden=64, dropout=0.0): ...
 
-so adding one touches one file. A config names a builder by its registry key (``model.name``,
+so adding one touches one file (an optimizer or schedule also declares its name in its registry below). A config names a builder by its registry key (``model.name``,
 ``optimizer.name``, ...); an unknown name is one error line that lists the known ones.
 
 Installed packages add models and datasets of their own through Python entry points (groups
@@ -47,9 +47,12 @@ class Plugin:
 
 
 class Registry:
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None, names: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        # Declared names (optional): the config's choices for this registry, known without importing the module
+        # that registers the builders; a builder of any other name is refused.
+        self.names = names
         self._builders: dict[str, Callable[..., Any]] = {}
         self._plugins: dict[str, Plugin] | None = None
 
@@ -57,6 +60,9 @@ class Registry:
         def add(builder: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._builders:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
+            if self.names and name not in self.names:
+                raise ValueError(f"{self.kind} '{name}' is not declared: add it to the names of its registry in "
+                                 "cnntrain/registry.py")
             self._builders[name] = builder
             return builder
 
@@ -209,6 +215,10 @@ def _not_importable(key: str, dotted: str, missing: str, hint: str | None) -> st
 
 DATASETS = Registry("dataset", "cnntrain.datasets")  # (DatasetConfig) -> ImageData
 MODELS = Registry("model", "cnntrain.models")  # (in_channels, image_size, num_classes, **model keys) -> nn.Module
-OPTIMIZERS = Registry("optimizer")  # (param_groups, OptimizerConfig) -> torch.optim.Optimizer
-SCHEDULERS = Registry("scheduler")  # (SchedulerConfig, base_lr, steps_per_epoch, epochs) -> lr factor of the step
+# The optimizers and schedules are declared by name: validation (config.CHOICES) checks optimizer.name and
+# scheduler.name before torch is imported, and cnntrain/optim.py, which registers their builders, imports torch.
+# (param_groups, OptimizerConfig) -> torch.optim.Optimizer
+OPTIMIZERS = Registry("optimizer", names=("adam", "adamw", "sgd"))
+# (SchedulerConfig, base_lr, steps_per_epoch, epochs) -> lr factor of the step
+SCHEDULERS = Registry("scheduler", names=("none", "cosine", "onecycle", "step"))
 AUGMENTATIONS = Registry("augmentation")  # (AugmentConfig, num_classes) -> a batch stage, or None when it is off

@@ -107,6 +107,20 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv of a run, a dict per epoch."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_checkpoint(run_dir: Path, name: str = "last.pt") -> dict:
+    import torch
+
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)
+
+
 def wait_for_figures(run_dir: Path, timeout: float = 120) -> None:
     """A completed fit draws its figures in a child process it does not wait for (trainer.figures=background):
     wait until that child has finished (it removes figures/.pending.npz last)."""
@@ -140,3 +154,26 @@ def one_epoch_smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path
     tests that only read what it printed and wrote: (the process, its folder)."""
     cwd = tmp_path_factory.mktemp("one_epoch")
     return run_cli(["fit", "experiment=smoke", "trainer.epochs=1"], cwd), cwd
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """The smoke model after a little training, as a state_dict file: a known, confident start."""
+    from tests.pretrain import TINY, pretrain
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    return path, pretrain(path, TINY)
+
+
+@pytest.fixture(scope="session")
+def stalled_run(tiny_weights, tmp_path_factory):
+    """lr 1e-9: the weights stay put, so validation accuracy never improves; label smoothing 0.2, fp32.
+    Read by the early-stopping and label-smoothing tests."""
+    path, start = tiny_weights
+    cwd = tmp_path_factory.mktemp("stalled")
+    proc = run_cli(["fit", "experiment=smoke", f"model.weights={path}", "optimizer.lr=1e-9",
+                    "trainer.label_smoothing=0.2", "trainer.precision=32", "trainer.epochs=3",
+                    "trainer.early_stopping_patience=1", "trainer.progress=plain"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs(cwd)
+    return run_dir, proc.stdout, start

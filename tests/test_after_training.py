@@ -45,7 +45,7 @@ def confident(smoke_run, digits):
     """Indices of test images the smoke model classifies with probability > 0.9 (fp32), and the classes."""
     trained = load_trained(str(smoke_run), "cpu")
     with torch.no_grad():
-        probs = trained.model(trained.preprocess.normalize(digits.test_x[:200])).softmax(1)
+        probs = trained.model(trained.preprocess.normalise("cpu").from_uint8(digits.test_x[:200])).softmax(1)
     p, c = probs.max(1)
     idx = torch.nonzero(p > 0.9).flatten()[:4].tolist()
     assert len(idx) == 4
@@ -211,8 +211,8 @@ def test_commands_help_and_subprocess_wiring(tmp_path, capsys):
 
 def _eager(smoke_run):
     trained = load_trained(str(smoke_run), "cpu")
-    x = trained.preprocess.normalize(torch.randint(0, 256, (7, 1, 28, 28), dtype=torch.uint8,
-                                                   generator=torch.Generator().manual_seed(3)))
+    x = trained.preprocess.normalise("cpu").from_uint8(torch.randint(0, 256, (7, 1, 28, 28), dtype=torch.uint8,
+                                                                     generator=torch.Generator().manual_seed(3)))
     with torch.no_grad():
         return trained, x, trained.model(x)
 
@@ -330,7 +330,7 @@ def test_export_default_is_a_pt2_that_predict_and_evaluate_take(smoke_run, digit
     trained, _, _ = _eager(smoke_run)
     exported = load_trained(str(pt2), "cpu")
     assert exported.exported and exported.classes == trained.classes
-    x = trained.preprocess.normalize(digits.test_x[:300])
+    x = trained.preprocess.normalise("cpu").from_uint8(digits.test_x[:300])
     with torch.no_grad():
         torch.testing.assert_close(exported.model(x), trained.model(x), atol=1e-4, rtol=1e-4)
 

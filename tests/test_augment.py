@@ -20,7 +20,7 @@ from cnntrain.augment.ops import (
     rotation,
     warp,
 )
-from cnntrain.config import AugmentConfig
+from cnntrain.config import AugmentConfig, FitConfig, validate
 from cnntrain.errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "augment"
@@ -115,10 +115,11 @@ def test_digits_preset_never_mirrors():
 
 
 def test_invalid_policy_is_a_user_error():
+    # config.validate's checks, before anything is built.
     with pytest.raises(UserError, match="augment.policy.*randaugment"):
-        build_augment(AugmentConfig(policy="randaugmnt"), 10)
+        validate(FitConfig(augment=AugmentConfig(policy="randaugmnt")))
     with pytest.raises(UserError, match="policy_magnitude"):
-        build_augment(AugmentConfig(policy="randaugment", policy_magnitude=31), 10)
+        validate(FitConfig(augment=AugmentConfig(policy="randaugment", policy_magnitude=31)))
 
 
 @pytest.mark.parametrize("policy", ["none", "trivialaugment"])

@@ -29,3 +29,15 @@ def test_the_limit_and_contention_sections_run_in_quick_mode(tmp_path):
     assert "% of limit" in proc.stdout and "| simple_cnn |" in proc.stdout and "| resnet8 |" in proc.stdout
     assert "| no load |" in proc.stdout and "| 1 busy process |" in proc.stdout
     assert not (tmp_path / "RESULTS.md").exists()  # --quick writes nothing
+
+
+@pytest.mark.slow
+def test_ab_compares_two_checkouts_round_by_round():
+    """benchmarks/ab.py: the refactor check. A checkout against itself runs both sides, alternating."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ab.py"), "--a", str(REPO), "--b", str(REPO),
+                           "--rounds", "2", "--", "experiment=smoke", "trainer.epochs=1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    order = [ln.split(":")[0] for ln in proc.stdout.splitlines() if ln.startswith("round ")]
+    assert order == ["round 1 A", "round 1 B", "round 2 B", "round 2 A"]
+    assert "B/A: images/s" in proc.stdout

@@ -34,7 +34,9 @@ EXPERIMENTS = [_experiment(p) for p in sorted((CONFIGS / "experiment").glob("*.y
 
 
 # Options that need a key of the user's to be complete.
-NEEDS = {("model", "custom"): ["model._target_=mynets.TinyNet"], ("dataset", "custom"): ["dataset._target_=mydata.build"]}
+NEEDS = {("model", "custom"): ["model._target_=mynets.TinyNet"], ("dataset", "custom"): ["dataset._target_=mydata.build"],
+         ("dataset", "imagefolder"): ["dataset.root=photos"],
+         ("dataset", "csv"): ["dataset.root=photos", "dataset.file=labels.csv"]}
 
 
 # Options that validation refuses without their extra (the package is checked before any data are loaded).
@@ -70,11 +72,57 @@ def test_the_typed_config_gives_back_the_composed_record():
         assert shape(plain(typed(cfg))) == shape(OmegaConf.to_container(cfg, resolve=True)), overrides
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS)
+EXPERIMENT_FILES = [("experiment", p.stem) for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]
+
+
+def _schema(group: str):
+    return next(f.default_factory() for f in dataclasses.fields(FitConfig) if f.name == group)
+
+
+def _yaml(path: Path) -> dict:
+    return (OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None) or {}
+
+
+def _beneath(experiment: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """(group -> option, group -> {key: value}) that an experiment's own values are merged onto: fit.yaml's
+    options, replaced by the experiment's `override /group: option`, and the experiments it extends."""
+    chosen = {g: o for d in _yaml(CONFIGS / "fit.yaml")["defaults"] if isinstance(d, dict) for g, o in d.items()}
+    values: dict[str, dict] = {}
+    for entry in _yaml(CONFIGS / "experiment" / f"{experiment}.yaml").get("defaults") or []:
+        if isinstance(entry, str) and entry != "_self_":  # another experiment, merged first
+            parent_chosen, parent_values = _beneath(entry)
+            chosen.update(parent_chosen)
+            own = _yaml(CONFIGS / "experiment" / f"{entry}.yaml")
+            for group in GROUPS:
+                values[group] = {**values.get(group, {}), **parent_values.get(group, {}), **own.get(group, {})}
+        elif isinstance(entry, dict):
+            for key, option in entry.items():
+                chosen[key.removeprefix("override").strip().strip("/")] = option
+    return chosen, values
+
+
+def _experiment_repeats(name: str) -> list[str]:
+    """group.key of an experiment's values that are the schema's default and would be without it: neither an
+    option it selects nor an experiment it extends sets the key otherwise."""
+    chosen, values = _beneath(name)
+    data = _yaml(CONFIGS / "experiment" / f"{name}.yaml")
+    repeated = []
+    for group in GROUPS:
+        schema, option = _schema(group), _yaml(CONFIGS / group / f"{chosen.get(group)}.yaml")
+        for key, value in (data.get(group) or {}).items():
+            default = getattr(schema, key, object())
+            if value == default and values.get(group, {}).get(key, option.get(key, default)) == default:
+                repeated.append(f"{group}.{key}")
+    return repeated
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS + EXPERIMENT_FILES)
 def test_no_yaml_repeats_a_schema_default(group, option):
-    defaults = next(f.default_factory() for f in dataclasses.fields(FitConfig) if f.name == group)
-    data = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml")) or {}
-    repeated = [k for k, v in data.items() if k != "name" and getattr(defaults, k, object()) == v]
+    if group == "experiment":
+        repeated = _experiment_repeats(option)
+    else:
+        data = _yaml(CONFIGS / group / f"{option}.yaml")
+        repeated = [k for k, v in data.items() if k != "name" and getattr(_schema(group), k, object()) == v]
     assert repeated == [], f"{group}/{option}.yaml repeats the schema's defaults of {repeated}"
 
 
@@ -89,6 +137,8 @@ def test_every_named_option_has_a_builder():
         for p in sorted((CONFIGS / group).glob("*.yaml")):
             assert OmegaConf.load(p).name in registry, p
     assert list(AUGMENTATIONS) == ["hflip", "vflip", "affine", "crop", "policy", "erasing", "mix"]  # the order
+    # Validation knows the optimizers and schedules by their declared names: each has its builder.
+    assert list(OPTIMIZERS) == list(OPTIMIZERS.names) and list(SCHEDULERS) == list(SCHEDULERS.names)
 
 
 def test_every_option_file_describes_itself():

@@ -444,7 +444,8 @@ def test_each_extension_is_evaluated_predicted_and_exported_from_the_checkpoint(
         with open(predictions) as f:
             got = [r["class_1"] for r in csv.DictReader(f)]
         with torch.no_grad():
-            want = trained_model.model(trained_model.preprocess.normalize(data.test_x[:3])).argmax(1).tolist()
+            x = trained_model.preprocess.normalise("cpu").from_uint8(data.test_x[:3])
+            want = trained_model.model(x).argmax(1).tolist()
         assert got == [trained_model.classes[c] for c in want]
 
         pytest.importorskip("onnxruntime")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cnntrain.config import SchedulerConfig
+from cnntrain.config import FitConfig, SchedulerConfig, validate
 from cnntrain.errors import UserError
 from cnntrain.optim import build_scheduler, lr_factor
 
@@ -57,8 +57,8 @@ def test_step_multiplies_by_gamma_every_step_epochs():
 
 
 def test_onecycle_refuses_a_warm_up_of_its_own():
-    with pytest.raises(UserError, match="scheduler.pct_start"):
-        lr_factor(SchedulerConfig(name="onecycle", warmup_epochs=1.0), 0.01, STEPS, 3)
+    with pytest.raises(UserError, match="scheduler.pct_start"):  # config.validate's check, before anything is built
+        validate(FitConfig(scheduler=SchedulerConfig(name="onecycle", warmup_epochs=1.0)))
 
 
 def test_the_optimizer_sees_the_curve_one_value_per_step():

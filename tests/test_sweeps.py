@@ -312,7 +312,7 @@ def test_slurm_preset_composes_with_its_knobs(tmp_path):
 
 
 def test_optuna_direction_follows_the_monitored_metric():
-    from cnntrain.config.compose import register_resolvers
+    from cnntrain.sweep.study import register_resolvers
 
     register_resolvers()
     cfg = OmegaConf.create({"acc": "${cnntrain_direction:val/acc}", "loss": "${cnntrain_direction:val/loss}"})

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cnntrain.config import POLICY_MAX_MAGNITUDE
 from cnntrain.errors import UserError
 
-POLICIES = ("none", "randaugment", "trivialaugment")
-# torchvision's convention: magnitudes are bins 0..30; bin 30 is the strongest version of an op.
-MAX_MAGNITUDE = 30
+# torchvision's convention: magnitudes are bins 0..30 (the schema's range of augment.policy_magnitude); bin 30 is
+# the strongest version of an op.
+MAX_MAGNITUDE = POLICY_MAX_MAGNITUDE
 
 # Policy ops, in a fixed order (the index is what each sample draws).
 POLICY_OPS = (

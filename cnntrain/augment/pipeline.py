@@ -17,7 +17,6 @@ from torch import Tensor
 
 from cnntrain.augment import ops
 from cnntrain.config import AugmentConfig
-from cnntrain.errors import UserError, unknown_choice
 from cnntrain.registry import AUGMENTATIONS
 
 Stage = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
@@ -55,14 +54,8 @@ def crop(cfg: AugmentConfig, num_classes: int) -> Stage | None:
 
 @AUGMENTATIONS.register("policy")
 def policy(cfg: AugmentConfig, num_classes: int) -> Stage | None:
-    if cfg.policy not in ops.POLICIES:
-        raise unknown_choice("augment.policy", cfg.policy, ops.POLICIES)
+    # config.validate checks the policy's name and RandAugment's ops and magnitude.
     if cfg.policy == "randaugment":
-        if cfg.policy_ops < 1:
-            raise UserError(f"augment.policy_ops={cfg.policy_ops} must be at least 1")
-        if not 0 <= cfg.policy_magnitude <= ops.MAX_MAGNITUDE:
-            raise UserError(f"augment.policy_magnitude={cfg.policy_magnitude} must be in 0..{ops.MAX_MAGNITUDE} "
-                            "(torchvision's bins)")
         return _images_only(partial(ops.random_policy, num_ops=cfg.policy_ops, magnitude=cfg.policy_magnitude))
     # policy_ops/policy_magnitude are RandAugment's; elsewhere a changed value would be silently ignored.
     defaults = {f.name: f.default for f in fields(AugmentConfig)}

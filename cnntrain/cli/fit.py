@@ -17,7 +17,6 @@ from typing import Any
 from cnntrain.cli.precheck import check_overrides
 from cnntrain.cli.resume import expand_resume
 from cnntrain.config.compose import (
-    check_options,
     config_dir,
     fit_help,
     hydra_error_message,
@@ -25,8 +24,10 @@ from cnntrain.config.compose import (
     register_resolvers,
     take_config_dir_flags,
 )
+from cnntrain.config.keys import check_options
 from cnntrain.errors import UserError, user_path_error
 from cnntrain.io.files import RunDir
+from cnntrain.sweep import study
 from cnntrain.sweep.pruning import PRUNED, Pruned
 
 
@@ -52,6 +53,7 @@ def run_fit(args: list[str]) -> None:
 
     register_configs()
     register_resolvers()
+    study.register_resolvers()  # hydra/sweeper=optuna_study's
     check_overrides(args, typed)  # a sweep without --multirun; every job of a sweep validated before any trains
     # Let exceptions reach us (instead of Hydra's own printer) so every error reads the same.
     os.environ["HYDRA_FULL_ERROR"] = "1"

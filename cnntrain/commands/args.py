@@ -172,7 +172,8 @@ def images_and_model(args: Any) -> tuple[list[Path], str, Any]:
     order; a note for the header of what was left out; and the trained model (engine.inference.Trained).
     Every check runs before the checkpoint is loaded: on_error=error fails on a non-image at once, naming
     it, and on_error=skip leaves it out here."""
-    from cnntrain.engine.inference import check_images, collect_images, ignored_note, load_trained, skipped_note
+    from cnntrain.commands.images import check_images, collect_images, ignored_note, skipped_note
+    from cnntrain.engine.inference import load_trained
 
     check_choice("on_error", args.on_error, ("error", "skip"))
     if args.batch_size < 1:

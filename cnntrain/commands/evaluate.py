@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cnntrain.commands.args import CheckpointArgs
-from cnntrain.config import DatasetConfig
+from cnntrain.config import PRECISIONS, DatasetConfig
 from cnntrain.errors import UserError
 
 HELP = """\
@@ -205,6 +205,7 @@ def _print_tables(con: Any, title: str, summary: list[tuple[str, str]], classes:
 
 def main(argv: list[str]) -> None:
     from cnntrain.commands.args import check_choice, console, parse_args, plain_warnings, print_help, wants_help
+    from cnntrain.engine import tta
     from cnntrain.engine.inference import CKPT_HELP, load_trained
     from cnntrain.io import figures
     from cnntrain.io.files import write_json
@@ -215,8 +216,8 @@ def main(argv: list[str]) -> None:
     plain_warnings()
     first = parse_args(EvaluateArgs, argv, "evaluate")  # validates keys before the checkpoint is read
     check_choice("split", first.split, ("test", "val", "train"))
-    check_choice("precision", first.precision, ("auto", "32", "bf16", "fp16"))
-    check_choice("tta", first.tta, ("none", "flip", "crops", "flip+crops"))  # engine.tta.CHOICES, before loading
+    check_choice("precision", first.precision, PRECISIONS)
+    check_choice("tta", first.tta, tta.CHOICES)  # before loading
     trained = load_trained(first.ckpt, first.device)
     stored = trained.config.get("dataset")
     base = {"dataset": stored} if isinstance(stored, dict) else None

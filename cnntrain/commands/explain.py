@@ -167,7 +167,8 @@ def overview_figure(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Any:
 
 def main(argv: list[str]) -> None:
     from cnntrain.commands.args import images_and_model, start
-    from cnntrain.engine.inference import CKPT_HELP, class_index, image_batches, inputs_label
+    from cnntrain.commands.images import class_index, image_batches, inputs_label
+    from cnntrain.engine.inference import CKPT_HELP
 
     args = start(argv, ExplainArgs, "explain", HELP.format(ckpt=CKPT_HELP))
     if args is None:
@@ -178,7 +179,9 @@ def main(argv: list[str]) -> None:
                         "exported from (its run directory, best.pt or model.state_dict.pt)")
     pre, model = trained.preprocess, trained.model
     target = class_index(trained.classes, args.target) if args.target is not None else None
-    example = pre.normalize(torch.zeros(1, pre.channels, *pre.image_size, dtype=torch.uint8, device=trained.device))
+    to_input = pre.normalise(trained.device)
+    example = to_input.from_uint8(torch.zeros(1, pre.channels, *pre.image_size, dtype=torch.uint8,
+                                              device=trained.device))
     if args.layer is None:
         layer = default_layer(model, example)
     else:
@@ -201,7 +204,7 @@ def main(argv: list[str]) -> None:
         rows = csv.writer(f)
         rows.writerow(["path", "heatmap", "explained_class", "probability", "predicted_class", "predicted_probability"])
         for batch_paths, x in image_batches(paths, pre, args.batch_size, args.on_error):
-            cams, cls, probs = grad_cam(model, pre.normalize(x.to(trained.device)), layer, target)
+            cams, cls, probs = grad_cam(model, to_input.from_uint8(x.to(trained.device)), layer, target)
             for k, path in enumerate(batch_paths):
                 c, top = int(cls[k]), int(probs[k].argmax())
                 title = f"{trained.classes[c]} ({probs[k, c]:.0%})"

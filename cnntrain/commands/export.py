@@ -68,7 +68,7 @@ def example_inputs(trained: Any, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     h, w = trained.preprocess.image_size
     x = torch.randint(0, 256, (n, trained.preprocess.channels, h, w), generator=g, dtype=torch.uint8)
-    return trained.preprocess.normalize(x)
+    return trained.preprocess.normalise(x.device).from_uint8(x)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     import dataclasses
 
     from cnntrain.config import FitConfig
-    from cnntrain.config.compose import key_hint, option_error
+    from cnntrain.config.keys import key_hint, option_error
     from cnntrain.errors import did_you_mean
 
     own = {f.name for f in dataclasses.fields(LrFindArgs)}
@@ -191,7 +192,6 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
 
     from cnntrain.config import typed, validate
     from cnntrain.engine.build import build_run, start_rows
-    from cnntrain.engine.inputs import epoch_order
     from cnntrain.io.logs import log_to
     from cnntrain.models import freeze_norm_stats, model_label
 
@@ -203,9 +203,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     optimizer = step.optimizer
     # Each parameter group keeps its ratio to optimizer.lr (backbone_lr_scale); the schedule is not used.
     ratios = [g.get("initial_lr", g["lr"]) / cfg.optimizer.lr for g in optimizer.param_groups]
-    x_train, y_train = built.tensors["train_x"], built.tensors["train_y"]
-    n, bs = len(x_train), t.batch_size
-    per_epoch = max(1, n // bs)  # full batches only: a short last batch would show up as a loss blip
+    bs = t.batch_size
     rows = [r for r in start_rows(built) if r[0] in ("dataset", "model", "augment", "optimizer", "device")]
     rows += [("sweep", f"lr {args.lr_min:g} -> {args.lr_max:g} over {args.steps} steps of {bs} "
                        f"(stops when the loss passes {args.diverge:g}x its lowest)"), ("out", str(out))]
@@ -217,20 +215,13 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     smoothed: list[float] = []
     avg, best = 0.0, math.inf
     stopped_early = False
-    order = None
     built.model.train()
     freeze_norm_stats(built.model)
     report_every = max(1, args.steps // 10)
-    for i_step in range(args.steps):
-        epoch, i = divmod(i_step, per_epoch)
-        if i == 0:
-            order = epoch_order(n, t.seed, epoch + 1, built.device, built.sample_weights)
+    for i_step, (x_u8, y) in enumerate(training_batches(built, bs, t.seed, args.steps)):
         lr = lr_at(i_step, args.steps, args.lr_min, args.lr_max)
         for g, ratio in zip(optimizer.param_groups, ratios, strict=True):
             g["lr"] = lr * ratio
-        idx = order[i * bs : (i + 1) * bs]
-        x_u8 = x_train.index_select(0, idx.to(x_train.device)).to(built.device, non_blocking=True)
-        y = y_train.index_select(0, idx.to(y_train.device)).to(built.device, non_blocking=True)
         x, target = step.prepare(x_u8, y, i_step)
         _, loss, stepped = step.train(x, target, skip_nonfinite=True)
         value = loss.item()  # one sync per step: the stopping rule needs it
@@ -275,6 +266,23 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
         ("train with", command),
     ])
     return result
+
+
+def training_batches(built: Any, batch_size: int, seed: int, steps: int) -> Iterator[tuple[Any, Any]]:
+    """`steps` training batches (uint8 images, labels) in fit's order, epoch 1, 2, ... as fit's batch iterator
+    reads them; full batches only: a short last batch would show up as a loss blip."""
+    from cnntrain.data import batches
+    from cnntrain.engine.inputs import epoch_order
+
+    x, y = built.tensors["train_x"], built.tensors["train_y"]
+    per_epoch = max(1, len(x) // batch_size)
+    epoch, left = 0, steps
+    while left > 0:
+        epoch += 1
+        order = epoch_order(len(x), seed, epoch, built.device, built.sample_weights)
+        chunks = [order[i * batch_size : (i + 1) * batch_size] for i in range(min(per_epoch, left))]
+        left -= len(chunks)
+        yield from batches.iterate(x, y, chunks, built.device)
 
 
 def _write_csv(path: Path, r: Result) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cnntrain.commands.args import CheckpointArgs
+from cnntrain.config import PRECISIONS
 from cnntrain.errors import UserError
 
 HELP = """\
@@ -54,13 +55,14 @@ def main(argv: list[str]) -> None:
     from rich.table import Table
 
     from cnntrain.commands.args import check_choice, console, images_and_model, start
+    from cnntrain.commands.images import image_batches, inputs_label
     from cnntrain.engine import tta
-    from cnntrain.engine.inference import CKPT_HELP, image_batches, inputs_label, logits_of, precision_for, prepare
+    from cnntrain.engine.inference import CKPT_HELP, logits_of, precision_for, prepare
 
     args = start(argv, PredictArgs, "predict", HELP.format(ckpt=CKPT_HELP))
     if args is None:
         return
-    check_choice("precision", args.precision, ("auto", "32", "bf16", "fp16"))
+    check_choice("precision", args.precision, PRECISIONS)
     check_choice("tta", args.tta, tta.CHOICES)
     if args.top_k < 1:
         raise UserError(f"top_k={args.top_k} must be at least 1")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cnntrain.errors import UserError, did_you_mean
+from cnntrain.registry import OPTIMIZERS, SCHEDULERS
 
 _T = TypeVar("_T")
 
@@ -207,7 +208,8 @@ class TrainerConfig:
     seed: int = 0
     # Bit-identical reruns: deterministic kernels only, and the thread count does not follow the load.
     deterministic: bool = False
-    # CPU threads for torch; None keeps torch's default (one per core).
+    # CPU threads for torch; None: one per usable physical core, less the cores other processes keep busy (the
+    # load is not looked at with trainer.deterministic; OMP_NUM_THREADS or MKL_NUM_THREADS, when set, decide).
     num_threads: int | None = None
     # Clip the global gradient norm to this value; None disables.
     grad_clip: float | None = None
@@ -298,16 +300,25 @@ class FitConfig:
     resume: str | None = None
 
 
+# trainer.precision, and the precision= of evaluate and predict.
+PRECISIONS = ("auto", "32", "bf16", "fp16")
+# augment.policy: the automatic augmentation policies of augment/ops.py.
+POLICIES = ("none", "randaugment", "trivialaugment")
+# augment.policy_magnitude runs over torchvision's bins, 0 .. POLICY_MAX_MAGNITUDE (augment/ops.py scales by it).
+POLICY_MAX_MAGNITUDE = 30
+
+# The keys whose value is one of a list. The optimizers and schedules are their registries' names, which
+# cnntrain.registry declares so that they are known here without importing their builders (and torch).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "trainer.precision": ("auto", "32", "bf16", "fp16"),
+    "trainer.precision": PRECISIONS,
     "trainer.channels_last": ("auto", "true", "false"),
     "trainer.monitor": ("val/acc", "val/loss"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "trainer.progress": ("auto", "rich", "plain", "none"),
     "trainer.figures": ("background", "end", "off"),
-    "optimizer.name": ("adam", "adamw", "sgd"),
-    "scheduler.name": ("none", "cosine", "onecycle", "step"),
-    "augment.policy": ("none", "randaugment", "trivialaugment"),
+    "optimizer.name": OPTIMIZERS.names,
+    "scheduler.name": SCHEDULERS.names,
+    "augment.policy": POLICIES,
     "dataset.on_corrupt": ("skip", "error"),
     "dataset.in_memory": ("auto", "true", "false"),
     "dataset.sampler": ("shuffle", "balanced"),
@@ -460,12 +471,7 @@ def validate(cfg: Any) -> None:
     check_known_keys(cfg)
     check_targets(cfg)
     for key, options in CHOICES.items():
-        value = str(_get(cfg, key))
-        if value.lower() not in options:  # `true`/`false` on the command line arrive as booleans
-            raise UserError(
-                f"{key}={value} is not a valid choice; use one of: {', '.join(options)}"
-                + did_you_mean(value, options)
-            )
+        _check_choice(key, _get(cfg, key), options)
     if cfg.model.name == "timm" and not _installed("timm"):  # now, not after the data have loaded
         raise UserError("model=timm needs the timm package, which is not installed: pip install 'cnntrain[timm]'")
     t, d, o, s, a = cfg.trainer, cfg.dataset, cfg.optimizer, cfg.scheduler, cfg.augment
@@ -482,12 +488,7 @@ def validate(cfg: Any) -> None:
         (t.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", t.early_stopping_min_delta, "must be >= 0"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be at least 1"),
         (t.checkpoint_every_n_steps >= 0, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 0"),
-        (0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)"),
-        (0 < d.test_fraction < 1, "dataset.test_fraction", d.test_fraction, "must be between 0 and 1 (exclusive)"),
-        (d.val_fraction + d.test_fraction < 1, "dataset.val_fraction", d.val_fraction, "plus dataset.test_fraction must be below 1"),
-        (d.subset is None or d.subset >= 1, "dataset.subset", d.subset, "must be at least 1"),
-        (d.image_size is None or d.image_size >= 1, "dataset.image_size", d.image_size, "must be at least 1"),
-        (d.channels in (None, 1, 3), "dataset.channels", d.channels, "must be 1, 3 or null"),
+        *_dataset_checks(d),
         (o.lr > 0, "optimizer.lr", o.lr, "must be > 0"),
         (o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", o.betas, "must be two numbers in [0, 1)"),
@@ -511,6 +512,9 @@ def validate(cfg: Any) -> None:
         (0 < a.scale_min <= a.scale_max, "augment.scale_min", (a.scale_min, a.scale_max), "must satisfy 0 < scale_min <= scale_max"),
         (0 <= a.translate < 1, "augment.translate", a.translate, "must be in [0, 1)"),
         (a.crop_padding >= 0, "augment.crop_padding", a.crop_padding, "must be >= 0"),
+        (a.policy != "randaugment" or a.policy_ops >= 1, "augment.policy_ops", a.policy_ops, "must be at least 1"),
+        (a.policy != "randaugment" or 0 <= a.policy_magnitude <= POLICY_MAX_MAGNITUDE, "augment.policy_magnitude",
+         a.policy_magnitude, f"must be in 0..{POLICY_MAX_MAGNITUDE} (torchvision's bins)"),
         (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", (a.mixup_alpha, a.cutmix_alpha), "must be >= 0"),
     ]
     checks += _fold_checks(t)
@@ -522,9 +526,52 @@ def validate(cfg: Any) -> None:
     checks.append((bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
                    "name", name, "must be a plain folder name (no '/'; it becomes runs/<name>/)"))
     checks.append(_micro_batch_check(t.micro_batch, t.batch_size))
+    _raise_first(checks)
+
+
+def _check_choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+    value = str(value)
+    if value.lower() not in options:  # `true`/`false` on the command line arrive as booleans
+        raise UserError(
+            f"{key}={value} is not a valid choice; use one of: {', '.join(options)}"
+            + did_you_mean(value, options)
+        )
+
+
+def _raise_first(checks: list[tuple[bool, str, Any, str]]) -> None:
     for ok, key, value, what in checks:
         if not ok:
             raise UserError(f"{key}={value} {what}")
+
+
+def _dataset_checks(d: Any) -> list[tuple[bool, str, Any, str]]:
+    """The checks of the dataset's values alone. What needs the files (does dataset.root exist, is the CSV
+    there and well-formed) is the loader's, which reads them."""
+    return [
+        (0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)"),
+        (0 < d.test_fraction < 1, "dataset.test_fraction", d.test_fraction, "must be between 0 and 1 (exclusive)"),
+        (d.val_fraction + d.test_fraction < 1, "dataset.val_fraction", d.val_fraction, "plus dataset.test_fraction must be below 1"),
+        (d.subset is None or d.subset >= 1, "dataset.subset", d.subset, "must be at least 1"),
+        (d.image_size is None or d.image_size >= 1, "dataset.image_size", d.image_size, "must be at least 1"),
+        (d.channels in (None, 1, 3), "dataset.channels", d.channels, "must be 1, 3 or null"),
+        (d.min_class_images >= 0, "dataset.min_class_images", d.min_class_images, "must be >= 0 (0: warn only)"),
+        (d.name != "imagefolder" or d.root is not None, "dataset", d.name,
+         "needs dataset.root=DIR: a folder of class folders, or one with train/ and val/ class folders"),
+        (d.name != "csv" or d.root is not None, "dataset", d.name,
+         "needs dataset.root=DIR, the folder the CSV's paths are relative to"),
+        (d.name != "csv" or bool(d.file), "dataset", d.name,
+         "needs dataset.file=NAME.csv, the CSV of labels (columns path,label[,split])"),
+    ]
+
+
+def check_dataset(d: Any) -> None:
+    """The dataset's values, checked as validate checks them, for every dataset that is loaded
+    (data.load_dataset): `cnntrain evaluate dataset.KEY=VALUE` loads one without a fit's validation."""
+    for key, options in CHOICES.items():
+        group, _, leaf = key.partition(".")
+        if group == "dataset":
+            _check_choice(key, getattr(d, leaf), options)
+    _raise_first(_dataset_checks(d))
 
 
 def _fold_checks(t: Any) -> list[tuple[bool, str, Any, str]]:
@@ -541,7 +588,7 @@ def _fold_checks(t: Any) -> list[tuple[bool, str, Any, str]]:
 
 
 def _class_weights_check(w: Any) -> tuple[bool, str, Any, str]:
-    """The length is checked against the dataset's classes when they are known (engine.build)."""
+    """The length is checked against the dataset's classes when they are known (engine.balance.loss_weights)."""
     from omegaconf import ListConfig
 
     what = "must be null, balanced or a list of numbers >= 0, one per class, e.g. [1, 10]"

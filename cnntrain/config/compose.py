@@ -1,5 +1,5 @@
-"""Hydra composition of the fit config: where the config groups live, cnntrain's resolvers, and one-line
-messages for the errors Hydra and OmegaConf raise while composing.
+"""Hydra composition of the fit config: where the config groups live, the resolvers of the run directories'
+names, and one-line messages for the errors Hydra and OmegaConf raise while composing.
 
 Used by `cnntrain fit` (the Hydra app) and by the commands that compose a fit config without running
 it (lr-find, resume=auto).
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cnntrain.config import FitConfig, declared
+from cnntrain.config import FitConfig
+from cnntrain.config.keys import key_hint, schema_keys
 from cnntrain.errors import UserError, did_you_mean
 
 # One tag per process: keeps two runs started in the same second in different directories.
@@ -135,6 +136,8 @@ def notice_clashes() -> None:
 
 
 def register_resolvers() -> None:
+    """The resolvers of the run and sweep directories' names (fit.yaml); the Optuna study's are
+    cnntrain.sweep.study's."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("cnntrain_tag"):
@@ -142,57 +145,6 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cnntrain_dirname"):
         # Job directory names come from overrides; a "/" in a value (val/loss) must not nest folders.
         OmegaConf.register_new_resolver("cnntrain_dirname", lambda s: str(s).replace("/", "-") or "defaults")
-    if not OmegaConf.has_resolver("cnntrain_direction"):
-        # Optuna's direction follows trainer.monitor: accuracy up, loss down.
-        OmegaConf.register_new_resolver("cnntrain_direction", lambda m: "maximize" if "acc" in str(m) else "minimize")
-    if not OmegaConf.has_resolver("cnntrain_sqlite"):
-        OmegaConf.register_new_resolver("cnntrain_sqlite", _sqlite_url)
-    if not OmegaConf.has_resolver("cnntrain_study_seed"):
-        # The Optuna sampler's seed: a continued study must not propose its first trials again.
-        OmegaConf.register_new_resolver("cnntrain_study_seed", study_seed)
-
-
-def _sqlite_url(path: str) -> str:
-    """An SQLite URL for an Optuna study file; its folder is created (SQLite will not)."""
-    file = Path(path).expanduser().resolve()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{file}"
-
-
-def study_seed(seed: int, storage: str, study_name: str) -> int:
-    """The sampler seed of an Optuna study: trainer.seed for a new study; for one continued from its storage,
-    a seed drawn from trainer.seed and the number of trials stored, so each run of the command proposes new
-    points (a sampler seeded alike every time would propose the very trial 0 it proposed the first time)."""
-    stored = _stored_trials(str(storage), str(study_name))
-    if stored == 0:
-        return int(seed)
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{stored}".encode()).digest()[:4], "big")
-
-
-def _stored_trials(storage: str, study_name: str) -> int:
-    """Trials (any state) of the study in its storage; 0 when there is no such study yet."""
-    if storage.startswith("sqlite:///"):
-        import sqlite3
-        from urllib.parse import quote
-
-        file = Path(storage[len("sqlite:///"):])
-        if not file.is_file():
-            return 0
-        try:
-            with sqlite3.connect(f"file:{quote(str(file))}?mode=ro", uri=True) as con:
-                row = con.execute("select count(*) from trials join studies using (study_id) "
-                                  "where studies.study_name = ?", (study_name,)).fetchone()
-        except sqlite3.Error:  # not an Optuna file yet (no tables)
-            return 0
-        return int(row[0])
-    import optuna  # another database: ask Optuna
-
-    try:
-        return len(optuna.load_study(study_name=study_name, storage=storage).trials)
-    except KeyError:  # no such study
-        return 0
 
 
 def register_configs() -> None:
@@ -346,96 +298,10 @@ def _omegaconf_message(cause: BaseException, outer: BaseException) -> str:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in msg:
         # Unknown key: suggest the closest declared one.
         parent_key, _, leaf = full_key.rpartition(".")
-        known = _schema_keys(parent_key)
+        known = schema_keys(parent_key)
         hint = did_you_mean(leaf, known) or key_hint(full_key)  # lr=... -> optimizer.lr
         where = f" in '{parent_key}'" if parent_key else ""
         return f"unknown key '{full_key}'{where}{hint}; known keys: {', '.join(known)}"
     if isinstance(cause, ValidationError):
         return f"{full_key}: {msg}" if full_key else msg
     return f"{full_key}: {msg}" if full_key else " ".join(str(outer).split())
-
-
-def _schema_keys(group: str) -> list[str]:
-    import dataclasses
-
-    node = FitConfig
-    for part in [p for p in group.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields:
-            return []
-        node = fields[part].default_factory  # type: ignore[assignment]
-    return declared(node)
-
-
-def all_keys() -> list[str]:
-    """Every key an override can set: the top-level ones (name, resume, the groups) and group.field."""
-    import dataclasses
-
-    keys = ["experiment"]
-    for f in dataclasses.fields(FitConfig):
-        keys.append(f.name)
-        if f.default_factory is not dataclasses.MISSING:  # a group: its fields
-            keys += [f"{f.name}.{g}" for g in declared(f.default_factory)]  # type: ignore[arg-type]
-    return keys
-
-
-# Names other tools use for a few keys.
-_ALIASES = {"learning_rate": "optimizer.lr", "bs": "trainer.batch_size", "max_epochs": "trainer.epochs"}
-
-
-def closest_keys(key: str) -> list[str]:
-    """The keys a user most likely meant by `key`: itself when it exists, else the keys of any group with this
-    name (lr -> optimizer.lr, seed -> trainer.seed), else one close spelling; [] when nothing is close."""
-    import difflib
-
-    keys = all_keys()
-    if key in keys:
-        return [key]
-    if key in _ALIASES:
-        return [_ALIASES[key]]
-    leaf = key.rpartition(".")[2]
-    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf]
-    if same_leaf:
-        return same_leaf
-    leaves = {k.rpartition(".")[2]: k for k in keys if "." in k}
-    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
-    return [leaves[close[0]]] if close else difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-
-
-def key_hint(key: str) -> str:
-    """' (did you mean 'optimizer.lr'?)' for a key written without its group (or misspelt), else ''."""
-    found = [k for k in closest_keys(key) if k != key]
-    return f" (did you mean {' or '.join(repr(k) for k in found)}?)" if found else ""
-
-
-def option_error(arg: str, following: str | None, command: str = "fit") -> UserError:
-    """`--lr 0.01` (or --lr=0.01): the override it most likely means, in one line, instead of argparse's usage."""
-    name, eq, value = arg.partition("=")
-    if not eq and following is not None and not following.startswith("-") and "=" not in following:
-        value = following
-    key = name.lstrip("-").replace("-", "_")
-    found = closest_keys(key) if key else []
-    shown = value if value else "VALUE"
-    if found:
-        write = " or ".join(f"{k}={shown}" for k in found)
-        return UserError(f"cnntrain {command} takes no option '{name}': overrides are key=value; write {write} "
-                         f"(see `cnntrain {command} --help`)")
-    return UserError(f"cnntrain {command} takes no option '{name}': overrides are key=value, e.g. "
-                     f"trainer.epochs=3 (see `cnntrain {command} --help`)")
-
-
-def check_options(args: list[str], command: str = "fit") -> None:
-    """Refuse, in one line, an option Hydra's own command line does not have (`--lr 0.01`), before argparse
-    prints its usage; Hydra's flags (--multirun, --cfg job, -m, ... and their abbreviations) pass."""
-    try:
-        from hydra._internal.utils import get_args_parser
-    except ImportError:  # another Hydra: leave the flags to its argparse
-        return
-    flags = [s for a in get_args_parser()._actions for s in a.option_strings]
-    for i, arg in enumerate(args):
-        if not arg.startswith("-") or arg == "-":
-            continue
-        name = arg.partition("=")[0]
-        if name in flags or (name.startswith("--") and len(name) > 2 and any(f.startswith(name) for f in flags)):
-            continue
-        raise option_error(arg, args[i + 1] if i + 1 < len(args) else None, command)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 
-from cnntrain.config import DatasetConfig
+from cnntrain.config import DatasetConfig, check_dataset
 from cnntrain.data import builtin, csv_labels, custom, imagefolder  # noqa: F401  (they fill the registry)
 from cnntrain.data.images import ImageData
 from cnntrain.registry import DATASETS
@@ -17,6 +17,7 @@ from cnntrain.registry import DATASETS
 
 def load_dataset(cfg: DatasetConfig) -> ImageData:
     """Load the dataset that cfg.name names (a built-in loader or an installed plug-in), with its splits."""
+    check_dataset(cfg)  # `cnntrain evaluate dataset.KEY=VALUE` comes here without a fit's validation
     if cfg.name not in DATASETS and DATASETS.plugin(cfg.name) is not None:
         return custom.load_plugin(cfg.name, cfg)
     loader = DATASETS.get(cfg.name)

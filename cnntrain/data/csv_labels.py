@@ -44,9 +44,7 @@ class _Rows:
 
 
 def _csv_path(cfg: DatasetConfig, root: Path) -> Path:
-    if not cfg.file:
-        raise UserError("dataset=csv needs dataset.file=NAME.csv, the CSV of labels (columns path,label[,split])")
-    path = Path(cfg.file).expanduser()
+    path = Path(str(cfg.file)).expanduser()  # set: config.check_dataset refuses dataset=csv without a file
     path = path if path.is_absolute() else root / path
     if not path.is_file():
         raise UserError(f"dataset.file={cfg.file}: no such file {path}; give the CSV of labels, relative to "
@@ -137,12 +135,9 @@ def _check_classes(classes: list[str], train_labels: np.ndarray, cfg: DatasetCon
 
 @DATASETS.register("csv")
 def load_csv(cfg: DatasetConfig) -> ImageData:
-    """Images under dataset.root, labelled by the CSV dataset.file (path,label[,split])."""
-    if cfg.root is None:
-        raise UserError("dataset=csv needs dataset.root=DIR, the folder the CSV's paths are relative to")
-    if cfg.on_corrupt not in ("skip", "error"):
-        raise UserError(f"dataset.on_corrupt={cfg.on_corrupt} is not a valid choice; use one of: skip, error")
-    root = Path(cfg.root).expanduser()
+    """Images under dataset.root, labelled by the CSV dataset.file (path,label[,split]). The values were
+    checked by config.check_dataset (data.load_dataset); what is checked here needs the files."""
+    root = Path(str(cfg.root)).expanduser()
     if not root.is_dir():
         raise UserError(f"dataset.root={root} does not exist or is not a folder")
     path = _csv_path(cfg, root)

@@ -68,8 +68,6 @@ def small_classes(classes: list[str], train_labels: np.ndarray, cfg: DatasetConf
     named, with the class it looks like, as one warning, or as an error below dataset.min_class_images."""
     import difflib
 
-    if cfg.min_class_images < 0:
-        raise UserError(f"dataset.min_class_images={cfg.min_class_images} must be >= 0 (0: warn only)")
     counts = np.bincount(train_labels, minlength=len(classes))
     if cfg.min_class_images > 0:
         small = [i for i in range(len(classes)) if 0 < counts[i] < cfg.min_class_images]
@@ -200,13 +198,9 @@ def split_recorded(x: Images, y: torch.Tensor, which: np.ndarray, present: list[
 
 @DATASETS.register("imagefolder")
 def load_imagefolder(cfg: DatasetConfig) -> ImageData:
-    """The user's images: root/{train,val[,test]}/<class>/* or root/<class>/* (split by the fractions)."""
-    if cfg.root is None:
-        raise UserError("dataset=imagefolder needs dataset.root=DIR: a folder of class folders, "
-                        "or one with train/ and val/ class folders")
-    if cfg.on_corrupt not in ("skip", "error"):
-        raise UserError(f"dataset.on_corrupt={cfg.on_corrupt} is not a valid choice; use one of: skip, error")
-    root = Path(cfg.root).expanduser()
+    """The user's images: root/{train,val[,test]}/<class>/* or root/<class>/* (split by the fractions). The
+    values were checked by config.check_dataset (data.load_dataset); what is checked here needs the files."""
+    root = Path(str(cfg.root)).expanduser()
     if not root.is_dir():
         raise UserError(f"dataset.root={root} does not exist or is not a folder")
 

@@ -200,9 +200,7 @@ def finish(name: str, classes: list[str], train: Split, val: Split, test: Split,
     """Apply dataset.subset to the train split, compute normalisation statistics, build the ImageData."""
     train_x, train_y = train
     subset = getattr(cfg, "subset", None)
-    if subset is not None:
-        if subset < 1:
-            raise UserError(f"dataset.subset={subset} must be at least 1 (or null for all images)")
+    if subset is not None:  # at least 1: config.check_dataset (data.load_dataset)
         if subset < len(train_y):
             # A seed stream of its own: the subset is drawn after the split and leaves val/test untouched.
             keep, _ = stratified_split(train_y.numpy(), [subset], [cfg.split_seed, 1])

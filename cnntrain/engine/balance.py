@@ -26,12 +26,14 @@ def loss_weights(spec: ClassWeights, counts: torch.Tensor, classes: Sequence[str
         return None
     k = len(classes)
     if spec == "balanced":
-        if bool((counts == 0).any()):
+        if bool((counts == 0).any()):  # needs the training split's labels, as the count of weights below does
             empty = [classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
             raise UserError(f"trainer.class_weights=balanced: the training split has no images of "
                             f"{', '.join(empty[:5])}; give explicit weights or add images")
         return (counts.sum() / (k * counts)).float()
     weights = [float(v) for v in spec]
+    # config.validate checks the values (numbers >= 0, one of them > 0); their count needs the dataset's classes,
+    # known only once it is loaded, so it is checked here.
     if len(weights) != k:
         raise UserError(f"trainer.class_weights has {len(weights)} weights but the dataset has {k} classes "
                         f"({', '.join(classes[:10])}{', ...' if k > 10 else ''}); give one weight per class")
