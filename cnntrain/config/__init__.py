@@ -183,7 +183,8 @@ class TrainerConfig:
     grad_clip: float | None = None
     # Label smoothing of the training loss, in [0, 1).
     label_smoothing: float = 0.0
-    # Validation metric that picks the `best` checkpoint: val/acc (max) or val/loss (min).
+    # Validation metric that picks the `best` checkpoint: val/acc (max) or val/loss (min); val/map (max) for
+    # multi-label data, where val/acc also stands for val/map (a multi-label run has no accuracy).
     monitor: str = "val/acc"
     # Per-step train loss goes to TensorBoard every this many steps.
     log_every_n_steps: int = 50
@@ -214,6 +215,8 @@ class TrainerConfig:
     folds: int | None = None
     # The fold this job runs (0 .. folds-1); set by trainer.folds, not by hand.
     fold: int | None = None
+    # Multi-label data: a label is predicted when its sigmoid probability is above this (F1, exact match, predict).
+    threshold: float = 0.5
 
 
 @dataclass
@@ -271,7 +274,7 @@ class FitConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("auto", "32", "bf16", "fp16"),
     "trainer.channels_last": ("auto", "true", "false"),
-    "trainer.monitor": ("val/acc", "val/loss"),
+    "trainer.monitor": ("val/acc", "val/loss", "val/map"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "trainer.progress": ("auto", "rich", "plain", "none"),
     "trainer.figures": ("background", "end", "off"),
@@ -397,6 +400,7 @@ def validate(cfg: Any) -> None:
         (t.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", t.early_stopping_min_delta, "must be >= 0"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be at least 1"),
         (t.checkpoint_every_n_steps >= 0, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 0"),
+        (0 < t.threshold < 1, "trainer.threshold", t.threshold, "must be between 0 and 1 (exclusive)"),
         (0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)"),
         (0 < d.test_fraction < 1, "dataset.test_fraction", d.test_fraction, "must be between 0 and 1 (exclusive)"),
         (d.val_fraction + d.test_fraction < 1, "dataset.val_fraction", d.val_fraction, "plus dataset.test_fraction must be below 1"),

@@ -141,8 +141,9 @@ def register_resolvers() -> None:
         # Job directory names come from overrides; a "/" in a value (val/loss) must not nest folders.
         OmegaConf.register_new_resolver("cnntrain_dirname", lambda s: str(s).replace("/", "-") or "defaults")
     if not OmegaConf.has_resolver("cnntrain_direction"):
-        # Optuna's direction follows trainer.monitor: accuracy up, loss down.
-        OmegaConf.register_new_resolver("cnntrain_direction", lambda m: "maximize" if "acc" in str(m) else "minimize")
+        # Optuna's direction follows trainer.monitor: accuracy and mAP up, loss down.
+        OmegaConf.register_new_resolver("cnntrain_direction",
+                                        lambda m: "minimize" if "loss" in str(m) else "maximize")
     if not OmegaConf.has_resolver("cnntrain_sqlite"):
         OmegaConf.register_new_resolver("cnntrain_sqlite", _sqlite_url)
     if not OmegaConf.has_resolver("cnntrain_study_seed"):

@@ -24,16 +24,17 @@ from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine import distributed
 from cnntrain.engine.build import build_run, start_rows
 from cnntrain.engine.device import describe
-from cnntrain.engine.evaluate import class_metrics, evaluate
+from cnntrain.engine.evaluate import evaluate
 from cnntrain.engine.inputs import epoch_order
 from cnntrain.engine.signals import StopRequested
 from cnntrain.engine.state import Progress, Run, save
+from cnntrain.engine.tasks import Monitor
 from cnntrain.errors import UserError
 from cnntrain.io import figures
 from cnntrain.io.cpus import CollapseWatch
 from cnntrain.io.files import BEST, LAST, write_json, write_splits
 from cnntrain.io.provenance import provenance
-from cnntrain.io.runlog import NullLog, RunLog
+from cnntrain.io.runlog import METRIC_COLUMNS, NullLog, RunLog
 from cnntrain.io.trackers import open_trackers
 from cnntrain.models import count_parameters, freeze_norm_stats, set_backbone_trainable
 from cnntrain.sweep import jobs as sweep_jobs
@@ -124,7 +125,7 @@ def train(run: Run) -> float:
         s.summary.update(status=pruning.PRUNED, pruned_epoch=e.epoch)
         _record(run, s.summary)
         run.reporter.print(f"trial {run.cfg.sweep.trial} pruned by the study's {run.cfg.sweep.pruner} pruner after "
-                           f"epoch {e.epoch}: {t.monitor} {e.value:.4f} falls behind the other trials")
+                           f"epoch {e.epoch}: {run.step.task.monitor(t.monitor).name} {e.value:.4f} falls behind the other trials")
         raise
     finally:
         s.stop.restore()
@@ -150,7 +151,7 @@ def _partial_summary(run: Run, s: Session) -> None:
     rows = [("epochs done", f"{p.epoch} of {t.epochs}" + (f", and {p.step_in_epoch} steps of the next"
                                                           if p.step_in_epoch else ""))]
     if p.best_metric is not None:
-        rows.append((f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"))
+        rows.append((f"best {run.step.task.monitor(t.monitor).name}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"))
     rows += [("time", f"{s.seconds_before + s.seconds():.1f}s"), ("run dir", str(run.run_dir))]
     run.reporter.final("interrupted", rows)
 
@@ -174,7 +175,8 @@ def _open_log(run: Run) -> RunLog | NullLog:
     hydra = sweep_jobs.hydra_config() if sweep_jobs.in_sweep() else None
     sweep_dir = Path(hydra.sweep.dir).resolve() if hydra is not None else None
     trackers = open_trackers(run.cfg.logger, run.run_dir, run.cfg.name, flat(run.cfg), resumed, resume_step, sweep_dir)
-    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None, resume_step=resume_step, trackers=trackers)
+    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None, resume_step=resume_step, trackers=trackers,
+                  columns=run.step.task.columns(METRIC_COLUMNS))
 
 
 def _save(run: Run, s: Session, name: str) -> None:
@@ -190,7 +192,8 @@ def _record(run: Run, summary: dict[str, Any]) -> None:
 
 def _epoch(run: Run, s: Session) -> bool:
     """One epoch: steps, validation, checkpoints, the metrics row. False when early stopping ends the run."""
-    cfg, t, p = run.cfg, run.cfg.trainer, run.progress
+    cfg, t, p, task = run.cfg, run.cfg.trainer, run.progress, run.step.task
+    monitor = task.monitor(t.monitor)
     epoch = p.epoch + 1
     if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch == epoch:
         set_backbone_trainable(run.model, True)
@@ -210,48 +213,47 @@ def _epoch(run: Run, s: Session) -> bool:
     # Ranks cannot abandon a sharded validation one by one; a signal is seen at the next step.
     val = evaluate(run.ema.module if run.ema is not None else run.plain, run.tensors["val_x"], run.tensors["val_y"],
                    run.step.normalise, t.eval_batch_size, run.step.precision, None if run.dist.enabled else s.stop,
-                   run.dist)
+                   run.dist, task.threshold)
     if s.stop and not run.dist.enabled:
         run.reporter.epoch_end(f"epoch {epoch}/{t.epochs} interrupted during validation")
         raise Interrupted
     check_finite(val["loss"], epoch, p.global_step, cfg)  # weights broken though the train loss was not
     eval_time = time.perf_counter() - t_eval
-    row = {"epoch": epoch, "step": p.global_step, "train_loss": train_loss, "train_acc": train_acc,
-           "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.step.optimizer.param_groups[0]["lr"],
+    row = {"epoch": epoch, "step": p.global_step, "train_loss": train_loss, "val_loss": val["loss"],
+           **task.row(train_acc, val), "lr": run.step.optimizer.param_groups[0]["lr"],
            "images_per_s": seen / max(train_time, 1e-9), "epoch_s": train_time + eval_time,
            "data_s": p.times["data"], "compute_s": p.times["compute"], "eval_s": eval_time}
     # The row goes out before the checkpoint: if we die in between, resume redoes this epoch and the
     # row is rewritten, never lost.
     s.log.epoch(row, p.global_step)
     p.epoch, p.step_in_epoch = epoch, 0
-    improved = _track_best(p, val, t)
+    improved = _track_best(p, val, t, monitor)
     if improved:
         _save(run, s, BEST)
     _save(run, s, LAST)
     s.summary.update(status="running", epochs_done=epoch, best_epoch=p.best_epoch,
-                     **{f"best_{t.monitor.replace('/', '_')}": p.best_metric})
+                     **{f"best_{monitor.name.replace('/', '_')}": p.best_metric})
     _record(run, s.summary)
     run.reporter.epoch_end(
-        f"epoch {epoch}/{t.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-        f"val loss {val['loss']:.4f} acc {val['acc']:.4f}{'  *' if improved else ''}  "
+        f"epoch {epoch}/{t.epochs}  {task.epoch_text(train_loss, train_acc, val)}{'  *' if improved else ''}  "
         f"{row['images_per_s']:,.0f} img/s  data {p.times['data'] / max(train_time, 1e-9):.0%}  "
         f"{row['epoch_s']:.1f}s"
     )
     if s.trial is not None:
-        s.trial.epoch(epoch, val["acc"] if t.monitor == "val/acc" else val["loss"], last=epoch >= t.epochs)
+        s.trial.epoch(epoch, val[monitor.key], last=epoch >= t.epochs)
     patience = t.early_stopping_patience
     if patience is not None and p.epochs_without_improvement >= patience and p.epoch < t.epochs:
         s.summary["early_stopped_epoch"] = epoch
-        run.reporter.print(f"early stopping: {t.monitor} has not improved for {patience} epochs "
+        run.reporter.print(f"early stopping: {monitor.name} has not improved for {patience} epochs "
                            f"(best {p.best_metric:.4f} at epoch {p.best_epoch})")
         return False
     return True
 
 
-def _track_best(p: Progress, val: dict[str, Any], t: DictConfig) -> bool:
+def _track_best(p: Progress, val: dict[str, Any], t: DictConfig, monitor: Monitor) -> bool:
     """Update the best metric and the early-stopping count; whether this epoch is the new best."""
-    monitor_max = t.monitor == "val/acc"
-    metric = val["acc"] if monitor_max else val["loss"]
+    monitor_max = monitor.maximize
+    metric = val[monitor.key]
     improved = p.best_metric is None or (metric > p.best_metric if monitor_max else metric < p.best_metric)
     margin = t.early_stopping_min_delta
     clearly = p.best_metric is None or (metric > p.best_metric + margin if monitor_max
@@ -297,7 +299,7 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
         if run.ema is not None:
             run.ema.update_parameters(run.model)
         sums["loss"] += loss.detach() * len(y)
-        sums["correct"] += (logits.argmax(1) == y).sum()
+        sums["correct"] += step.task.correct(logits, y)
         sums["seen"] += len(y)
         p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
         t2 = time.perf_counter()
@@ -315,7 +317,7 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
         now = time.monotonic()
         if now - last_refresh >= run.reporter.refresh_s:
             last_refresh = now
-            run.reporter.epoch_update(p.step_in_epoch, _running_stats(sums, p.times))
+            run.reporter.epoch_update(p.step_in_epoch, _running_stats(sums, p.times, step.task.train_key))
             check_finite(sums["loss"].item(), epoch, p.global_step, cfg)
         if t.checkpoint_every_n_steps and p.global_step % t.checkpoint_every_n_steps == 0 and i + 1 < steps:
             check_finite(sums["loss"].item(), epoch, p.global_step, cfg)
@@ -343,10 +345,10 @@ def _skip(run: Run, s: Session, loss: torch.Tensor, epoch: int) -> None:
                        "(trainer.on_nonfinite=skip)")
 
 
-def _running_stats(sums: dict[str, torch.Tensor], times: dict[str, float]) -> dict[str, float]:
+def _running_stats(sums: dict[str, torch.Tensor], times: dict[str, float], key: str = "acc") -> dict[str, float]:
     seen = max(1.0, sums["seen"].item())
     busy = max(1e-9, times["data"] + times["compute"])
-    return {"loss": sums["loss"].item() / seen, "acc": sums["correct"].item() / seen,
+    return {"loss": sums["loss"].item() / seen, key: sums["correct"].item() / seen,
             "img/s": seen / busy, "data": times["data"] / busy}
 
 
@@ -371,23 +373,23 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     """Test the best checkpoint, record everything, print the final table. `elapsed`: this session's
     training time; summary.json's train_seconds is the run's total, train_seconds_after_resume this
     session's part of it when the run was resumed."""
-    t, p, log, summary, stop = run.cfg.trainer, run.progress, s.log, s.summary, s.stop
+    t, p, log, summary, stop, task = run.cfg.trainer, run.progress, s.log, s.summary, s.stop, run.step.task
     best_path = run.run_dir / "checkpoints" / BEST
     run.model.load_state_dict(ckpt.load_checkpoint(best_path)["model"])
     test = evaluate(run.plain, run.tensors["test_x"], run.tensors["test_y"], run.step.normalise, t.eval_batch_size,
-                    run.step.precision, stop)
+                    run.step.precision, stop, threshold=task.threshold)
     if stop:  # training is complete and checkpointed; a resume runs only the test
         summary["status"] = "interrupted"
         write_json(run.run_dir / "summary.json", summary)
         run.reporter.print(f"stopped by signal {stop.signum} during the test.{_resume_hint(run)}")
         raise SystemExit(stop.exit_code)
-    log.scalar("test/loss", test["loss"], p.global_step)
-    log.scalar("test/acc", test["acc"], p.global_step)
-    key = f"best_{t.monitor.replace('/', '_')}"
-    balanced = class_metrics(test["pred"], run.tensors["test_y"], run.data.num_classes)
+    tested = task.test_record(test, run.tensors["test_y"], run.data.num_classes)
+    for tag, value in tested["scalars"].items():
+        log.scalar(tag, value, p.global_step)
+    monitor = task.monitor(t.monitor).name
+    key = f"best_{monitor.replace('/', '_')}"
     summary.update(status="completed", epochs_done=p.epoch, best_epoch=p.best_epoch, **{key: p.best_metric},
-                   test_loss=test["loss"], test_acc=test["acc"], test_balanced_acc=balanced["balanced_acc"],
-                   test_macro_f1=balanced["macro_f1"], train_seconds=round(s.seconds_before + elapsed, 2),
+                   **tested["summary"], train_seconds=round(s.seconds_before + elapsed, 2),
                    global_step=p.global_step, skipped_steps=p.skipped_steps, parameters=count_parameters(run.model),
                    checkpoint=str(best_path))
     resumed = run.cfg.resume is not None
@@ -396,8 +398,7 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
     if run.data.test_split is not None:  # held out by cnntrain: say how, so the figure can be trusted
         summary["test_split"] = run.data.test_split
     write_json(run.run_dir / "summary.json", summary)
-    log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
-                                "hparam/test_loss": test["loss"]})
+    log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, **tested["hparams"]})
     if run.dist.main:  # filters and feature maps in TensorBoard; run_dir/figures/*.png, the same in TensorBoard
         figures.model_images(run.model, run.tensors["test_x"][:1], run.step.normalise.from_uint8, log,
                              p.global_step)
@@ -409,10 +410,8 @@ def finish(run: Run, s: Session, elapsed: float) -> float:
                           run.tensors["test_y"], test, how, tensorboard=run.cfg.logger.tensorboard)
     log.summary(summary)
     run.reporter.final("done", [
-        (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
-        ("test acc", f"{test['acc']:.4f}"),
-        ("test balanced acc / macro F1", f"{balanced['balanced_acc'] or 0:.4f} / {balanced['macro_f1'] or 0:.4f}"),
-        ("test loss", f"{test['loss']:.4f}"),
+        (f"best {monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
+        *tested["rows"],
         ("time", f"{s.seconds_before + elapsed:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
         ("run dir", str(run.run_dir)),
         *log.viewers(),

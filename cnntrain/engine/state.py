@@ -101,7 +101,8 @@ def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
             "classes": list(data.classes),
             "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
             "std": list(data.std), "dataset": data.name,
-            "flips_change_label": bool(cfg.dataset.flips_change_label)}
+            "flips_change_label": bool(cfg.dataset.flips_change_label),
+            **({"task": "multilabel", "threshold": cfg.trainer.threshold} if data.multilabel else {})}
 
 
 def save(run: Run, name: str) -> None:

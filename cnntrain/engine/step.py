@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cnntrain.engine import tasks
 from cnntrain.engine.device import Precision
 from cnntrain.engine.inputs import Normalise, augment_seed, to_unit
 
@@ -37,6 +37,7 @@ class TrainStep:
     rank: int = 0
     class_weights: torch.Tensor | None = None  # trainer.class_weights, on the device; None: unweighted
     micro_batch: int | None = None  # chunk size of the forward/backward passes; None: the whole batch at once
+    task: tasks.Task = tasks.SingleLabel()  # the loss (cross-entropy, or binary cross-entropy for multi-label)
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator(device=self.normalise.mean.device)
@@ -54,8 +55,7 @@ class TrainStep:
         dtype = self.precision.dtype
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.forward(x)
-        return logits, F.cross_entropy(logits.float(), target, weight=self.class_weights,
-                                       label_smoothing=self.label_smoothing)
+        return logits, self.task.loss(logits.float(), target, self.class_weights, self.label_smoothing)
 
     def loss(self, x_u8: torch.Tensor, y: torch.Tensor, global_step: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
