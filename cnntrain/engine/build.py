@@ -139,8 +139,8 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
         rows.insert(-1, ("classes", ", ".join(filter(None, [
             f"loss weights {', '.join(f'{w:.3g}' for w in weights.values())}" if weights else "",
             f"{cfg.dataset.sampler} sampler" if cfg.dataset.sampler != "shuffle" else ""]))))
-    if tasks.start_row(run.step.task, cfg) is not None:
-        rows.insert(-1, tasks.start_row(run.step.task, cfg))
+    if (task_row := tasks.start_row(run.step.task, cfg)) is not None:
+        rows.insert(-1, task_row)
     if t.folds is not None:
         rows.insert(-1, ("fold", f"{t.fold + 1} of {t.folds}: validating on {len(data.val_y):,} images"))
     if t.ema_decay is not None:

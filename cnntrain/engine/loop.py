@@ -125,7 +125,8 @@ def train(run: Run) -> float:
         s.summary.update(status=pruning.PRUNED, pruned_epoch=e.epoch)
         _record(run, s.summary)
         run.reporter.print(f"trial {run.cfg.sweep.trial} pruned by the study's {run.cfg.sweep.pruner} pruner after "
-                           f"epoch {e.epoch}: {run.step.task.monitor(t.monitor).name} {e.value:.4f} falls behind the other trials")
+                           f"epoch {e.epoch}: {run.step.task.monitor(t.monitor).name} {e.value:.4f} falls behind "
+                           "the other trials")
         raise
     finally:
         s.stop.restore()
