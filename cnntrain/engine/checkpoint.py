@@ -3,9 +3,10 @@ compared with the run that resumes it.
 
 What it holds: "model" (the weights; in best.pt the validated ones, the average when EMA is on), "meta"
 (what inference needs: classes, channels, image size, normalisation, the model's source, the data
-fingerprint), "config" (the whole resolved config) and "progress" (`Progress`). A trainer checkpoint
-(last.pt, last.prev.pt) adds `TRAINER_KEYS` (optimizer, scheduler, scaler, progress, rng) and "ema": what
-continues a run bit for bit. Where the files lie in a run directory is `io.files.RunDir`'s business.
+fingerprint; a multi-label model's task and threshold, read by engine.tasks.of_meta), "config" (the whole
+resolved config) and "progress" (`Progress`). A trainer checkpoint (last.pt, last.prev.pt) adds
+`TRAINER_KEYS` (optimizer, scheduler, scaler, progress, rng) and "ema": what continues a run bit for bit.
+Where the files lie in a run directory is `io.files.RunDir`'s business.
 
 Everything stored is tensors or plain Python values, so the whole trainer state loads
 with ``torch.load(weights_only=True)``; there is deliberately no unsafe fallback. Before
@@ -116,7 +117,8 @@ def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
             "classes": list(data.classes),
             "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
             "std": list(data.std), "dataset": data.name,
-            "flips_change_label": bool(cfg.dataset.flips_change_label)}
+            "flips_change_label": bool(cfg.dataset.flips_change_label),
+            **({"task": "multilabel", "threshold": cfg.trainer.threshold} if data.multilabel else {})}
 
 
 def save(run: RunState, name: str) -> None:
