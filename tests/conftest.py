@@ -177,3 +177,24 @@ def stalled_run(tiny_weights, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(cwd)
     return run_dir, proc.stdout, start
+
+
+def write_multilabel_digits(folder: Path, n: int = 5000) -> Path:
+    """A multi-label CSV set from the embedded digits: labels `even` and `greater_than_4`, so 0, 2 and 4 are
+    `even`, 5, 7 and 9 `greater_than_4`, 6 and 8 both (`even|greater_than_4`) and 1 and 3 neither (`-`): n digits
+    spread evenly over the 5,000 (the file is sorted by digit, so every digit is in). Writes folder/img/<i>.png and
+    folder/labels.csv; returns folder."""
+    import numpy as np
+    from PIL import Image
+
+    data = np.load(REPO / "cnntrain" / "data" / "mnist5k.npz")
+    pick = np.linspace(0, len(data["labels"]) - 1, n).round().astype(int)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["path,label"]
+    for i in pick.tolist():
+        digit = int(data["labels"][i])
+        labels = [name for name, on in (("even", digit % 2 == 0), ("greater_than_4", digit > 4)) if on]
+        Image.fromarray(data["images"][i]).save(folder / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{'|'.join(labels) or '-'}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder

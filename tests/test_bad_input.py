@@ -150,6 +150,18 @@ CASES = [
     Case("pruner-without-optuna", ["sweep.pruner=median"],
          ["sweep.pruner=median prunes the trials of an Optuna study", "hydra/sweeper=optuna"]),
     Case("pruner-unknown", ["sweep.pruner=asha"], ["sweep.pruner=asha is not a valid choice"]),
+    # Multi-label data (label cells a|b, - for none).
+    Case("csv-multilabel-empty-cell", ["dataset=csv", "dataset.root={data}/csv_multilabel_empty"],
+         ["labels.csv line 3: the label cell of img/1.png is empty",
+          "in a multi-label CSV every row names its labels (a|b), or - for an image with none of them"]),
+    Case("threshold-out-of-range", ["trainer.threshold=1.5"], ["trainer.threshold=1.5 must be between 0 and 1"]),
+    Case("threshold-on-single-label-data", ["trainer.threshold=0.3"],
+         ["trainer.threshold=0.3 applies to multi-label data", "this dataset gives one class per image"]),
+    Case("monitor-map-on-single-label-data", ["trainer.monitor=val/map"],
+         ["trainer.monitor=val/map is the mean average precision of multi-label runs", "use val/acc or val/loss"]),
+    Case("balanced-sampler-on-multilabel-data", ["dataset=csv", "dataset.root={data}/csv_multilabel",
+                                                 "dataset.sampler=balanced"],
+         ["dataset.sampler=balanced draws images by their class", "trainer.class_weights=balanced"]),
     # Resume.
     # A sweep is checked job by job before its first job trains; a value list needs --multirun.
     Case("sweep-bad-value", ["--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1"],
@@ -247,6 +259,8 @@ def _make_data(data: Path) -> None:
     _csv(data / "csv_duplicate", ["img/0.png,a", "img/1.png,b", "img/2.png,a", "img/0.png,b"])
     _csv(data / "csv_gap", ["img/0.png,0", "img/1.png,2", "img/2.png,0", "img/3.png,2"])
     _csv(data / "csv_header", ["img/0.png,a", "img/1.png,b"], header="file,label")
+    _csv(data / "csv_multilabel_empty", ["img/0.png,a|b", "img/1.png,", "img/2.png,a", "img/3.png,b"])
+    _csv(data / "csv_multilabel", [f"img/{i}.png,{('a|b', 'a', 'b', '-')[i % 4]}" for i in range(24)])
     _csv(data / "csv_misspelt", [f"img/{i}.png,{'circle' if i % 2 else 'square'}" for i in range(24)]
          + ["img/24.png,circel"])
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnntrain.engine.checkpoint import load_checkpoint
-from tests.conftest import run_cli, run_dirs, summary
+from tests.conftest import run_cli, run_dirs, summary, write_multilabel_digits
 from tests.faults import REPO, csv_rows, flip_a_byte, run_faulty
 
 # 1,000 digits in batches of 32: 32 steps per epoch (ends at 32, 64, 96); last.pt every 10 steps.
@@ -149,6 +149,42 @@ def test_resume_with_class_weights_the_balanced_sampler_and_a_fold_is_bitwise_ex
     got, want = summary(run_dir), summary(reference_run)
     for key in ("global_step", "test_acc", "test_balanced_acc", "class_weights", "sampler", "fold"):
         assert got[key] == want[key], key
+
+
+# Issue 21's multi-label data: binary cross-entropy on a CSV of `a|b` labels, with mixup of the multi-hot targets,
+# label smoothing and per-label positive weights. 1,500 digits: 1,200 training images, of which smoke's subset
+# keeps 1,000 (32 steps per epoch, as above).
+MULTILABEL = ["dataset=csv", "dataset.file=labels.csv", "augment.mixup_alpha=0.2", "trainer.label_smoothing=0.1",
+              "trainer.class_weights=balanced", "trainer.epochs=2"]
+
+
+@pytest.mark.slow
+def test_resume_of_a_multilabel_run_is_bitwise_exact(tmp_path):
+    data = write_multilabel_digits(tmp_path / "data", 1500)
+    args = ["fit", *COMMON, *MULTILABEL, f"dataset.root={data}"]
+    want_dir, got_dir = tmp_path / "reference", tmp_path / "killed"
+    want_dir.mkdir()
+    got_dir.mkdir()
+    proc = run_cli(args, want_dir, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    (reference_run,) = run_dirs(want_dir)
+    proc = run_faulty(["kill-at-step=45"], args, got_dir)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (run_dir,) = run_dirs(got_dir)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["global_step"] == 40
+    proc = run_cli(["fit", f"resume={run_dir}"], got_dir, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(reference_run / "checkpoints" / name, run_dir / "checkpoints" / name)
+    assert csv_rows(run_dir) == csv_rows(reference_run)
+    got, want = summary(run_dir), summary(reference_run)
+    assert got["task"] == "multilabel"
+    for key in ("global_step", "best_val_map", "test_map", "test_micro_f1", "test_exact_match", "test_loss",
+                "class_weights"):
+        assert got[key] == want[key], key
+    got_curves, want_curves = curves(run_dir), curves(reference_run)
+    for tag in ("train/exact_match", "val/map", "val/micro_f1", "test/map"):
+        assert got_curves[tag] == want_curves[tag], tag
 
 
 def _error_line(proc) -> str:

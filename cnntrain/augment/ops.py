@@ -269,6 +269,8 @@ def random_erasing(x: Tensor, gen: torch.Generator, p: float) -> Tensor:
 
 
 def _one_hot(y: Tensor, num_classes: int) -> Tensor:
+    if y.dim() == 2:  # multi-hot labels (multi-label data) are their own soft targets, mixed like one-hot ones
+        return y.float()
     # scatter_ rather than F.one_hot, which checks the label range on the host (a sync on CUDA).
     return torch.zeros(y.shape[0], num_classes, device=y.device).scatter_(1, y.view(-1, 1), 1.0)
 
@@ -276,7 +278,8 @@ def _one_hot(y: Tensor, num_classes: int) -> Tensor:
 def mix_batch(
     x: Tensor, y: Tensor, gen: torch.Generator, num_classes: int, mixup_alpha: float, cutmix_alpha: float
 ) -> tuple[Tensor, Tensor]:
-    """Mixup or CutMix with a random permutation of the batch; returns soft targets [B, num_classes].
+    """Mixup or CutMix with a random permutation of the batch; returns soft targets [B, num_classes]. Multi-hot
+    labels [B, num_classes] are mixed the same way: each label's target is lam * its own + (1 - lam) * the partner's.
 
     One lambda per batch, so it is drawn on the host, from a generator seeded like ``gen`` (by the
     step): no device-side sampler and no host-device sync. With both alphas set, each batch uses one

@@ -182,3 +182,14 @@ def images_and_model(args: Any) -> tuple[list[Path], str, Any]:
     paths = check_images(found, on_error=args.on_error)
     trained = load_trained(args.ckpt, args.device)
     return paths, skipped_note(len(found), len(paths)) + ignored_note(ignored), trained
+
+
+def check_threshold(threshold: float | None, trained: Any) -> None:
+    """threshold= is a multi-label model's; a probability strictly between 0 and 1."""
+    if threshold is None:
+        return
+    if trained.task.name != "multilabel":
+        raise UserError(f"threshold={threshold} applies to multi-label models; {trained.checkpoint} predicts one "
+                        "class per image")
+    if not 0 < threshold < 1:
+        raise UserError(f"threshold={threshold} must be between 0 and 1 (exclusive)")

@@ -21,7 +21,9 @@ usage: cnntrain evaluate ckpt=<checkpoint or run dir> [key=value ...] [dataset.K
 Score a trained model on a split of its dataset (or of another one): loss, accuracy, balanced
 accuracy, macro F1, top-5 accuracy (models with 6 or more classes), precision, recall (= accuracy
 on the class) and F1 per class, and the confusion matrix. Printed as tables; written as metrics.json,
-per_class.csv, confusion_matrix.csv, predictions.csv, PNG figures and TensorBoard events.
+per_class.csv, confusion_matrix.csv, predictions.csv, PNG figures and TensorBoard events. A multi-label
+model gets mAP, micro/macro F1, exact match and per-label AP, precision, recall and F1 instead
+(per_label.csv in place of per_class.csv and the confusion matrix).
 
 keys:
   ckpt=PATH         {ckpt}
@@ -38,6 +40,8 @@ keys:
   mistakes=16       most confidently wrong images in mistakes.png
   tta=none          test-time augmentation: none | flip | crops | flip+crops (softmax averaged
                     over the views; flips are refused for digits and other flip-sensitive data)
+  threshold=null    multi-label models: a label is predicted above this probability (default:
+                    the trainer.threshold it was trained with)
   tensorboard=true  also write TensorBoard events under out/tensorboard
 
 examples:
@@ -56,6 +60,7 @@ class EvaluateArgs(CheckpointArgs):
     mistakes: int = 16
     tensorboard: bool = True
     tta: str = "none"
+    threshold: float | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
 
@@ -79,6 +84,18 @@ def _matching_dataset(args: EvaluateArgs, trained: Any) -> Any:
                         f"for an image folder, CSV or custom dataset set dataset.image_size={mh} "
                         f"dataset.channels={pre.channels}")
     x, y = getattr(data, f"{args.split}_x"), getattr(data, f"{args.split}_y")
+    if data.multilabel != (trained.task.name == "multilabel"):
+        kind = "multi-label (sets of labels)" if data.multilabel else "single-label (one class per image)"
+        raise UserError(f"dataset {data.name} is {kind}, but the model was trained on "
+                        f"{'single' if data.multilabel else 'multi'}-label data; evaluate it on data of its kind")
+    if data.multilabel and list(data.classes) != trained.classes:
+        unknown = [name for name in data.classes if name not in trained.classes]
+        if unknown:
+            raise UserError(f"dataset {data.name} has labels the model does not know: {', '.join(unknown[:10])}; "
+                            f"the model's labels are {', '.join(trained.classes[:20])}")
+        columns = torch.zeros(len(y), len(trained.classes))
+        columns[:, [trained.classes.index(name) for name in data.classes]] = y
+        return data, x, columns
     if list(data.classes) != trained.classes:
         unknown = [name for name in data.classes if name not in trained.classes]
         if unknown:
@@ -139,9 +156,13 @@ def run_evaluation(args: EvaluateArgs, trained: Any, x: torch.Tensor, y: torch.T
     batch = args.batch_size or int(trainer.get("eval_batch_size", 1000))
     if batch < 1:
         raise UserError(f"batch_size={batch} must be at least 1")
-    res = evaluate(trained.model, x, y, trained.preprocess.normalise(trained.device, channels_last), batch, precision)
-    return {**res, "pred": res["pred"].cpu(), "conf": res["conf"].cpu(), "precision": precision.label,
-            "tta": tta.describe(args.tta, views), "views": list(views)}
+    threshold = trained.task.threshold if args.threshold is None else args.threshold
+    res = evaluate(trained.model, x, y, trained.preprocess.normalise(trained.device, channels_last), batch, precision,
+                   threshold=threshold)
+    info = {"precision": precision.label, "tta": tta.describe(args.tta, views, y.dim() == 2), "views": list(views)}
+    if y.dim() == 2:
+        return {**res, "pred": res["pred"].cpu(), "scores": res["scores"].cpu(), "threshold": threshold, **info}
+    return {**res, "pred": res["pred"].cpu(), "conf": res["conf"].cpu(), **info}
 
 
 def _write_csvs(out: Path, classes: list[str], cm: np.ndarray, stats: dict[str, np.ndarray],
@@ -204,7 +225,15 @@ def _print_tables(con: Any, title: str, summary: list[tuple[str, str]], classes:
 
 
 def main(argv: list[str]) -> None:
-    from cnntrain.commands.args import check_choice, console, parse_args, plain_warnings, print_help, wants_help
+    from cnntrain.commands.args import (
+        check_choice,
+        check_threshold,
+        console,
+        parse_args,
+        plain_warnings,
+        print_help,
+        wants_help,
+    )
     from cnntrain.engine import tta
     from cnntrain.engine.inference import CKPT_HELP, load_trained
     from cnntrain.io import figures
@@ -219,6 +248,7 @@ def main(argv: list[str]) -> None:
     check_choice("precision", first.precision, PRECISIONS)
     check_choice("tta", first.tta, tta.CHOICES)  # before loading
     trained = load_trained(first.ckpt, first.device)
+    check_threshold(first.threshold, trained)  # before the data load
     stored = trained.config.get("dataset")
     base = {"dataset": stored} if isinstance(stored, dict) else None
     args = parse_args(EvaluateArgs, argv, "evaluate", base=base)
@@ -227,6 +257,9 @@ def main(argv: list[str]) -> None:
     out = trained.results_dir("evaluate", args.out, args.overwrite, _label(data, args.split))
 
     res = run_evaluation(args, trained, x, y)
+    if data.multilabel:
+        report_labels(args, trained, data, x, y, res, out)
+        return
     cm = figures.confusion_matrix(y, res["pred"], len(classes))
     stats = per_class(cm)
     macro = {k: _num(float(np.nanmean(stats[k]))) if not np.all(np.isnan(stats[k])) else None
@@ -282,3 +315,84 @@ def main(argv: list[str]) -> None:
     _print_tables(con, f"evaluate: {trained.label}", summary, classes, cm, stats)
     con.print(f"wrote metrics.json, per_class.csv, confusion_matrix.csv, predictions.csv, "
               f"{', '.join(p + '.png' for p in pngs)}{' and tensorboard/' if args.tensorboard else ''} to {out}")
+
+
+def report_labels(args: EvaluateArgs, trained: Any, data: Any, x: torch.Tensor, y: torch.Tensor,
+                  res: dict[str, Any], out: Path) -> None:
+    """A multi-label model's evaluation: mAP, F1, exact match and per-label figures, as tables and files."""
+    from cnntrain.commands.args import console
+    from cnntrain.data.images import MULTI_SEPARATOR, NO_LABELS
+    from cnntrain.engine.tasks import MULTILABEL_METRICS, decode
+    from cnntrain.io import figures
+    from cnntrain.io.files import write_json
+
+    classes, stats = trained.classes, res["per_label"]
+    per_label = [{"label": name, "images": stats["support"][i], "ap": stats["ap"][i],
+                  "precision": stats["precision"][i], "recall": stats["recall"][i], "f1": stats["f1"][i]}
+                 for i, name in enumerate(classes)]
+    record = {
+        "checkpoint": str(trained.checkpoint), "model": trained.label, "dataset": data.name, "source": data.source,
+        "split": args.split, "images": len(y), "task": "multilabel", "threshold": res["threshold"],
+        "loss": _num(res["loss"]), **{m: _num(res[m]) for m in MULTILABEL_METRICS},
+        "precision_mode": res["precision"], "device": str(trained.device), "tta": res["tta"], "tta_views": res["views"],
+        "epoch": trained.progress.get("epoch"), "global_step": trained.progress.get("global_step"),
+        "classes": classes, "per_label": per_label,
+    }
+    write_json(out / "metrics.json", record)
+    with open(out / "per_label.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "images", "ap", "precision", "recall", "f1"])
+        for row in per_label:
+            w.writerow(list(row.values()))
+    labelled = decode(res["scores"], classes, res["threshold"])
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "true", "predicted", "scores", "exact"])
+        for i, (truth, pred) in enumerate(zip(y.tolist(), labelled, strict=True)):
+            true = [c for c, v in zip(classes, truth, strict=True) if v > 0.5]
+            w.writerow([i, MULTI_SEPARATOR.join(true) or NO_LABELS,
+                        MULTI_SEPARATOR.join(name for name, _ in pred) or NO_LABELS,
+                        MULTI_SEPARATOR.join(f"{p:.6f}" for _, p in pred), int(set(true) == {n for n, _ in pred})])
+    where = f"{data.name} {args.split} ({len(y):,} images)"
+    precision = np.array([np.nan if v is None else v for v in stats["precision"]], dtype=np.float64)
+    recall = np.array([np.nan if v is None else v for v in stats["recall"]], dtype=np.float64)
+    pixels = {"per_label": figures.save(figures.per_class_figure(classes, precision, recall, f"Per label: {where}"),
+                                        out / "per_label.png")}
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = int(trained.progress.get("global_step") or 0)
+        with SummaryWriter(log_dir=str(out / "tensorboard")) as tb:
+            for key in ("loss", *MULTILABEL_METRICS):
+                if record[key] is not None:
+                    tb.add_scalar(f"evaluate/{args.split}/{key}", record[key], step)
+            figures.to_tensorboard(tb, f"evaluate/{args.split}/per_label", pixels["per_label"], step)
+    _print_labels(record, where, data.source, trained)
+    console().print(f"wrote metrics.json, per_label.csv, predictions.csv, per_label.png"
+                    f"{' and tensorboard/' if args.tensorboard else ''} to {out}")
+
+
+def _print_labels(record: dict[str, Any], where: str, source: str, trained: Any) -> None:
+    from rich.table import Table
+
+    from cnntrain.commands.args import console
+
+    head = Table(title=f"evaluate: {trained.label}", show_header=False, title_justify="left", title_style="bold")
+    head.add_column(style="cyan", no_wrap=True)
+    head.add_column()
+    for k, v in [("checkpoint", str(trained.checkpoint)), ("data", f"{where}, {source}"),
+                 ("task", f"multi-label, labels above {record['threshold']:g}"), ("loss", _fmt(record["loss"])),
+                 ("mAP", _fmt(record["map"])), ("F1 micro / macro", f"{_fmt(record['micro_f1'])} / "
+                                                                    f"{_fmt(record['macro_f1'])}"),
+                 ("exact match", _fmt(record["exact_match"])),
+                 ("precision", f"{record['precision_mode']} on {trained.device}"),
+                 ("test-time augmentation", record["tta"])]:
+        head.add_row(k, v)
+    table = Table(title="per label", title_justify="left")
+    for name in ("label", "images", "AP", "precision", "recall", "f1"):
+        table.add_column(name, justify="left" if name == "label" else "right")
+    for row in record["per_label"]:
+        table.add_row(row["label"], str(row["images"]), *(_fmt(row[k]) for k in ("ap", "precision", "recall", "f1")))
+    con = console()
+    con.print(head)
+    con.print(table)

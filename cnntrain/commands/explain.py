@@ -94,9 +94,10 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
     return fine[-1] if fine else layers[-1][0]
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: int | None = None
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: int | None = None, multilabel: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Heat maps in [0, 1] at the input size, the explained class and the softmax of each image."""
+    """Heat maps in [0, 1] at the input size, the explained class and the softmax of each image (a multi-label
+    model's sigmoids: each label's own probability)."""
     module = model.get_submodule(layer)
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
@@ -113,7 +114,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: int | None =
     cam = F.relu((weights * act.detach().float()).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-    return (cam / peak).cpu(), cls.cpu(), logits.softmax(1).detach().cpu()
+    probs = logits.sigmoid() if multilabel else logits.softmax(1)
+    return (cam / peak).cpu(), cls.cpu(), probs.detach().cpu()
 
 
 def _display(img: torch.Tensor) -> tuple[np.ndarray, str | None]:
@@ -204,7 +206,8 @@ def main(argv: list[str]) -> None:
         rows = csv.writer(f)
         rows.writerow(["path", "heatmap", "explained_class", "probability", "predicted_class", "predicted_probability"])
         for batch_paths, x in image_batches(paths, pre, args.batch_size, args.on_error):
-            cams, cls, probs = grad_cam(model, to_input.from_uint8(x.to(trained.device)), layer, target)
+            cams, cls, probs = grad_cam(model, to_input.from_uint8(x.to(trained.device)), layer, target,
+                                        trained.task.name == "multilabel")
             for k, path in enumerate(batch_paths):
                 c, top = int(cls[k]), int(probs[k].argmax())
                 title = f"{trained.classes[c]} ({probs[k, c]:.0%})"

@@ -350,7 +350,11 @@ def main(argv: list[str]) -> None:
                                 f"{max_diff:.3g} > atol {args.atol:g} + rtol {args.rtol:g} * |y|; file kept at {path}")
             verdict = f"outputs match the eager model: max |diff| {max_diff:.2e} (atol {args.atol:g}, rtol {args.rtol:g})"
     pre = trained.preprocess
-    write_json(out / "preprocess.json", {"classes": trained.classes, **pre.to_dict(),
+    task = trained.task
+    labels = ({"task": task.name, "threshold": task.threshold,
+               "output": "one logit per label; a label is predicted when sigmoid(logit) > threshold"}
+              if task.name == "multilabel" else {})
+    write_json(out / "preprocess.json", {"classes": trained.classes, **pre.to_dict(), **labels,
                                          "model": trained.label, "checkpoint": str(trained.checkpoint),
                                          "exports": {**_previous_exports(out), args.format: result}})
     written = [path, *([path.with_name(SAFETENSORS_NAME)] if args.format == "state_dict" else [])]

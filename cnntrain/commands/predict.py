@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,12 +18,16 @@ usage: cnntrain predict ckpt=<checkpoint or run dir> inputs=<image, folder or gl
 Classify images with a trained model. Any PNG/JPEG/BMP/WebP of any size or mode is converted
 the way the model's training images were (channels, size, normalisation come from the
 checkpoint), so this works offline with nothing but the checkpoint. Files are read in batches:
-folders of thousands of images are fine.
+folders of thousands of images are fine. A multi-label model lists every label whose probability
+is above its threshold, with that probability (predictions.csv: path,label,score, several
+labels joined by |, - for none).
 
 keys:
   ckpt=PATH        {ckpt}
   inputs=PATH      an image file, a folder (searched recursively) or a quoted glob ('imgs/**/*.jpg')
-  top_k=5          classes listed per image (at most the number of classes)
+  top_k=5          classes listed per image (at most the number of classes; single-label models)
+  threshold=null   multi-label models: list the labels above this probability (default: the
+                   trainer.threshold it was trained with)
   out=DIR          where predictions.csv goes (default: a new folder per call,
                    <run dir>/predict/<inputs>-<date>_<time>); an existing out= must be empty
   overwrite=false  true: out= may hold an earlier call's results, which are removed first
@@ -49,12 +54,13 @@ class PredictArgs(CheckpointArgs):
     precision: str = "auto"
     on_error: str = "error"
     tta: str = "none"
+    threshold: float | None = None
 
 
 def main(argv: list[str]) -> None:
     from rich.table import Table
 
-    from cnntrain.commands.args import check_choice, console, images_and_model, start
+    from cnntrain.commands.args import check_choice, check_threshold, console, images_and_model, start
     from cnntrain.commands.images import image_batches, inputs_label
     from cnntrain.engine import tta
     from cnntrain.engine.inference import CKPT_HELP, logits_of, precision_for, prepare
@@ -69,6 +75,7 @@ def main(argv: list[str]) -> None:
     # The count in the header below is the number of rows the CSV gets (less any file whose pixel data then
     # fails to decode).
     paths, note, trained = images_and_model(args)
+    check_threshold(args.threshold, trained)
     precision, channels_last = precision_for(trained, args.precision)
     prepare(trained, channels_last)
     views = tta.apply(trained, args.tta)
@@ -79,10 +86,17 @@ def main(argv: list[str]) -> None:
     con = console()
     pre = trained.preprocess
     h, w = pre.image_size
+    multilabel = trained.task.name == "multilabel"
     con.print(f"{trained.label}: {len(paths):,} image(s) -> {pre.channels}x{h}x{w}, "
-              f"{len(trained.classes)} classes ({trained.checkpoint}){note}")
+              f"{len(trained.classes)} {'labels' if multilabel else 'classes'} ({trained.checkpoint}){note}")
     if len(views) > 1:
-        con.print(f"test-time augmentation {tta.describe(args.tta, views)}")
+        con.print(f"test-time augmentation {tta.describe(args.tta, views, multilabel)}")
+    if multilabel:
+        threshold = trained.task.threshold if args.threshold is None else args.threshold
+        done, undecodable = predict_labels(args, trained, paths, csv_path, threshold, precision, channels_last)
+        late = f"; skipped {len(undecodable)} more whose pixel data could not be decoded" if undecodable else ""
+        con.print(f"wrote {done:,} prediction(s) to {csv_path}{late}")
+        return
     table = Table(show_lines=False, title_justify="left")
     table.add_column("image", overflow="fold")
     for i in range(k):
@@ -107,3 +121,38 @@ def main(argv: list[str]) -> None:
         con.print(f"... and {done - args.show:,} more rows in the CSV")
     late = f"; skipped {len(undecodable)} more whose pixel data could not be decoded" if undecodable else ""
     con.print(f"wrote {done:,} prediction(s) to {csv_path}{late}")
+
+
+def predict_labels(args: PredictArgs, trained: Any, paths: list, csv_path: Any, threshold: float, precision: Any,
+                   channels_last: bool) -> tuple[int, list]:
+    """A multi-label model's predictions: every label above the threshold with its probability, the most probable
+    first. Returns (rows written, files whose pixel data could not be decoded)."""
+    from rich.table import Table
+
+    from cnntrain.commands.args import console
+    from cnntrain.commands.images import image_batches
+    from cnntrain.data.images import MULTI_SEPARATOR, NO_LABELS
+    from cnntrain.engine.inference import logits_of
+    from cnntrain.engine.tasks import decode
+
+    table = Table(show_lines=False, title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column(f"labels (probability > {threshold:g})")
+    done, undecodable = 0, []
+    with open(csv_path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "label", "score"])
+        for batch_paths, x in image_batches(paths, trained.preprocess, args.batch_size, args.on_error, undecodable):
+            probs = logits_of(trained, x, precision, channels_last).sigmoid()
+            for path, labels in zip(batch_paths, decode(probs, trained.classes, threshold), strict=True):
+                rows.writerow([str(path), MULTI_SEPARATOR.join(n for n, _ in labels) or NO_LABELS,
+                               MULTI_SEPARATOR.join(f"{p:.6f}" for _, p in labels)])
+                if done < args.show:
+                    table.add_row(str(path), ", ".join(f"{n} ({p:.1%})" for n, p in labels) or "(none)")
+                done += 1
+    con = console()
+    if args.show > 0:
+        con.print(table)
+    if done > args.show > 0:
+        con.print(f"... and {done - args.show:,} more rows in the CSV")
+    return done, undecodable

@@ -142,7 +142,7 @@ def sort_jobs(jobs: list[Job], by: str) -> list[Job]:
     def key(j: Job) -> tuple[int, float, tuple[int, str]]:
         if j.best is None or not math.isfinite(j.best):
             return (1, 0.0, _job_number(j.name))
-        higher_is_better = "acc" in (j.monitor or "")
+        higher_is_better = any(m in (j.monitor or "") for m in ("acc", "map"))
         return (0, -j.best if higher_is_better else j.best, _job_number(j.name))
 
     return sorted(jobs, key=key)

@@ -215,7 +215,8 @@ class TrainerConfig:
     grad_clip: float | None = None
     # Label smoothing of the training loss, in [0, 1).
     label_smoothing: float = 0.0
-    # Validation metric that picks the `best` checkpoint: val/acc (max) or val/loss (min).
+    # Validation metric that picks the `best` checkpoint: val/acc (max) or val/loss (min); val/map (max) for
+    # multi-label data, where val/acc also stands for val/map (a multi-label run has no accuracy).
     monitor: str = "val/acc"
     # Per-step train loss goes to TensorBoard every this many steps.
     log_every_n_steps: int = 50
@@ -246,6 +247,8 @@ class TrainerConfig:
     folds: int | None = None
     # The fold this job runs (0 .. folds-1); set by trainer.folds, not by hand.
     fold: int | None = None
+    # Multi-label data: a label is predicted when its sigmoid probability is above this (F1, exact match, predict).
+    threshold: float = 0.5
 
 
 @config_schema
@@ -312,7 +315,7 @@ POLICY_MAX_MAGNITUDE = 30
 CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": PRECISIONS,
     "trainer.channels_last": ("auto", "true", "false"),
-    "trainer.monitor": ("val/acc", "val/loss"),
+    "trainer.monitor": ("val/acc", "val/loss", "val/map"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "trainer.progress": ("auto", "rich", "plain", "none"),
     "trainer.figures": ("background", "end", "off"),
@@ -488,6 +491,7 @@ def validate(cfg: Any) -> None:
         (t.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", t.early_stopping_min_delta, "must be >= 0"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be at least 1"),
         (t.checkpoint_every_n_steps >= 0, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 0"),
+        (0 < t.threshold < 1, "trainer.threshold", t.threshold, "must be between 0 and 1 (exclusive)"),
         *_dataset_checks(d),
         (o.lr > 0, "optimizer.lr", o.lr, "must be > 0"),
         (o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0"),

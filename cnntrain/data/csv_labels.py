@@ -9,6 +9,10 @@ image folder's: dataset.image_size, channels, in_memory (streamed when large) an
 A row that names a missing file, an unknown split value or a path already listed, and a class without
 training images, are one error line under dataset.on_corrupt=error, or one counted warning under skip
 (the default): such rows are left out, an empty class stays a class (its output is never trained).
+
+Multi-label: a label cell may hold several labels joined by `|` (`cat|outdoor`), and `-` for an image with
+none of them. A CSV with either is multi-label (the targets are multi-hot rows; engine.tasks); an empty cell
+is an error there too, since it cannot tell "no labels" from a forgotten one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from cnntrain.config import DatasetConfig
 from cnntrain.data.imagefolder import read_files, small_classes, split_recorded
-from cnntrain.data.images import ImageData, finish
+from cnntrain.data.images import MULTI_SEPARATOR, NO_LABELS, ImageData, finish
 from cnntrain.errors import UserError
 from cnntrain.registry import DATASETS
 
@@ -40,6 +44,7 @@ class _Rows:
         self.paths: list[str] = []
         self.labels: list[str] = []
         self.splits: list[str] = []
+        self.multi = False  # whether a label cell holds several labels (a|b) or none (-)
         self.problems: dict[str, list[str]] = {k: [] for k in _PROBLEMS}
 
 
@@ -50,6 +55,10 @@ def _csv_path(cfg: DatasetConfig, root: Path) -> Path:
         raise UserError(f"dataset.file={cfg.file}: no such file {path}; give the CSV of labels, relative to "
                         "dataset.root")
     return path
+
+
+def _is_multi(label: str) -> bool:
+    return MULTI_SEPARATOR in label or label == NO_LABELS
 
 
 def _read_rows(path: Path, root: Path, cfg: DatasetConfig) -> tuple[_Rows, bool]:
@@ -68,33 +77,42 @@ def _read_rows(path: Path, root: Path, cfg: DatasetConfig) -> tuple[_Rows, bool]
                             f"{', '.join(header)}); name the columns path,label[,split] in the first row")
         col = {c: names.index(c) for c in COLUMNS if c in names}
         has_split = "split" in col
-        for line, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue  # blank line
-            cells = [row[col[c]].strip() if col[c] < len(row) else "" for c in col]
-            value = dict(zip(col, cells, strict=True))
-            rel, label = value["path"], value["label"]
-            where = f"{path.name} line {line}"
-            if not label:
-                raise UserError(f"{where}: no label for {rel or 'the row'}; every row needs path and label")
-            split = value.get("split", "").lower()
-            key = os.path.normpath(rel) if rel else ""
-            problem = None
-            if has_split and split not in SPLITS:
-                problem = ("split", f"{where}: split '{value.get('split', '')}' is not one of train, val, test")
-            elif not rel or not (root / rel).is_file():
-                problem = ("missing", f"{where}: {root / rel} does not exist")
-            elif key in seen:
-                problem = ("duplicate", f"{where}: {rel} is listed already (line {seen[key]})")
-            if problem is not None:
-                if cfg.on_corrupt == "error":
-                    raise UserError(f"{problem[1]}; fix the CSV, or set dataset.on_corrupt=skip to leave such rows out")
-                rows.problems[problem[0]].append(problem[1])
-                continue
-            seen[key] = line
-            rows.paths.append(rel)
-            rows.labels.append(label)
-            rows.splits.append(split if has_split else "all")
+        lines = list(enumerate(reader, start=2))
+    # Known before any row is checked, so an empty cell is described for the kind of CSV it is in.
+    multi = rows.multi = any(col["label"] < len(row) and _is_multi(row[col["label"]].strip()) for _, row in lines)
+    for line, row in lines:
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        cells = [row[col[c]].strip() if col[c] < len(row) else "" for c in col]
+        value = dict(zip(col, cells, strict=True))
+        rel, label = value["path"], value["label"]
+        where = f"{path.name} line {line}"
+        if not label and multi:
+            raise UserError(f"{where}: the label cell of {rel or 'the row'} is empty; in a multi-label CSV every "
+                            f"row names its labels (a{MULTI_SEPARATOR}b), or {NO_LABELS} for an image with none "
+                            "of them")
+        if not label:
+            raise UserError(f"{where}: no label for {rel or 'the row'}; every row needs path and label")
+        if multi:
+            label = _labels_of(label, where)
+        split = value.get("split", "").lower()
+        key = os.path.normpath(rel) if rel else ""
+        problem = None
+        if has_split and split not in SPLITS:
+            problem = ("split", f"{where}: split '{value.get('split', '')}' is not one of train, val, test")
+        elif not rel or not (root / rel).is_file():
+            problem = ("missing", f"{where}: {root / rel} does not exist")
+        elif key in seen:
+            problem = ("duplicate", f"{where}: {rel} is listed already (line {seen[key]})")
+        if problem is not None:
+            if cfg.on_corrupt == "error":
+                raise UserError(f"{problem[1]}; fix the CSV, or set dataset.on_corrupt=skip to leave such rows out")
+            rows.problems[problem[0]].append(problem[1])
+            continue
+        seen[key] = line
+        rows.paths.append(rel)
+        rows.labels.append(label)
+        rows.splits.append(split if has_split else "all")
     return rows, has_split
 
 
@@ -106,6 +124,37 @@ def _warn_skipped(rows: _Rows, path: Path) -> None:
     what = ", ".join(f"{n} {_PROBLEMS[k]}" for k, n in counts.items())
     examples = "; ".join(v[0] for v in rows.problems.values() if v)
     warnings.warn(f"csv {path}: left out {total} row(s): {what} (e.g. {examples})", stacklevel=3)
+
+
+def _labels_of(cell: str, where: str) -> str:
+    """A multi-label cell, checked and written the one way: its labels joined by `|` (`-`: none)."""
+    if cell == NO_LABELS:
+        return cell
+    parts = [p.strip() for p in cell.split(MULTI_SEPARATOR)]
+    if not all(parts) or NO_LABELS in parts:
+        raise UserError(f"{where}: the labels '{cell}' have an empty one (or {NO_LABELS} beside labels); join an "
+                        f"image's labels by one {MULTI_SEPARATOR} (a{MULTI_SEPARATOR}b), or write {NO_LABELS} alone "
+                        "for an image with none")
+    return MULTI_SEPARATOR.join(dict.fromkeys(parts))  # a label given twice is one
+
+
+def _multi_hot(labels: list[str], path: Path) -> tuple[list[str], np.ndarray]:
+    """Label names and each row's multi-hot row [rows, labels]: integers are indices, anything else a name."""
+    rows = [[] if cell == NO_LABELS else cell.split(MULTI_SEPARATOR) for cell in labels]
+    names = [name for row in rows for name in row]
+    if not names:
+        raise UserError(f"{path}: every row has {NO_LABELS} (none of the labels); a multi-label CSV needs images "
+                        "with labels")
+    classes, flat = _classes(names, path)
+    y = np.zeros((len(rows), len(classes)), dtype=np.float32)
+    where = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
+    y[where, flat] = 1.0
+    return classes, y
+
+
+def positives(labels: np.ndarray) -> np.ndarray:
+    """Class indices, or for multi-hot rows the label index of every positive: what per-class counts count."""
+    return labels if labels.ndim == 1 else np.nonzero(labels > 0.5)[1]
 
 
 def _classes(labels: list[str], path: Path) -> tuple[list[str], np.ndarray]:
@@ -145,8 +194,8 @@ def load_csv(cfg: DatasetConfig) -> ImageData:
     _warn_skipped(rows, path)
     if not rows.paths:
         raise UserError(f"{path} lists no usable image (rows are path,label[,split], paths relative to {root})")
-    classes, labels = _classes(rows.labels, path)
-    if len(classes) < 2:
+    classes, labels = _multi_hot(rows.labels, path) if rows.multi else _classes(rows.labels, path)
+    if len(classes) < 2 and not rows.multi:
         raise UserError(f"{path} has a single class ({classes[0]}); a classifier needs at least two")
     present = [s for s in SPLITS if s in rows.splits] if has_split else ["all"]
     if has_split and "train" not in present:
@@ -154,8 +203,9 @@ def load_csv(cfg: DatasetConfig) -> ImageData:
     which = np.array([present.index(s) for s in rows.splits], dtype=np.int64)
     x, kept = read_files([root / p for p in rows.paths], cfg, root, "csv")
     labels, which = labels[kept], which[kept]
-    _check_classes(classes, labels[which == 0] if has_split else labels, cfg, path)  # present[0] is train
-    small_classes(classes, labels[which == 0] if has_split else labels, cfg, f"csv {path}")
+    train_labels = positives(labels[which == 0] if has_split else labels)  # present[0] is train
+    _check_classes(classes, train_labels, cfg, path)
+    small_classes(classes, train_labels, cfg, f"csv {path}")
     names = [rows.paths[i] for i in kept.tolist()]
     train, val, test, items, test_split = split_recorded(
         x, torch.from_numpy(labels), which, present, cfg, f"{path.name} (train rows)" if has_split else str(path),

@@ -2,8 +2,8 @@
 
 The callable returns a map-style ``torch.utils.data.Dataset`` of ``(image, label)`` pairs, or a dict of
 them with key ``train`` and optionally ``val`` and ``test``. Images are PIL images, uint8 arrays or
-uint8 tensors (HW, HWC or CHW); labels are class indices; class names come from a ``classes``
-attribute when there is one. Keys of `dataset` that cnntrain does not declare are passed as keyword
+uint8 tensors (HW, HWC or CHW); labels are class indices, or multi-hot vectors of 0/1, one per label (a
+multi-label dataset: engine.tasks); class names come from a ``classes`` attribute when there is one. Keys of `dataset` that cnntrain does not declare are passed as keyword
 arguments, and so are dataset.root, download and file when the signature names them.
 
 The images are then cnntrain's as any other's: resident uint8 tensors, or streamed through DataLoader
@@ -84,16 +84,47 @@ def _parts(result: Any, label: str) -> dict[str, Any]:
     return parts
 
 
-def _label(value: Any, what: str) -> int:
+# An item's label: a class index, or a multi-hot target.
+Label = int | tuple[float, ...]
+
+
+def _label(value: Any, what: str) -> Label:
+    """A class index, or a multi-hot target (a vector of 0/1 with more than one entry) as a tuple."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         return int(value.item())
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
-    raise UserError(f"{what}: the label is {value!r} ({type(value).__name__}); return the class index as an int "
-                    "(class names go in a `classes` attribute of the dataset)")
+    vector = _multi_hot(value)
+    if vector is not None:
+        return vector
+    raise UserError(f"{what}: the label is {value!r} ({type(value).__name__}); return the class index as an int, "
+                    "or for a multi-label dataset a vector of 0/1, one per label (class names go in a `classes` "
+                    "attribute of the dataset)")
 
 
-def _item(ds: Any, i: int, what: str) -> tuple[Any, int]:
+def _multi_hot(value: Any) -> tuple[float, ...] | None:
+    """A 1-d tensor, array or list of 0/1 (ints, bools or floats) with more than one entry, else None."""
+    if isinstance(value, (torch.Tensor, np.ndarray, list, tuple)):
+        a = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        if a.ndim == 1 and len(a) > 1 and a.dtype.kind in "biuf" and bool(np.isin(a, (0, 1)).all()):
+            return tuple(float(v) for v in a)
+    return None
+
+
+def _targets(labels: list[Any], label: str) -> torch.Tensor:
+    """The labels as class indices [N], or as multi-hot rows [N, labels] when the dataset gives vectors."""
+    vectors = [v for v in labels if isinstance(v, tuple)]
+    if not vectors:
+        return torch.tensor(labels, dtype=torch.int64)
+    if len(vectors) < len(labels) or len({len(v) for v in vectors}) > 1:
+        sizes = sorted({len(v) for v in vectors})
+        raise UserError(f"{label} gives multi-hot targets of {' and '.join(map(str, sizes))} labels"
+                        f"{' and class indices' if len(vectors) < len(labels) else ''}; every item of a multi-label "
+                        "dataset returns a 0/1 vector with one entry per label")
+    return torch.tensor(labels, dtype=torch.float32)
+
+
+def _item(ds: Any, i: int, what: str) -> tuple[Any, Label]:
     item = ds[i]
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise UserError(f"{what} is a {type(item).__name__}; items must be (image, label) pairs with images "
@@ -101,14 +132,15 @@ def _item(ds: Any, i: int, what: str) -> tuple[Any, int]:
     return item[0], _label(item[1], what)
 
 
-def _known_labels(ds: Any) -> list[int] | None:
+def _known_labels(ds: Any) -> list[Label] | None:
     """The labels from a `targets` or `labels` attribute, when it has one per item (saves reading images)."""
     for attr in ("targets", "labels"):
         values = getattr(ds, attr, None)
         if values is None:
             continue
         try:
-            labels = [int(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+            listed = values.tolist() if hasattr(values, "tolist") else list(values)
+            labels = [_multi_hot(v) or int(v) for v in listed]
         except (TypeError, ValueError):
             return None
         if len(labels) == len(ds):
@@ -137,7 +169,7 @@ class _Failures:
 
 
 def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures
-              ) -> tuple[Images, list[int], list[int]]:
+              ) -> tuple[Images, list[Label], list[int]]:
     """Read every item: (uint8 [N, C, H, W], labels, kept pool positions)."""
     images, labels, kept = [], [], []
     for k, (what, ds, i) in enumerate(pool):
@@ -169,11 +201,11 @@ def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, 
 
 
 def _streamed(pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: DatasetConfig, label: str,
-              first: np.ndarray) -> tuple[Images, list[int], list[int]]:
+              first: np.ndarray) -> tuple[Images, list[Label], list[int]]:
     """Labels only (from `targets`/`labels`, else one pass); images are read by DataLoader workers."""
     channels = cfg.channels or first.shape[2]
     size = (int(cfg.image_size),) * 2 if cfg.image_size is not None else tuple(first.shape[:2])
-    labels: list[int] = []
+    labels: list[Label] = []
     for ds in parts.values():
         known = _known_labels(ds)
         if known is None:
@@ -202,8 +234,8 @@ def load_from(fn: Any, label: str, key: str, cfg: DatasetConfig, name: str) -> I
         x, labels, kept = _streamed(pool, parts, cfg, label, first)
     else:
         x, labels, kept = _resident(pool, cfg, label, _Failures(label, cfg))
-    classes = _class_names(parts, labels, label)
-    y = torch.tensor(labels, dtype=torch.int64)
+    y = _targets(labels, label)
+    classes = _class_names(parts, y, label) if y.dim() == 1 else _label_names(parts, y.shape[1], label)
     present = list(parts)
     train, val, test, items, test_split = split_recorded(
         x, y, which_all[kept], present, cfg, label, lambda split: f"{label} has no '{split}' dataset",
@@ -211,10 +243,11 @@ def load_from(fn: Any, label: str, key: str, cfg: DatasetConfig, name: str) -> I
     return finish(name, classes, train, val, test, cfg, source=label, items=items, test_split=test_split)
 
 
-def _class_names(parts: dict[str, Any], labels: list[int], label: str) -> list[str]:
-    top = max(labels) + 1
-    if min(labels) < 0:
-        raise UserError(f"{label}: label {min(labels)} is negative; labels are class indices 0, 1, ...")
+def _class_names(parts: dict[str, Any], y: torch.Tensor, label: str) -> list[str]:
+    """The class names of class-index labels `y`: the dataset's `classes`, else the indices."""
+    top = int(y.max()) + 1
+    if int(y.min()) < 0:
+        raise UserError(f"{label}: label {int(y.min())} is negative; labels are class indices 0, 1, ...")
     first = next(iter(parts.values()))
     names = getattr(first, "classes", None)
     if names is None:
@@ -223,6 +256,15 @@ def _class_names(parts: dict[str, Any], labels: list[int], label: str) -> list[s
     if top > len(names):
         raise UserError(f"{label}: label {top - 1} is beyond its {len(names)} classes ({', '.join(names[:10])}...)")
     return names
+
+
+def _label_names(parts: dict[str, Any], k: int, label: str) -> list[str]:
+    names = getattr(next(iter(parts.values())), "classes", None)
+    if names is None:
+        return [str(i) for i in range(k)]
+    if len(names) != k:
+        raise UserError(f"{label}: its multi-hot targets have {k} entries but its `classes` names {len(names)}")
+    return [str(c) for c in names]
 
 
 @DATASETS.register("custom")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cnntrain.data.batches import StreamedImages
-from cnntrain.data.images import ImageData, Items, channel_stats, stratified_split, take
+from cnntrain.data.images import ImageData, Items, channel_stats, strata, stratified_split, take
 from cnntrain.errors import UserError
 
 
@@ -35,7 +35,7 @@ def take_fold(data: ImageData, folds: int | None, fold: int | None, seed: int) -
         raise UserError("trainer.folds needs the images in memory; set dataset.in_memory=true")
     pool_x = torch.cat([data.train_x, data.val_x])
     pool_y = torch.cat([data.train_y, data.val_y])
-    parts = fold_parts(pool_y.numpy(), folds, seed)
+    parts = fold_parts(strata(pool_y), folds, seed)
     val_idx = parts[fold]
     train_idx = np.sort(np.concatenate([p for k, p in enumerate(parts) if k != fold]))
     (train_x, train_y), (val_x, val_y) = take(pool_x, pool_y, train_idx), take(pool_x, pool_y, val_idx)

@@ -19,6 +19,9 @@ from cnntrain.config import DatasetConfig
 from cnntrain.data.batches import Images, StreamedImages
 from cnntrain.errors import UserError
 
+# A CSV of labels (and splits.csv) writes an image's several labels joined by this, and none of them as NO_LABELS.
+MULTI_SEPARATOR, NO_LABELS = "|", "-"
+
 
 @dataclass
 class Items:
@@ -57,7 +60,9 @@ class ImageData:
         for split in ("train", "val", "test"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             assert x.dtype == torch.uint8 and x.dim() == 4 and x.is_contiguous(), f"{split}_x: {x.dtype} {tuple(x.shape)}"
-            assert y.dtype == torch.int64 and y.shape == (x.shape[0],), f"{split}_y: {y.dtype} {tuple(y.shape)}"
+            # Class indices, or multi-hot rows of 0/1 (a multi-label dataset: engine.tasks).
+            assert (y.dtype == torch.int64 and y.shape == (x.shape[0],)) or (
+                y.dtype == torch.float32 and y.shape == (x.shape[0], len(self.classes))), f"{split}_y: {y.dtype} {tuple(y.shape)}"
             assert x.shape[1:] == self.train_x.shape[1:], f"{split}_x shape {tuple(x.shape)} differs from train_x"
 
     @property
@@ -72,6 +77,17 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def multilabel(self) -> bool:
+        """Whether each image has a set of labels (multi-hot rows) rather than one class."""
+        return self.train_y.dim() == 2
+
+    def label_name(self, label: Any) -> str:
+        """A class index's name; a multi-hot row's labels as a CSV of labels writes them (`a|b`, `-` for none)."""
+        if isinstance(label, list):
+            return MULTI_SEPARATOR.join(self.classes[i] for i, v in enumerate(label) if v > 0.5) or NO_LABELS
+        return self.classes[label]
+
     def split_rows(self) -> list[tuple[str, str, str]]:
         """(item, class name, split) for every image of train, val and test; [] when not recorded."""
         if self.items is None:
@@ -80,7 +96,7 @@ class ImageData:
         for split in ("train", "val", "test"):
             labels = getattr(self, f"{split}_y").tolist()
             for i, label in zip(self.items.index[split].tolist(), labels, strict=True):
-                rows.append((self.items.names[i], self.classes[label], split))
+                rows.append((self.items.names[i], self.label_name(label), split))
         return rows
 
     def fingerprint(self) -> str:
@@ -93,6 +109,13 @@ class ImageData:
 
 
 # --------------------------------------------------------------------------- splits
+
+
+def strata(y: torch.Tensor) -> np.ndarray:
+    """What a split is stratified by: the class of each image, or the combination of its labels (multi-hot)."""
+    if y.dim() == 1:
+        return y.numpy()
+    return np.unique(y.numpy() > 0.5, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 def split_count(n: int, fraction: float) -> int:
@@ -157,7 +180,7 @@ def three_way(x: Images, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tupl
     n_test, n_val = split_count(n, cfg.test_fraction), split_count(n, cfg.val_fraction)
     if min(n_test, n_val) < 1 or n_test + n_val >= n:
         raise UserError(f"{what} has only {n} images: too few to split into train/val/test; add images")
-    test, val, train = stratified_split(y.numpy(), [n_test, n_val], cfg.split_seed)
+    test, val, train = stratified_split(strata(y), [n_test, n_val], cfg.split_seed)
     return take(x, y, train), take(x, y, val), take(x, y, test)
 
 
@@ -172,7 +195,7 @@ def hold_out(x: Images, y: torch.Tensor, fraction: float, seed: Any, what: str, 
     k = split_count(n, fraction)
     if not 1 <= k < n:
         raise UserError(f"{what} has only {n} training images: too few to hold out a {split} split; add images")
-    held, rest = stratified_split(y.numpy(), [k], seed)
+    held, rest = stratified_split(strata(y), [k], seed)
     return take(x, y, rest), take(x, y, held)
 
 
@@ -203,7 +226,7 @@ def finish(name: str, classes: list[str], train: Split, val: Split, test: Split,
     if subset is not None:  # at least 1: config.check_dataset (data.load_dataset)
         if subset < len(train_y):
             # A seed stream of its own: the subset is drawn after the split and leaves val/test untouched.
-            keep, _ = stratified_split(train_y.numpy(), [subset], [cfg.split_seed, 1])
+            keep, _ = stratified_split(strata(train_y), [subset], [cfg.split_seed, 1])
             train_x, train_y = take(train_x, train_y, keep)
             if items is not None:
                 items.index["train"] = items.index["train"][keep]

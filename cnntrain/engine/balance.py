@@ -16,6 +16,9 @@ ClassWeights = str | Sequence[float] | None
 
 
 def class_counts(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class; for multi-hot labels [N, labels], the images each label is on."""
+    if y.dim() == 2:
+        return y.cpu().sum(0).round().long()
     return torch.bincount(y.cpu(), minlength=num_classes)
 
 

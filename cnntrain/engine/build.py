@@ -22,7 +22,7 @@ from cnntrain.config.compose import chosen_option
 from cnntrain.data import load_dataset
 from cnntrain.data.folds import take_fold
 from cnntrain.data.images import ImageData
-from cnntrain.engine import balance, distributed, tuning
+from cnntrain.engine import balance, distributed, tasks, tuning
 from cnntrain.engine.checkpoint import Progress, find_checkpoint, restore
 from cnntrain.engine.device import configure_torch, describe, resolve_device, resolve_precision
 from cnntrain.engine.inputs import Normalise
@@ -47,9 +47,11 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
     precision = resolve_precision(str(t.precision), device)
     threads_note = configure_torch(device, t.deterministic, t.num_threads, t.seed, auto_threads=not dist.enabled)
     data = take_fold(load_dataset(cfg.dataset), t.folds, t.fold, cfg.dataset.split_seed)
+    task = tasks.build_task(t, cfg.dataset, data.train_y)  # one class per image, or a set of labels (multi-hot)
     counts = balance.class_counts(data.train_y, data.num_classes)
-    class_weights = balance.loss_weights(t.class_weights, counts, data.classes)
-    note = balance.imbalance_warning(counts, data.classes, t.class_weights, cfg.dataset.sampler)
+    class_weights = task.loss_weights(t.class_weights, counts, len(data.train_y), data.classes)
+    note = (balance.imbalance_warning(counts, data.classes, t.class_weights, cfg.dataset.sampler)
+            if task.name == tasks.SINGLE else None)
     if note is not None and dist.main:
         warnings.warn(note, stacklevel=2)
     model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
@@ -70,7 +72,7 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
         normalise=Normalise.of(data.mean, data.std, device), precision=precision,
         augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
         grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
-        class_weights=None if class_weights is None else class_weights.to(device),
+        class_weights=None if class_weights is None else class_weights.to(device), task=task,
         scheduler=scheduler, ema=ema, skip_nonfinite=t.on_nonfinite == "skip",
         unfreeze_epoch=cfg.model.unfreeze_epoch if cfg.model.freeze_backbone else None, lr=cfg.optimizer.lr,
     )
@@ -98,7 +100,7 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
                reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note,
                keep_last=keep_last, data_fingerprint=data.fingerprint(),
                sample_weights=balance.sample_weights(cfg.dataset.sampler, data.train_y, counts),
-               record=_record(cfg, data, class_weights))
+               record={**tasks.record(task, t.monitor), **_record(cfg, data, class_weights)})
 
 
 def _compiled(module: nn.Module) -> nn.Module:
@@ -126,7 +128,8 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
     h, w = data.image_size
     rows = [
         ("dataset", f"{data.name}: {len(data.train_x):,} train / {len(data.val_x):,} val / {len(data.test_x):,} test, "
-                    f"{data.channels}x{h}x{w}, {data.num_classes} classes ({data.source})"),
+                    f"{data.channels}x{h}x{w}, {data.num_classes} {'labels' if data.multilabel else 'classes'} "
+                    f"({data.source})"),
         ("model", f"{chosen_label(chosen_option('model'), model_label(cfg.model))}: "
                   f"{count_parameters(model):,} parameters"),
         ("augment", cfg.augment.name),
@@ -148,6 +151,8 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
         rows.insert(-1, ("classes", ", ".join(filter(None, [
             f"loss weights {', '.join(f'{w:.3g}' for w in weights.values())}" if weights else "",
             f"{cfg.dataset.sampler} sampler" if cfg.dataset.sampler != "shuffle" else ""]))))
+    if (task_row := tasks.start_row(run.step.task, t.monitor)) is not None:
+        rows.insert(-1, task_row)
     if t.folds is not None and t.fold is not None:  # validate: trainer.folds comes with a fold
         rows.insert(-1, ("fold", f"{t.fold + 1} of {t.folds}: validating on {len(data.val_y):,} images"))
     if t.ema_decay is not None:

@@ -3,9 +3,10 @@ compared with the run that resumes it.
 
 What it holds: "model" (the weights; in best.pt the validated ones, the average when EMA is on), "meta"
 (what inference needs: classes, channels, image size, normalisation, the model's source, the data
-fingerprint), "config" (the whole resolved config) and "progress" (`Progress`). A trainer checkpoint
-(last.pt, last.prev.pt) adds `TRAINER_KEYS` (optimizer, scheduler, scaler, progress, rng) and "ema": what
-continues a run bit for bit. Where the files lie in a run directory is `io.files.RunDir`'s business.
+fingerprint; a multi-label model's task and threshold, read by engine.tasks.of_meta), "config" (the whole
+resolved config) and "progress" (`Progress`). A trainer checkpoint (last.pt, last.prev.pt) adds
+`TRAINER_KEYS` (optimizer, scheduler, scaler, progress, rng) and "ema": what continues a run bit for bit.
+Where the files lie in a run directory is `io.files.RunDir`'s business.
 
 Everything stored is tensors or plain Python values, so the whole trainer state loads
 with ``torch.load(weights_only=True)``; there is deliberately no unsafe fallback. Before
@@ -106,16 +107,18 @@ class RunState(Protocol):
     def model(self) -> nn.Module: ...
 
 
-def meta(m: ModelConfig, dataset: DatasetConfig, data: ImageData) -> dict[str, Any]:
-    """What predict/evaluate/export need to use the model without the training data. The model's own
-    config (a custom model's _target_ and arguments included) is the checkpoint's "config"."""
+def meta(m: ModelConfig, dataset: DatasetConfig, threshold: float, data: ImageData) -> dict[str, Any]:
+    """What predict/evaluate/export need to use the model without the training data (a multi-label model's
+    decision threshold, trainer.threshold, too). The model's own config (a custom model's _target_ and
+    arguments included) is the checkpoint's "config"."""
     from cnntrain.models import model_source  # torch: not before it is needed
 
     return {"model": m.name, "arch": m.arch, "option": chosen_option("model"), **model_source(m),
             "classes": list(data.classes),
             "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
             "std": list(data.std), "dataset": data.name,
-            "flips_change_label": bool(dataset.flips_change_label)}
+            "flips_change_label": bool(dataset.flips_change_label),
+            **({"task": "multilabel", "threshold": threshold} if data.multilabel else {})}
 
 
 def save(run: RunState, name: str) -> None:
@@ -125,7 +128,8 @@ def save(run: RunState, name: str) -> None:
     validated = run.ema.module if run.ema is not None else run.model
     state = {
         "model": (validated if name == BEST else run.model).state_dict(),
-        "meta": {**meta(run.cfg.model, run.cfg.dataset, run.data), "data_fingerprint": run.data_fingerprint},
+        "meta": {**meta(run.cfg.model, run.cfg.dataset, run.cfg.trainer.threshold, run.data),
+                 "data_fingerprint": run.data_fingerprint},
         "config": plain(run.cfg),
         "progress": run.progress.to_dict(),
     }

@@ -71,6 +71,21 @@ def all_reduce_sum(d: Dist, *tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def all_gather_rows(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of t, rank after rank, on every rank (ranks may hold one row more or fewer)."""
+    if not d.enabled:
+        return t
+    size = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(d.world)]
+    dist.all_gather(sizes, size)
+    top = max(int(s) for s in sizes)
+    padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+
+
 def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any (so all ranks stop at the same step)."""
     if not d.enabled:

@@ -12,6 +12,7 @@ from cnntrain.data import batches
 from cnntrain.engine import distributed
 from cnntrain.engine.device import Precision
 from cnntrain.engine.inputs import Normalise
+from cnntrain.engine.multilabel import MultiLabelScores
 from cnntrain.engine.signals import StopRequested
 
 TOP5_MIN_CLASSES = 6  # top-5 accuracy says little with fewer classes
@@ -27,8 +28,11 @@ def evaluate(
     precision: Precision,
     stop: StopRequested | None = None,
     dist: distributed.Dist | None = None,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
-    """Loss, accuracy, top-5 accuracy (6+ classes), predictions and confidences on a split.
+    """Loss, accuracy, top-5 accuracy (6+ classes), predictions and confidences on a split; for multi-hot
+    labels [N, labels] the multi-label metrics of engine.multilabel instead (a label counts as predicted when its
+    probability is above `threshold`).
 
     Metrics stay on the device until the end (no sync per batch). Under torchrun (``dist``) each rank
     evaluates its share and the sums are reduced, so every rank gets the metrics of the whole split
@@ -44,6 +48,7 @@ def evaluate(
     top5 = torch.zeros((), device=device, dtype=torch.int64)
     with_top5 = None
     preds, confs = [], []
+    multilabel = MultiLabelScores(threshold) if y_all.dim() == 2 else None
     for x_u8, y in batches.sequential(x_all, y_all, batch_size, device):
         if stop:
             model.train(was_training)
@@ -52,6 +57,9 @@ def evaluate(
         with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
             logits = model(x)
         logits = logits.float()
+        if multilabel is not None:
+            multilabel.add(logits, y)
+            continue
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
         confs.append(logits.softmax(1).amax(1))  # top-1 probability
@@ -59,6 +67,8 @@ def evaluate(
         if with_top5:
             top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
     model.train(was_training)
+    if multilabel is not None:
+        return multilabel.result(y_all.shape[1], device, dist)
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
     totals = torch.stack([loss_sum, (pred == y_all).sum().double(), torch.tensor(len(y_all), device=device).double(),
                           top5.double()])

@@ -70,6 +70,13 @@ class Trained:
     exported: bool = False  # model is a torch.export program (.pt2): it runs, but has no cnntrain module code
 
     @property
+    def task(self) -> Any:
+        """engine.tasks' SingleLabel or MultiLabel (with the threshold it trained with), as the meta record says."""
+        from cnntrain.engine.tasks import of_meta
+
+        return of_meta(self.meta)
+
+    @property
     def run_dir(self) -> Path:
         """The run directory of a checkpoint under runs/.../checkpoints/, else the checkpoint's folder."""
         return RunDir.of(self.checkpoint).path

@@ -105,15 +105,16 @@ def _epoch(run: Run, s: Session) -> bool:
     t_eval = time.perf_counter()
     val = _validate(run, s, epoch)
     eval_time, train_time = time.perf_counter() - t_eval, p.times["wall"]
-    row = {"epoch": epoch, "step": p.global_step, "train_loss": train_loss, "train_acc": train_acc,
-           "val_loss": val["loss"], "val_acc": val["acc"], "lr": step.optimizer.param_groups[0]["lr"],
+    row = {"epoch": epoch, "step": p.global_step, "train_loss": train_loss, "val_loss": val["loss"],
+           **step.task.row(train_acc, val), "lr": step.optimizer.param_groups[0]["lr"],
            "images_per_s": seen / max(train_time, 1e-9), "epoch_s": train_time + eval_time,
            "data_s": p.times["data"], "compute_s": p.times["compute"], "eval_s": eval_time}
     # The row goes out before the checkpoint: if we die in between, resume redoes this epoch and the
     # row is rewritten, never lost.
     rec.epoch(row)
     p.epoch, p.step_in_epoch = epoch, 0
-    improved = _track_best(p, val, t.monitor, t.early_stopping_min_delta)
+    monitor = step.task.monitor(t.monitor)  # val/acc, val/loss; a multi-label run's val/map
+    improved = _track_best(p, val[monitor.key], monitor.maximize, t.early_stopping_min_delta)
     if improved:
         _save(run, s, BEST)
     _save(run, s, LAST)
@@ -168,7 +169,7 @@ def _validate(run: Run, s: Session, epoch: int) -> dict[str, Any]:
     # Ranks cannot abandon a sharded validation one by one; a signal is seen at the next step.
     val = evaluate(run.ema.module if run.ema is not None else run.plain, run.tensors["val_x"], run.tensors["val_y"],
                    run.step.normalise, t.eval_batch_size, run.step.precision, None if run.dist.enabled else s.stop,
-                   run.dist)
+                   run.dist, run.step.task.threshold)
     if s.stop and not run.dist.enabled:
         s.records.epoch_interrupted(epoch, "during validation")
         raise Interrupted
@@ -176,11 +177,9 @@ def _validate(run: Run, s: Session, epoch: int) -> dict[str, Any]:
     return val
 
 
-def _track_best(p: Progress, val: dict[str, Any], monitor: str, margin: float) -> bool:
-    """Update the best metric (of trainer.monitor) and the early-stopping count, which only an improvement by
-    more than `margin` (trainer.early_stopping_min_delta) resets; whether this epoch is the new best."""
-    monitor_max = monitor == "val/acc"
-    metric = val["acc"] if monitor_max else val["loss"]
+def _track_best(p: Progress, metric: float, monitor_max: bool, margin: float) -> bool:
+    """Update the best metric and the early-stopping count, which only an improvement by more than `margin`
+    (trainer.early_stopping_min_delta) resets; whether this epoch is the new best."""
     improved = p.best_metric is None or (metric > p.best_metric if monitor_max else metric < p.best_metric)
     clearly = p.best_metric is None or (metric > p.best_metric + margin if monitor_max
                                         else metric < p.best_metric - margin)
@@ -210,7 +209,7 @@ def _test(run: Run, s: Session) -> None:
     elapsed = s.seconds()
     best = load_best(run)
     test = evaluate(run.plain, run.tensors["test_x"], run.tensors["test_y"], run.step.normalise,
-                    run.cfg.trainer.eval_batch_size, run.step.precision, s.stop)
+                    run.cfg.trainer.eval_batch_size, run.step.precision, s.stop, threshold=run.step.task.threshold)
     if s.stop:  # training is complete and checkpointed; a resume runs only the test
         s.records.test_interrupted(s.stop.signum or signal.SIGTERM)
         raise SystemExit(s.stop.exit_code)

@@ -6,7 +6,8 @@ the step's loss and learning rate every trainer.log_every_n_steps, the first bat
 the epoch under way; each epoch's metrics row, its console line, summary.json and the Optuna trial's report
 (sweep.pruner). At the end: the test in summary.json, the hparams and figures, the final table; or for an
 interrupted run its own table and the command that resumes it. summary.json's status says how the run ended:
-completed, interrupted, diverged or pruned.
+completed, interrupted, diverged or pruned. What a multi-label run records in place of accuracy (its
+metrics.csv columns, epoch line, monitored metric and test record) is asked of the run's task (engine.tasks).
 
 The loop keeps its records through `Records` alone, and says when; what is written where is decided here. A
 second experiment tracker is a `Tracker` in io/trackers.py (and a line in `open_trackers`): neither this
@@ -28,7 +29,6 @@ import torch
 from cnntrain.config import FitConfig, plain
 from cnntrain.engine.build import start_rows
 from cnntrain.engine.device import describe
-from cnntrain.engine.evaluate import class_metrics
 from cnntrain.engine.state import Run
 from cnntrain.engine.step import TrainingDiverged
 from cnntrain.errors import UserError
@@ -36,7 +36,7 @@ from cnntrain.io import figures
 from cnntrain.io.cpus import CollapseWatch
 from cnntrain.io.files import write_json, write_splits
 from cnntrain.io.provenance import provenance
-from cnntrain.io.runlog import RunLog
+from cnntrain.io.runlog import METRIC_COLUMNS, RunLog
 from cnntrain.io.trackers import open_trackers
 from cnntrain.models import count_parameters
 from cnntrain.sweep import jobs as sweep_jobs
@@ -110,6 +110,8 @@ class RunRecords(Records):
     def __init__(self, run: Run) -> None:
         t, p = run.cfg.trainer, run.progress
         self.run = run
+        self.task = run.step.task
+        self.monitor = self.task.monitor(t.monitor)  # a multi-label run's val/acc is its val/map
         self.log = _open_log(run)
         self.summary: dict[str, Any] = {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs,
                                         **run.record, "tuning": dict(p.tuning)}
@@ -130,7 +132,7 @@ class RunRecords(Records):
             self._write()
             cfg = self.run.cfg
             self.run.reporter.print(f"trial {cfg.sweep.trial} pruned by the study's {cfg.sweep.pruner} pruner after "
-                                    f"epoch {error.epoch}: {cfg.trainer.monitor} {error.value:.4f} falls behind "
+                                    f"epoch {error.epoch}: {self.monitor.name} {error.value:.4f} falls behind "
                                     "the other trials")
         self.log.close(self.summary.get("status"))
 
@@ -157,7 +159,7 @@ class RunRecords(Records):
             self.last_refresh = now
             loss, acc, seen = run.step.means(run.step.totals())
             busy = max(1e-9, p.times["data"] + p.times["compute"])
-            run.reporter.epoch_update(p.step_in_epoch, {"loss": loss, "acc": acc, "img/s": seen / busy,
+            run.reporter.epoch_update(p.step_in_epoch, {"loss": loss, self.task.train_key: acc, "img/s": seen / busy,
                                                         "data": p.times["data"] / busy})
             run.step.check_finite(loss, p.global_step)  # the loss reached the host for the display
 
@@ -177,23 +179,21 @@ class RunRecords(Records):
     def epoch_end(self, row: dict[str, Any], improved: bool) -> None:
         run, t, p = self.run, self.run.cfg.trainer, self.run.progress
         self.summary.update(status="running", epochs_done=p.epoch, best_epoch=p.best_epoch,
-                            **{_best_key(t.monitor): p.best_metric})
+                            **{_best_key(self.monitor.name): p.best_metric})
         self._write()
         train_time = p.times["wall"]
         run.reporter.epoch_end(
-            f"epoch {p.epoch}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{'  *' if improved else ''}  "
+            f"epoch {p.epoch}/{t.epochs}  {self.task.epoch_text(row)}{'  *' if improved else ''}  "
             f"{row['images_per_s']:,.0f} img/s  data {p.times['data'] / max(train_time, 1e-9):.0%}  "
             f"{row['epoch_s']:.1f}s"
         )
         if self.trial is not None:
-            self.trial.epoch(p.epoch, row["val_acc"] if t.monitor == "val/acc" else row["val_loss"],
-                             last=p.epoch >= t.epochs)
+            self.trial.epoch(p.epoch, row[self.monitor.column], last=p.epoch >= t.epochs)
 
     def early_stopped(self) -> None:
         t, p = self.run.cfg.trainer, self.run.progress
         self.summary["early_stopped_epoch"] = p.epoch
-        self.run.reporter.print(f"early stopping: {t.monitor} has not improved for {t.early_stopping_patience} "
+        self.run.reporter.print(f"early stopping: {self.monitor.name} has not improved for {t.early_stopping_patience} "
                                 f"epochs (best {p.best_metric:.4f} at epoch {p.best_epoch})")
 
     def interrupted(self, signum: int, seconds: float) -> None:
@@ -203,7 +203,7 @@ class RunRecords(Records):
         rows = [("epochs done", f"{p.epoch} of {t.epochs}" + (f", and {p.step_in_epoch} steps of the next"
                                                               if p.step_in_epoch else ""))]
         if p.best_metric is not None:
-            rows.append((f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"))
+            rows.append((f"best {self.monitor.name}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"))
         rows += [("time", f"{seconds:.1f}s"), ("run dir", str(run.run_dir))]
         run.reporter.final("interrupted", rows)
         run.reporter.print(f"stopped by signal {signum}; checkpoint saved.{resume_hint(run.run_dir)}")
@@ -216,13 +216,12 @@ class RunRecords(Records):
         """summary.json's status completed, the test's scalars and the hparams to the loggers, the figures,
         the final table."""
         run, t, p, log, summary = self.run, self.run.cfg.trainer, self.run.progress, self.log, self.summary
-        log.scalar("test/loss", test["loss"], p.global_step)
-        log.scalar("test/acc", test["acc"], p.global_step)
-        key = _best_key(t.monitor)
-        balanced = class_metrics(test["pred"], run.tensors["test_y"], run.data.num_classes)
+        tested = self.task.test_record(test, run.tensors["test_y"], run.data.num_classes)
+        for tag, value in tested["scalars"].items():
+            log.scalar(tag, value, p.global_step)
+        key = _best_key(self.monitor.name)
         summary.update(status="completed", epochs_done=p.epoch, best_epoch=p.best_epoch, **{key: p.best_metric},
-                       test_loss=test["loss"], test_acc=test["acc"], test_balanced_acc=balanced["balanced_acc"],
-                       test_macro_f1=balanced["macro_f1"], train_seconds=round(seconds, 2),
+                       **tested["summary"], train_seconds=round(seconds, 2),
                        global_step=p.global_step, skipped_steps=p.skipped_steps, parameters=count_parameters(run.model),
                        checkpoint=str(checkpoint))
         resumed = run.cfg.resume is not None
@@ -231,8 +230,7 @@ class RunRecords(Records):
         if run.data.test_split is not None:  # held out by cnntrain: say how, so the figure can be trusted
             summary["test_split"] = run.data.test_split
         self._write()
-        log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, "hparam/test_acc": test["acc"],
-                                    "hparam/test_loss": test["loss"]})
+        log.hparams(flat(run.cfg), {f"hparam/{key}": p.best_metric, **tested["hparams"]})
         # Filters and feature maps in TensorBoard; run_dir/figures/*.png, the same in TensorBoard.
         figures.model_images(run.model, run.tensors["test_x"][:1], run.step.normalise.from_uint8, log, p.global_step)
         # matplotlib's import and drawing would be most of a small run's wall time: by default a child process
@@ -243,10 +241,8 @@ class RunRecords(Records):
                           run.tensors["test_y"], test, how, tensorboard=run.cfg.logger.tensorboard)
         log.summary(summary)
         run.reporter.final("done", [
-            (f"best {t.monitor}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
-            ("test acc", f"{test['acc']:.4f}"),
-            ("test balanced acc / macro F1", f"{balanced['balanced_acc'] or 0:.4f} / {balanced['macro_f1'] or 0:.4f}"),
-            ("test loss", f"{test['loss']:.4f}"),
+            (f"best {self.monitor.name}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
+            *tested["rows"],
             ("time", f"{seconds:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
             ("run dir", str(run.run_dir)),
             *log.viewers(),
@@ -271,11 +267,12 @@ def _open_log(run: Run) -> RunLog:
     hydra = sweep_jobs.hydra_config() if sweep_jobs.in_sweep() else None
     sweep_dir = Path(hydra.sweep.dir).resolve() if hydra is not None else None
     trackers = open_trackers(run.cfg.logger, run.run_dir, run.cfg.name, flat(run.cfg), resumed, resume_step, sweep_dir)
-    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None, resume_step=resume_step, trackers=trackers)
+    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None, resume_step=resume_step, trackers=trackers,
+                  columns=run.step.task.columns(METRIC_COLUMNS))
 
 
 def _best_key(monitor: str) -> str:
-    """summary.json's key of the best monitored metric: best_val_acc, best_val_loss."""
+    """summary.json's key of the best monitored metric: best_val_acc, best_val_loss, best_val_map."""
     return f"best_{monitor.replace('/', '_')}"
 
 

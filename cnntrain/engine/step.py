@@ -9,10 +9,11 @@ With micro_batch set, the forward and backward passes run over chunks of the bat
 optimizer, the schedule and the weight average) still happens once per optimisation batch, so the result
 is the whole batch's up to the order of float sums.
 
-The loss and the metric sums live here alone (`forward_loss`, `zero_sums`, `_tally`, `means`): a task with
-another loss or metric changes this file, not the loop. A non-finite loss is the step's to catch too: it
-stops the run (`check_finite`, where the loss reaches the host), or with trainer.on_nonfinite=skip the step
-passes over it, up to MAX_SKIPS_IN_A_ROW in a row.
+The loss and the metric sums live here alone (`forward_loss`, `zero_sums`, `_tally`, `means`); what they
+count is asked of the run's task (engine.tasks: cross-entropy and accuracy, or binary cross-entropy and exact
+match), so a task with another loss or metric is a class in engine/tasks.py, not an edit of the loop.
+A non-finite loss is the step's to catch too: it stops the run (`check_finite`, where the loss reaches the
+host), or with trainer.on_nonfinite=skip the step passes over it, up to MAX_SKIPS_IN_A_ROW in a row.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
+from cnntrain.engine import tasks
 from cnntrain.engine.device import Precision
 from cnntrain.engine.inputs import Normalise, augment_seed, to_unit
 from cnntrain.errors import UserError
@@ -60,6 +61,7 @@ class TrainStep:
     rank: int = 0
     class_weights: torch.Tensor | None = None  # trainer.class_weights, on the device; None: unweighted
     micro_batch: int | None = None  # chunk size of the forward/backward passes; None: the whole batch at once
+    task: tasks.Task = tasks.SingleLabel()  # the loss and the training count (engine.tasks)
     # What fit's whole step (__call__) adds to the optimisation; `train` alone leaves them be.
     scheduler: LRScheduler | None = None  # stepped after each optimizer step
     ema: AveragedModel | None = None  # the weight average (trainer.ema_decay), updated after each optimizer step
@@ -98,8 +100,7 @@ class TrainStep:
         dtype = self.precision.dtype
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.forward(x)
-        return logits, F.cross_entropy(logits.float(), target, weight=self.class_weights,
-                                       label_smoothing=self.label_smoothing)
+        return logits, self.task.loss(logits.float(), target, self.class_weights, self.label_smoothing)
 
     def loss(self, x_u8: torch.Tensor, y: torch.Tensor, global_step: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,7 +196,7 @@ class TrainStep:
     def _tally(self, logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> None:
         sums = self.sums
         sums["loss"] += loss.detach() * len(y)
-        sums["correct"] += (logits.argmax(1) == y).sum()
+        sums["correct"] += self.task.correct(logits, y)
         sums["seen"] += len(y)
 
     def totals(self) -> torch.Tensor:
@@ -204,7 +205,7 @@ class TrainStep:
 
     @staticmethod
     def means(totals: torch.Tensor) -> tuple[float, float, float]:
-        """(mean loss, accuracy, images) of `totals`."""
+        """(mean loss, the share of images counted correct (accuracy, or exact match), images) of `totals`."""
         loss_total, correct, seen = totals.tolist()
         seen = max(1.0, seen)
         return loss_total / seen, correct / seen, seen

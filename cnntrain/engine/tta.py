@@ -1,5 +1,5 @@
 """Test-time augmentation (`evaluate tta=...`, `predict tta=...`): the model scores several views of each
-image and their softmax outputs are averaged. The views are made on the device from the batch already
+image and their softmax outputs (a multi-label model's sigmoids) are averaged. The views are made on the device from the batch already
 there, and all of a batch's views go through the model in one forward pass."""
 
 from __future__ import annotations
@@ -40,18 +40,24 @@ def _view(x: torch.Tensor, name: str) -> torch.Tensor:
 
 class AveragedViews(nn.Module):
     """Wraps a classifier: forward returns the log of the softmax averaged over the views, so argmax,
-    softmax and cross-entropy downstream see the averaged prediction as they would a model's logits."""
+    softmax and cross-entropy downstream see the averaged prediction as they would a model's logits.
+    A multi-label model's sigmoids are averaged instead, label by label, and come back as their logits."""
 
-    def __init__(self, model: nn.Module, views: tuple[str, ...]) -> None:
+    def __init__(self, model: nn.Module, views: tuple[str, ...], multilabel: bool = False) -> None:
         super().__init__()
-        self.model, self.views = model, views
+        self.model, self.views, self.multilabel = model, views, multilabel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(x)
         batch = torch.cat([_view(x, v) for v in self.views])
         if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        probs = self.model(batch).float().softmax(1).view(len(self.views), n, -1).mean(0)
+        logits = self.model(batch).float()
+        if self.multilabel:
+            p = logits.sigmoid().view(len(self.views), n, -1).mean(0)
+            tiny = torch.finfo(torch.float32).tiny
+            return p.clamp_min(tiny).log() - (1 - p).clamp_min(tiny).log()
+        probs = logits.softmax(1).view(len(self.views), n, -1).mean(0)
         return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
@@ -79,11 +85,11 @@ def apply(trained: Trained, tta: str) -> tuple[str, ...]:
         raise UserError(f"tta={tta} flips images, but the model's dataset ({trained.meta.get('dataset')}) says a flip "
                         "changes the label (dataset.flips_change_label=true); use tta=crops or tta=none")
     if len(views) > 1:
-        trained.model = AveragedViews(trained.model, views).eval()
+        trained.model = AveragedViews(trained.model, views, trained.task.name == "multilabel").eval()
     return views
 
 
-def describe(tta: str, views: tuple[str, ...]) -> str:
+def describe(tta: str, views: tuple[str, ...], multilabel: bool = False) -> str:
     if len(views) == 1:
         return "none"
-    return f"{tta}: softmax averaged over {len(views)} views ({', '.join(views)})"
+    return f"{tta}: {'sigmoid' if multilabel else 'softmax'} averaged over {len(views)} views ({', '.join(views)})"

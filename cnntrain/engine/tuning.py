@@ -214,7 +214,7 @@ class _Probe:
         self.step, self.device = step, device
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn((batch, *shape), generator=gen).to(device)
-        self.y = torch.randint(num_classes, (batch,), generator=gen).to(device)
+        self.y = step.task.random_targets(num_classes, batch, gen).to(device)
         self.steps: dict[bool, TrainStep] = {}
         self.warm: dict[Candidate, list[float]] = {}  # step times of candidates past their first step
 

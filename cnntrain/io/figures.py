@@ -74,15 +74,21 @@ def to_tensorboard(writer: Any, tag: str, pixels: np.ndarray, step: int) -> None
 
 
 def curves_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
-    """Training and validation loss and accuracy per epoch (rows of metrics.csv)."""
+    """Training and validation loss and accuracy per epoch (rows of metrics.csv); for a multi-label run binary
+    cross-entropy and exact match, with the validation mAP beside them."""
     epochs = [int(r["epoch"]) for r in rows]
     fig = new_figure(10, 4)
     axes = fig.subplots(1, 2)
     marker = "o" if len(epochs) <= 30 else None
-    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
+    multilabel = bool(rows) and "train_exact_match" in rows[0]
+    panels = ((axes[0], "loss", "binary cross-entropy loss" if multilabel else "cross-entropy loss"),
+              (axes[1], "exact_match" if multilabel else "acc", "exact match" if multilabel else "accuracy"))
+    for ax, metric, label in panels:
         for split, style in (("train", "-"), ("val", "--")):
-            values = [float(r[f"{split}_{metric}"]) for r in rows]
+            values = [_number(r[f"{split}_{metric}"]) for r in rows]
             ax.plot(epochs, values, style, marker=marker, label="training" if split == "train" else "validation")
+        if multilabel and metric == "exact_match":
+            ax.plot(epochs, [_number(r["val_map"]) for r in rows], ":", marker=marker, label="validation mAP")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(label.capitalize())
@@ -196,6 +202,10 @@ def worst_mistakes(true: torch.Tensor, pred: torch.Tensor, conf: torch.Tensor, k
     return wrong[order[:k]]
 
 
+def _number(v: str) -> float:
+    return float(v) if v not in ("", None) else float("nan")
+
+
 def read_metrics(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
@@ -230,6 +240,8 @@ def hand_over(run_dir: Path, step: int, name: str, classes: list[str], x: torch.
 
 def _write_pending(run_dir: Path, step: int, name: str, classes: list[str], x: torch.Tensor, y: torch.Tensor,
                    test: dict[str, Any], tensorboard: bool = True) -> Path:
+    if y.dim() == 2:
+        return _write_pending_labels(run_dir, step, name, classes, len(y), test, tensorboard)
     pred, y = test["pred"].cpu(), y.cpu()
     conf = test.get("conf")
     idx = worst_mistakes(y, pred, conf) if conf is not None else y[:0].long()
@@ -241,6 +253,22 @@ def _write_pending(run_dir: Path, step: int, name: str, classes: list[str], x: t
              mistakes=x[idx.to(x.device)].cpu().numpy(), true=y[idx].numpy(), pred=pred[idx].numpy(),
              conf=(conf.cpu()[idx].float().numpy() if conf is not None else np.zeros(0)),
              has_conf=conf is not None, tensorboard=tensorboard)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_pending_labels(run_dir: Path, step: int, name: str, classes: list[str], images: int,
+                          test: dict[str, Any], tensorboard: bool) -> Path:
+    """A multi-label run's: no confusion matrix or single mistakes, the test's precision and recall per label."""
+    def floats(key: str) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in test["per_label"][key]], dtype=np.float64)
+
+    out = run_dir / "figures" / PENDING
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".pending.{os.getpid()}.tmp.npz")
+    np.savez(tmp, step=step, name=name, classes=np.array(classes, dtype=str), images=images, task="multilabel",
+             precision=floats("precision"), recall=floats("recall"),
+             map=np.nan if test["map"] is None else test["map"], tensorboard=tensorboard)
     os.replace(tmp, out)
     return out
 
@@ -273,6 +301,15 @@ def draw_pending(run_dir: Path) -> None:
     if rows:
         save_png(curves_figure(rows, f"{data['name']}: {run_dir.name}"), folder / "curves.png")
         pngs["curves"] = folder / "curves.png"
+    if str(data.get("task", "")) == "multilabel":
+        save_png(per_class_figure(classes, data["precision"], data["recall"],
+                                  f"Per label: test ({images:,} images, mAP {float(data['map']):.4f})"),
+                 folder / "per_label_test.png")
+        pngs["per_label_test"] = folder / "per_label_test.png"
+        if bool(data.get("tensorboard", True)):
+            _png_events(run_dir / "tensorboard", {f"figures/{k}": p for k, p in pngs.items()}, step)
+        (folder / PENDING).unlink(missing_ok=True)
+        return
     acc = int(data["correct"]) / images if images else 0.0
     save_png(confusion_figure(data["cm"], classes, f"Test confusion matrix ({images:,} images, accuracy {acc:.2%})"),
              folder / "confusion_test.png")

@@ -29,8 +29,10 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, resume_epoch: int | None = None, resume_step: int | None = None,
-                 trackers: Tracker | None = None):
+                 trackers: Tracker | None = None, columns: list[str] | None = None):
         self.run_dir = run_dir
+        # A multi-label run has its own metrics where a single-label run has accuracy (engine.tasks).
+        self.columns = list(columns or METRIC_COLUMNS)
         self.csv_path = RunDir(run_dir).metrics
         self.trackers = trackers if trackers is not None else TensorBoardTracker(run_dir, resume_step)
         if resume_epoch is None or not self.csv_path.exists():
@@ -39,13 +41,13 @@ class RunLog:
             with open(self.csv_path, newline="") as f:
                 self._rewrite_csv([row for row in csv.DictReader(f) if int(row["epoch"]) <= resume_epoch])
         self._csv_file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - lives as long as the run
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_COLUMNS)
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=self.columns)
 
     def _rewrite_csv(self, rows: list[dict[str, str]]) -> None:
         # Via a temporary file, so an interruption here cannot lose the rows already there.
         tmp = self.csv_path.with_name(".metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.csv_path)
@@ -55,11 +57,12 @@ class RunLog:
 
     def epoch(self, row: dict[str, float | int], step: int) -> None:
         """One row per epoch to metrics.csv (flushed, so a crash keeps it) and the same to the loggers."""
-        self._csv.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+        self._csv.writerow({k: row.get(k, "") for k in self.columns})
         self._csv_file.flush()
         os.fsync(self._csv_file.fileno())
-        metrics = {f"{key.split('_')[0]}/{key.split('_')[1]}": row[key]
-                   for key in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        # train_loss -> train/loss, val_micro_f1 -> val/micro_f1: each column of a split's metric as a curve.
+        metrics = {key.replace("_", "/", 1): row[key] for key in self.columns
+                   if key.startswith(("train_", "val_")) and row.get(key) is not None}
         metrics.update({"lr": row["lr"], "throughput/images_per_s": row["images_per_s"],
                         "time/data_s": row["data_s"], "time/compute_s": row["compute_s"]})
         self.trackers.epoch(metrics, step, int(row["epoch"]))

@@ -356,7 +356,7 @@ class MlflowTracker(Tracker):
         self.flush()
 
     def summary(self, summary: dict[str, Any]) -> None:
-        for key in ("test_loss", "test_acc"):
+        for key in ("test_loss", "test_acc", "test_map", "test_micro_f1", "test_exact_match"):  # the last: multi-label
             if isinstance(summary.get(key), (int, float)):
                 self._add(f"test/{key.removeprefix('test_')}", summary[key], int(summary.get("epochs_done", 0)))
         self.flush()

@@ -141,19 +141,24 @@ def prepare_job(cfg: Any, run_dir: Path) -> tuple[Path, str | None, float | None
             job_dir = saved.parent.parent
             if job_dir.resolve() != run_dir.resolve() and job_key(job_overrides(job_dir) or []) == mine:
                 candidates.append(job_dir)
-    key = f"best_{str(cfg.trainer.monitor).replace('/', '_')}"
+
+    def best_key(d: Path) -> str:
+        """A multi-label run records the metric it monitored (val/acc stands for val/map there)."""
+        monitor = (read_json(RunDir(d).summary) or {}).get("monitor") or cfg.trainer.monitor
+        return f"best_{str(monitor).replace('/', '_')}"
 
     def age(d: Path) -> float:
         summary = RunDir(d).summary
         return summary.stat().st_mtime if summary.exists() else 0.0
 
-    done = [d for d in candidates if status(d) == "completed" and (read_json(RunDir(d).summary) or {}).get(key) is not None]
+    done = [d for d in candidates
+            if status(d) == "completed" and (read_json(RunDir(d).summary) or {}).get(best_key(d)) is not None]
     if done:
         best = max(done, key=age)
         _point_to(run_dir, best, "completed earlier: not run again (resume=auto)")
         _log(f"{'resume=auto' if auto else 'requeued job'}: this job completed in {best}; "
              f"returning its recorded {cfg.trainer.monitor}")
-        return best, None, float(read_json(RunDir(best).summary)[key])  # type: ignore[index]
+        return best, None, float(read_json(RunDir(best).summary)[best_key(best)])  # type: ignore[index]
     unfinished = [d for d in candidates if resumable(d)]
     if unfinished:
         target = max(unfinished, key=lambda d: RunDir(d).last.stat().st_mtime)

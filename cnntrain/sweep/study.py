@@ -22,8 +22,8 @@ def register_resolvers() -> None:
 
 
 def direction(monitor: str) -> str:
-    """Optuna's direction follows trainer.monitor: accuracy up, loss down."""
-    return "maximize" if "acc" in str(monitor) else "minimize"
+    """Optuna's direction follows trainer.monitor: accuracy and mAP up, loss down."""
+    return "minimize" if "loss" in str(monitor) else "maximize"
 
 
 def sqlite_url(path: str) -> str:
