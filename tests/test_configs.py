@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cnntrain.config import FitConfig, validate
+from cnntrain.config import FitConfig, plain, typed, validate
 from cnntrain.config.compose import compose_fit
 from cnntrain.registry import AUGMENTATIONS, DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
 from tests.conftest import needs
@@ -54,6 +54,22 @@ def test_every_option_composes_and_validates(group, option):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(name):
     validate(compose_fit([f"experiment={name}"]))
+
+
+def test_the_typed_config_gives_back_the_composed_record():
+    """The engine holds config.typed's dataclasses; what it records of them (a checkpoint's config, the resume
+    check, the hparams) is config.plain, which must be the composed config's own plain dict, keys in order."""
+    def shape(node):
+        return [(k, type(v).__name__, shape(v)) for k, v in node.items()] if isinstance(node, dict) else repr(node)
+
+    runs = [[f"{g}={o}", *NEEDS.get((g, o), [])] for g, o in OPTIONS]
+    runs += [[f"experiment={p.stem}"] for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]
+    runs += [["model=custom", "model._target_=mynets.TinyNet", "+model.depth=3", "model.width=8",
+              "+model.sizes={a: [1, 2]}", "dataset=custom", "dataset._target_=mydata.build", "+dataset.n=5"],
+             ["trainer.class_weights=[1,10]", "trainer.micro_batch=8", "optimizer.lr=1", "resume=runs/x"]]
+    for overrides in runs:
+        cfg = compose_fit(overrides)
+        assert shape(plain(typed(cfg))) == shape(OmegaConf.to_container(cfg, resolve=True)), overrides
 
 
 EXPERIMENT_FILES = [("experiment", p.stem) for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]

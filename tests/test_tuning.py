@@ -71,11 +71,12 @@ def cache(tmp_path, monkeypatch):
 
 
 def _build(tmp_path, *overrides):
+    from cnntrain.config import typed
     from cnntrain.engine.build import build_run
 
     cfg = compose_fit(["experiment=smoke", "trainer.precision=32", "trainer.num_threads=1",
                        "trainer.progress=none", *overrides])
-    return build_run(cfg, tmp_path / "run")
+    return build_run(typed(cfg), tmp_path / "run")
 
 
 def test_the_probe_times_once_and_the_second_run_uses_its_cache(tmp_path, cache, monkeypatch):
@@ -119,14 +120,16 @@ FIT = ["experiment=smoke", "trainer.precision=32", "trainer.num_threads=1", "tra
 
 def _seed_cache(cache, channels_last, micro_batch):
     """The verdicts a probe on this machine would have cached for FIT, as the subprocess computes its keys."""
+    from cnntrain.config import typed
     from cnntrain.engine.device import FP32
 
-    cfg = compose_fit(FIT)
+    cfg = typed(compose_fit(FIT))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine part of the key names the thread count the run trains with
     try:
-        layout, _ = tuning.cache_keys(cfg, torch.device("cpu"), FP32, (1, 28, 28), channels_last)
-        _, chunk = tuning.cache_keys(cfg, torch.device("cpu"), FP32, (1, 28, 28), channels_last)
+        keys = (cfg.model, cfg.trainer.batch_size, torch.device("cpu"), FP32, (1, 28, 28), channels_last)
+        layout, _ = tuning.cache_keys(*keys)
+        _, chunk = tuning.cache_keys(*keys)
     finally:
         torch.set_num_threads(threads)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """`cnntrain fit`: the Hydra app. Everything that adjusts a job's config happens here, once, at the top:
 
 validation, resume resolution for sweep jobs, threads and GPUs under parallel launchers. Below this
-the config is read-only. A start that fails leaves no run directory (a sweep job leaves a failure
+the config is read-only, and typed: the engine gets the schema's dataclasses (config.typed). A start that fails leaves no run directory (a sweep job leaves a failure
 record instead), and every error reaches the user as one line.
 """
 
@@ -153,7 +153,7 @@ def _job(cfg: Any, job: _JobState) -> float | None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from cnntrain.config import validate
+    from cnntrain.config import typed, validate
     from cnntrain.io.files import discard_run_dir
     from cnntrain.io.trackers import check_logger
     from cnntrain.sweep import jobs as sweep
@@ -178,7 +178,8 @@ def _job(cfg: Any, job: _JobState) -> float | None:
         OmegaConf.set_readonly(cfg, True)
         from cnntrain.engine.loop import fit
 
-        result = fit(cfg, run_dir)
+        # The engine works on the schema's dataclasses, made here once: each builder takes its own part.
+        result = fit(typed(cfg), run_dir)
         if cfg.trainer.dry_run:
             discard_run_dir(run_dir)
         return result

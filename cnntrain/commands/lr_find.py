@@ -196,7 +196,7 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     from cnntrain.models import freeze_norm_stats, model_label
 
     validate(cfg)
-    built = build_run(cfg, out)
+    built = build_run(typed(cfg), out)
     if built.dist.enabled:
         raise UserError("lr-find runs in one process; start it without torchrun")
     step, t = built.step, cfg.trainer

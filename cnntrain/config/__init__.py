@@ -9,6 +9,7 @@ these dataclasses, once, and each builder takes its own part of it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -19,6 +20,7 @@ from cnntrain.registry import OPTIMIZERS, SCHEDULERS
 _T = TypeVar("_T")
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
     from omegaconf import DictConfig
     from typing_extensions import dataclass_transform
 
@@ -398,6 +400,23 @@ def typed(cfg: DictConfig) -> FitConfig:
         else:
             parts[f.name] = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
     return FitConfig(**parts)
+
+
+def plain(part: DataclassInstance) -> dict[str, Any]:
+    """The typed config (or a part of it) back as the plain dict that `OmegaConf.to_container(cfg, resolve=True)`
+    makes of the composed config, its keys in the same order: a part's own keys (`own`) after its declared ones,
+    where the composed node has them. What a checkpoint, the resume check and the hparams record, so that they
+    stay what they were when the engine held the composed config itself."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(part):
+        value = getattr(part, f.name)
+        if f.metadata.get("omegaconf_ignore"):
+            out.update(copy.deepcopy(value))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out[f.name] = plain(value)
+        else:  # a copy, as to_container makes: the record shares no list with the config
+            out[f.name] = copy.deepcopy(value)
+    return out
 
 
 def check_known_keys(cfg: Any, prefix: str = "") -> None:

@@ -15,12 +15,13 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class StreamedImages:
@@ -37,7 +38,7 @@ class StreamedImages:
     def __init__(self, n: int, channels: int, size: tuple[int, int], on_corrupt: str = "skip"):
         self._n = n
         self.channels, self.size, self.on_corrupt = channels, size, on_corrupt
-        self._loader: torch.utils.data.DataLoader | None = None
+        self._loader: torch.utils.data.DataLoader[torch.Tensor] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -58,7 +59,7 @@ class StreamedImages:
     def to(self, *args: object, **kwargs: object) -> StreamedImages:
         return self  # stays where it is; batches move to the device as they are read
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # Worker processes get what to read, never the DataLoader that started them.
         return {k: v for k, v in self.__dict__.items() if k not in ("_loader", "_sampler")} | {"_loader": None}
 
@@ -81,7 +82,7 @@ class StreamedImages:
             return self.read(range(*key.indices(len(self))))
         return self.read(torch.as_tensor(key).reshape(-1).tolist())
 
-    def loader(self) -> torch.utils.data.DataLoader:
+    def loader(self) -> torch.utils.data.DataLoader[torch.Tensor]:
         """One DataLoader per image set, its workers kept alive across epochs."""
         if self._loader is None:
             workers = min(8, max(1, (os.cpu_count() or 2) - 1))
@@ -93,7 +94,11 @@ class StreamedImages:
         return self._loader
 
 
-def _select(items: list, idx: np.ndarray | torch.Tensor | slice) -> list:
+# What a split's images are: a uint8 tensor [N, C, H, W], or streamed images that the loop reads like one.
+Images = torch.Tensor | StreamedImages
+
+
+def _select(items: list[_T], idx: np.ndarray | torch.Tensor | slice) -> list[_T]:
     return items[idx] if isinstance(idx, slice) else [items[int(i)] for i in np.asarray(idx).reshape(-1)]
 
 
@@ -185,7 +190,7 @@ class _Chunks:
         return len(self.chunks)
 
 
-class _Decode(torch.utils.data.Dataset):
+class _Decode(torch.utils.data.Dataset[torch.Tensor]):
     """Runs in the workers: one batch of indices -> (uint8 images, indices)."""
 
     def __init__(self, images: StreamedImages):
@@ -205,7 +210,7 @@ def _first(items: list[torch.Tensor]) -> torch.Tensor:
     return items[0]
 
 
-def iterate(x: torch.Tensor | StreamedImages, y: torch.Tensor, chunks: Sequence[torch.Tensor],
+def iterate(x: Images, y: torch.Tensor, chunks: Sequence[torch.Tensor],
             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 images and labels on ``device``, one batch per index chunk, in order."""
     if not isinstance(x, StreamedImages):
@@ -213,12 +218,13 @@ def iterate(x: torch.Tensor | StreamedImages, y: torch.Tensor, chunks: Sequence[
             yield x.index_select(0, idx), y.index_select(0, idx)
         return
     loader = x.loader()
+    assert isinstance(loader.batch_sampler, _Chunks)  # the loader's own (StreamedImages.loader)
     loader.batch_sampler.chunks = [c.tolist() for c in chunks]
     for idx, batch in zip(chunks, loader, strict=True):
         yield batch.to(device, non_blocking=True), y.index_select(0, idx.to(y.device))
 
 
-def sequential(x: torch.Tensor | StreamedImages, y: torch.Tensor, batch_size: int,
+def sequential(x: Images, y: torch.Tensor, batch_size: int,
                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole split in order (evaluation)."""
     if not isinstance(x, StreamedImages):
@@ -229,6 +235,6 @@ def sequential(x: torch.Tensor | StreamedImages, y: torch.Tensor, batch_size: in
     yield from iterate(x, y, chunks, device)
 
 
-def shard(x: torch.Tensor | StreamedImages, rank: int, world: int) -> torch.Tensor | StreamedImages:
+def shard(x: Images, rank: int, world: int) -> Images:
     """Every world-th image from rank on (torchrun evaluation)."""
     return x.subset(slice(rank, None, world)) if isinstance(x, StreamedImages) else x[rank::world]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cnntrain.config import DatasetConfig, own_keys
-from cnntrain.data.batches import DatasetImages
+from cnntrain.data.batches import DatasetImages, Images
 from cnntrain.data.decode import IMAGE_TYPES, as_hwc, to_uint8_chw
 from cnntrain.data.imagefolder import split_recorded, stream_or_not
 from cnntrain.data.images import ImageData, finish
@@ -84,7 +84,11 @@ def _parts(result: Any, label: str) -> dict[str, Any]:
     return parts
 
 
-def _label(value: Any, what: str) -> int | tuple[float, ...]:
+# An item's label: a class index, or a multi-hot target.
+Label = int | tuple[float, ...]
+
+
+def _label(value: Any, what: str) -> Label:
     """A class index, or a multi-hot target (a vector of 0/1 with more than one entry) as a tuple."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         return int(value.item())
@@ -120,7 +124,7 @@ def _targets(labels: list[Any], label: str) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.float32)
 
 
-def _item(ds: Any, i: int, what: str) -> tuple[Any, int]:
+def _item(ds: Any, i: int, what: str) -> tuple[Any, Label]:
     item = ds[i]
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise UserError(f"{what} is a {type(item).__name__}; items must be (image, label) pairs with images "
@@ -128,7 +132,7 @@ def _item(ds: Any, i: int, what: str) -> tuple[Any, int]:
     return item[0], _label(item[1], what)
 
 
-def _known_labels(ds: Any) -> list[int] | None:
+def _known_labels(ds: Any) -> list[Label] | None:
     """The labels from a `targets` or `labels` attribute, when it has one per item (saves reading images)."""
     for attr in ("targets", "labels"):
         values = getattr(ds, attr, None)
@@ -146,7 +150,8 @@ def _known_labels(ds: Any) -> list[int] | None:
 
 class _Failures:
     def __init__(self, label: str, cfg: DatasetConfig) -> None:
-        self.label, self.cfg, self.items = label, cfg, []
+        self.label, self.cfg = label, cfg
+        self.items: list[str] = []
 
     def add(self, what: str, e: Exception) -> None:
         if isinstance(e, UserError):
@@ -163,7 +168,8 @@ class _Failures:
                           stacklevel=3)
 
 
-def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures) -> tuple:
+def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures
+              ) -> tuple[Images, list[Label], list[int]]:
     """Read every item: (uint8 [N, C, H, W], labels, kept pool positions)."""
     images, labels, kept = [], [], []
     for k, (what, ds, i) in enumerate(pool):
@@ -195,11 +201,11 @@ def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, 
 
 
 def _streamed(pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: DatasetConfig, label: str,
-              first: np.ndarray) -> tuple:
+              first: np.ndarray) -> tuple[Images, list[Label], list[int]]:
     """Labels only (from `targets`/`labels`, else one pass); images are read by DataLoader workers."""
     channels = cfg.channels or first.shape[2]
     size = (int(cfg.image_size),) * 2 if cfg.image_size is not None else tuple(first.shape[:2])
-    labels: list[int] = []
+    labels: list[Label] = []
     for ds in parts.values():
         known = _known_labels(ds)
         if known is None:
@@ -229,7 +235,7 @@ def load_from(fn: Any, label: str, key: str, cfg: DatasetConfig, name: str) -> I
     else:
         x, labels, kept = _resident(pool, cfg, label, _Failures(label, cfg))
     y = _targets(labels, label)
-    classes = _class_names(parts, labels, label) if y.dim() == 1 else _label_names(parts, y.shape[1], label)
+    classes = _class_names(parts, y, label) if y.dim() == 1 else _label_names(parts, y.shape[1], label)
     present = list(parts)
     train, val, test, items, test_split = split_recorded(
         x, y, which_all[kept], present, cfg, label, lambda split: f"{label} has no '{split}' dataset",
@@ -237,10 +243,11 @@ def load_from(fn: Any, label: str, key: str, cfg: DatasetConfig, name: str) -> I
     return finish(name, classes, train, val, test, cfg, source=label, items=items, test_split=test_split)
 
 
-def _class_names(parts: dict[str, Any], labels: list[int], label: str) -> list[str]:
-    top = max(labels) + 1
-    if min(labels) < 0:
-        raise UserError(f"{label}: label {min(labels)} is negative; labels are class indices 0, 1, ...")
+def _class_names(parts: dict[str, Any], y: torch.Tensor, label: str) -> list[str]:
+    """The class names of class-index labels `y`: the dataset's `classes`, else the indices."""
+    top = int(y.max()) + 1
+    if int(y.min()) < 0:
+        raise UserError(f"{label}: label {int(y.min())} is negative; labels are class indices 0, 1, ...")
     first = next(iter(parts.values()))
     names = getattr(first, "classes", None)
     if names is None:

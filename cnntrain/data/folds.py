@@ -31,7 +31,7 @@ def take_fold(data: ImageData, folds: int | None, fold: int | None, seed: int) -
     if fold is None:  # validate() lets a lone run of a fold sweep through only with its fold set
         raise UserError("trainer.folds=K runs as a sweep: `cnntrain fit trainer.folds=K` sets trainer.fold "
                         "per job; to run one fold alone pass trainer.fold=k as well")
-    if isinstance(data.train_x, StreamedImages):
+    if isinstance(data.train_x, StreamedImages) or isinstance(data.val_x, StreamedImages):  # both, or neither
         raise UserError("trainer.folds needs the images in memory; set dataset.in_memory=true")
     pool_x = torch.cat([data.train_x, data.val_x])
     pool_y = torch.cat([data.train_y, data.val_y])

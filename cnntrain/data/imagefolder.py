@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from cnntrain.config import DatasetConfig
-from cnntrain.data.batches import FileImages
+from cnntrain.data.batches import FileImages, Images
 from cnntrain.data.decode import IMAGE_EXTENSIONS, decode_into, probe
-from cnntrain.data.images import ImageData, Items, carve_val, finish, hold_out, take, three_way, warn_ignored
+from cnntrain.data.images import ImageData, Items, Split, carve_val, finish, hold_out, take, three_way, warn_ignored
 from cnntrain.errors import UserError
 from cnntrain.registry import DATASETS
 
@@ -99,24 +99,25 @@ def stream_or_not(cfg: DatasetConfig, nbytes: int) -> bool:
     return mode == "false" or (mode == "auto" and nbytes > cfg.memory_limit_mb * 2**20)
 
 
-def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> tuple[torch.Tensor, np.ndarray]:
+def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> tuple[Images, np.ndarray]:
     """Decode image files as dataset.image_size / channels / in_memory say: (uint8 images or streamed
     FileImages, the indices into `files` of the images kept). Undecodable files follow dataset.on_corrupt."""
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while reading and decoding
         probes = list(pool.map(probe, files))
         bad = [(p, r) for p, r in zip(files, probes, strict=True) if isinstance(r, str)]
-        ok = [i for i, r in enumerate(probes) if not isinstance(r, str)]
+        headers = {i: r for i, r in enumerate(probes) if not isinstance(r, str)}  # (gray, size) of those that read
+        ok = list(headers)
         if not ok:  # one error rather than a warning about every file first
             raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: "
                             f"{bad[0][1]})")
         if cfg.on_corrupt == "error":
             corrupt(bad, cfg, what)
 
-        channels = cfg.channels or (1 if all(probes[i][0] for i in ok) else 3)
+        channels = cfg.channels or (1 if all(gray for gray, _ in headers.values()) else 3)
         if cfg.image_size is not None:
             w = h = int(cfg.image_size)
         else:
-            sizes = {probes[i][1]: files[i] for i in ok}
+            sizes = {size: files[i] for i, (_, size) in headers.items()}
             if len(sizes) > 1:
                 (s1, p1), (s2, p2) = list(sizes.items())[:2]
                 raise UserError(f"images under {root} differ in size ({s1[0]}x{s1[1]} {p1}, {s2[0]}x{s2[1]} {p2}, "
@@ -140,8 +141,8 @@ def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> 
     return x, np.asarray(ok, dtype=np.int64)[good]
 
 
-def assemble_splits(x: torch.Tensor, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
-                    what: str, missing: Callable[[str], str]) -> tuple[tuple, tuple, tuple, str | None]:
+def assemble_splits(x: Images, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
+                    what: str, missing: Callable[[str], str]) -> tuple[Split, Split, Split, str | None]:
     """(train, val, test, how the test split was made) from images tagged by `which` (an index into `present`).
 
     present == ["all"]: one pool, split by the fractions (seeded, stratified). Otherwise train is given; a
@@ -149,7 +150,7 @@ def assemble_splits(x: torch.Tensor, y: torch.Tensor, which: np.ndarray, present
     the validation split as the test split: that one picked the best epoch, so a score on it is no test.
     The last value describes a test split cnntrain held out (None when the source gave one).
     """
-    def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def part(name: str) -> Split:
         return take(x, y, np.flatnonzero(which == present.index(name)))
 
     held_out = (f"dataset.test_fraction={cfg.test_fraction} of {{}}, stratified by class, "
@@ -181,13 +182,16 @@ def assemble_splits(x: torch.Tensor, y: torch.Tensor, which: np.ndarray, present
     return train, val, test, test_split
 
 
-def split_recorded(x: torch.Tensor, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
+def split_recorded(x: Images, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
                    what: str, missing: Callable[[str], str], names: list[str],
-                   column: str) -> tuple[tuple, tuple, tuple, Items, str | None]:
+                   column: str) -> tuple[Split, Split, Split, Items, str | None]:
     """assemble_splits, also saying which of `names` (one per image of x) each split holds."""
     ids = torch.arange(len(y))
     *parts, test_split = assemble_splits(ids, y, which, present, cfg, what, missing)
-    index = {split: part[0].numpy() for split, part in zip(("train", "val", "test"), parts, strict=True)}
+    index: dict[str, np.ndarray] = {}
+    for split, (part, _) in zip(("train", "val", "test"), parts, strict=True):
+        assert isinstance(part, torch.Tensor)  # the ids' splits: tensors, as the ids are
+        index[split] = part.numpy()
     train, val, test = (take(x, y, index[split]) for split in ("train", "val", "test"))
     return train, val, test, Items(column, names, index), test_split
 
@@ -215,11 +219,11 @@ def load_imagefolder(cfg: DatasetConfig) -> ImageData:
 
     order = list(splits)
     files = [p for s in order for p in splits[s][0]]
-    labels = np.array([lab for s in order for lab in splits[s][1]], dtype=np.int64)
+    all_labels = np.array([lab for s in order for lab in splits[s][1]], dtype=np.int64)
     which = np.concatenate([np.full(len(splits[s][0]), k) for k, s in enumerate(order)])
     x, kept = read_files(files, cfg, root, "imagefolder")
-    y = torch.from_numpy(labels[kept])
-    small_classes(classes, labels[kept][which[kept] == 0], cfg, f"imagefolder {root}")  # order[0]: train or all
+    y = torch.from_numpy(all_labels[kept])
+    small_classes(classes, all_labels[kept][which[kept] == 0], cfg, f"imagefolder {root}")  # order[0]: train or all
     what = str(root) if order == ["all"] else str(root / "train")
     names = [files[i].relative_to(root).as_posix() for i in kept.tolist()]
     train, val, test, items, test_split = split_recorded(x, y, which[kept], order, cfg, what,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cnntrain.config import DatasetConfig
-from cnntrain.data.batches import StreamedImages
+from cnntrain.data.batches import Images, StreamedImages
 from cnntrain.errors import UserError
 
 # A CSV of labels (and splits.csv) writes an image's several labels joined by this, and none of them as NO_LABELS.
@@ -33,15 +33,19 @@ class Items:
     index: dict[str, np.ndarray]  # split -> indices into names, in the order of the split's images
 
 
+# A split: (images, labels).
+Split = tuple[Images, torch.Tensor]
+
+
 @dataclass
 class ImageData:
     name: str
     classes: list[str]
-    train_x: torch.Tensor
+    train_x: Images
     train_y: torch.Tensor
-    val_x: torch.Tensor
+    val_x: Images
     val_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: Images
     test_y: torch.Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -163,14 +167,14 @@ def stratified_split(labels: np.ndarray, sizes: Sequence[int], seed: Any) -> lis
     return parts
 
 
-def take(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def take(x: Images, y: torch.Tensor, idx: np.ndarray) -> Split:
     i = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
     if isinstance(x, StreamedImages):  # streamed data select files (items), not pixels
         return x.subset(idx), y[i].contiguous()
     return x[i].contiguous(), y[i].contiguous()
 
 
-def three_way(x: torch.Tensor, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tuple:
+def three_way(x: Images, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tuple[Split, Split, Split]:
     """train/val/test from one pool of images, by dataset.val_fraction and dataset.test_fraction of the whole."""
     n = len(y)
     n_test, n_val = split_count(n, cfg.test_fraction), split_count(n, cfg.val_fraction)
@@ -180,12 +184,12 @@ def three_way(x: torch.Tensor, y: torch.Tensor, cfg: DatasetConfig, what: str) -
     return take(x, y, train), take(x, y, val), take(x, y, test)
 
 
-def carve_val(x: torch.Tensor, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tuple:
+def carve_val(x: Images, y: torch.Tensor, cfg: DatasetConfig, what: str) -> tuple[Split, Split]:
     """train and val from a training set, val being dataset.val_fraction of it."""
     return hold_out(x, y, cfg.val_fraction, cfg.split_seed, what, "validation")
 
 
-def hold_out(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: Any, what: str, split: str) -> tuple:
+def hold_out(x: Images, y: torch.Tensor, fraction: float, seed: Any, what: str, split: str) -> tuple[Split, Split]:
     """(rest, held out): `fraction` of a training set held out, stratified by class and seeded."""
     n = len(y)
     k = split_count(n, fraction)
@@ -195,7 +199,7 @@ def hold_out(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: Any, what:
     return take(x, y, rest), take(x, y, held)
 
 
-def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: Images) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images in [0, 1] units.
 
     Exact and memory-light: a 256-bin histogram per channel, moments summed in float64.
@@ -214,7 +218,7 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(means), tuple(stds)
 
 
-def finish(name: str, classes: list[str], train: tuple, val: tuple, test: tuple, cfg: DatasetConfig,
+def finish(name: str, classes: list[str], train: Split, val: Split, test: Split, cfg: DatasetConfig,
            source: str, test_split: str | None = None, items: Items | None = None) -> ImageData:
     """Apply dataset.subset to the train split, compute normalisation statistics, build the ImageData."""
     train_x, train_y = train

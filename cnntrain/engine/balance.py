@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -12,6 +11,8 @@ from cnntrain.errors import UserError
 
 # The largest class this many times the smallest is where an unweighted loss starts to ignore the small one.
 IMBALANCE_WARN_RATIO = 10.0
+# trainer.class_weights: null, balanced or one weight per class (the schema's Any: OmegaConf has no such union).
+ClassWeights = str | Sequence[float] | None
 
 
 def class_counts(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -21,7 +22,7 @@ def class_counts(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(y.cpu(), minlength=num_classes)
 
 
-def loss_weights(spec: Any, counts: torch.Tensor, classes: Sequence[str]) -> torch.Tensor | None:
+def loss_weights(spec: ClassWeights, counts: torch.Tensor, classes: Sequence[str]) -> torch.Tensor | None:
     """trainer.class_weights as a float32 tensor (None: unweighted). `balanced` is n / (K * n_k): a class's
     images weigh in total what any other class's do, and the mean weight over the images is 1."""
     if spec is None:
@@ -49,9 +50,11 @@ def sample_weights(sampler: str, y: torch.Tensor, counts: torch.Tensor) -> torch
     return (1.0 / counts.clamp(min=1).double())[y.cpu()]
 
 
-def imbalance_warning(counts: torch.Tensor, classes: Sequence[str], cfg: Any) -> str | None:
-    """One line when the largest class has >= 10x the images of the smallest and nothing compensates."""
-    if cfg.trainer.class_weights is not None or cfg.dataset.sampler != "shuffle" or len(counts) < 2:
+def imbalance_warning(counts: torch.Tensor, classes: Sequence[str], class_weights: ClassWeights, sampler: str
+                      ) -> str | None:
+    """One line when the largest class has >= 10x the images of the smallest and nothing compensates (neither
+    trainer.class_weights nor dataset.sampler)."""
+    if class_weights is not None or sampler != "shuffle" or len(counts) < 2:
         return None
     big, small = int(counts.argmax()), int(counts.argmin())
     n_big, n_small = int(counts[big]), int(counts[small])

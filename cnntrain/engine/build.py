@@ -9,15 +9,15 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from omegaconf import DictConfig
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnntrain.augment import build_augment
-from cnntrain.config import FitConfig, typed
+from cnntrain.config import FitConfig
 from cnntrain.config.compose import chosen_option
 from cnntrain.data import load_dataset
 from cnntrain.data.folds import take_fold
@@ -37,67 +37,75 @@ from cnntrain.optim import build_optimizer, build_scheduler
 SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 
 
-def build_run(cfg: DictConfig, run_dir: Path) -> Run:
-    """Build everything `cfg` asks for; with cfg.resume, restore the run's checkpoint into it."""
-    fc = typed(cfg)  # each builder below takes its own part of it
-    t = fc.trainer
+def build_run(cfg: FitConfig, run_dir: Path) -> Run:
+    """Build everything `cfg` asks for, each builder from its own part of it; with cfg.resume, restore the run's
+    checkpoint into it."""
+    t = cfg.trainer
     dist = distributed.from_env()
     device = distributed.setup(dist, resolve_device(t.device), t.batch_size)
     run_dir = Path(distributed.broadcast_str(dist, str(run_dir)))  # rank 0's Hydra picked it
     precision = resolve_precision(str(t.precision), device)
     threads_note = configure_torch(device, t.deterministic, t.num_threads, t.seed, auto_threads=not dist.enabled)
-    data = take_fold(load_dataset(fc.dataset), t.folds, t.fold, fc.dataset.split_seed)
-    task = tasks.build_task(t, fc.dataset, data.train_y)  # one class per image, or a set of labels (multi-hot)
+    data = take_fold(load_dataset(cfg.dataset), t.folds, t.fold, cfg.dataset.split_seed)
+    task = tasks.build_task(t, cfg.dataset, data.train_y)  # one class per image, or a set of labels (multi-hot)
     counts = balance.class_counts(data.train_y, data.num_classes)
     class_weights = task.loss_weights(t.class_weights, counts, len(data.train_y), data.classes)
-    note = balance.imbalance_warning(counts, data.classes, cfg) if task.name == tasks.SINGLE else None
+    note = (balance.imbalance_warning(counts, data.classes, t.class_weights, cfg.dataset.sampler)
+            if task.name == tasks.SINGLE else None)
     if note is not None and dist.main:
         warnings.warn(note, stacklevel=2)
-    model = build_model(fc.model, data.channels, data.image_size, data.num_classes)
+    model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
     model = model.to(device)  # the layout is chosen below, once a resume's recorded choice is known
-    optimizer = build_optimizer(model, fc.optimizer, fc.model)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.model)
     # Under torchrun a partial last batch could leave a rank with nothing, so it is dropped there.
     steps = len(data.train_x) // t.batch_size if dist.enabled else math.ceil(len(data.train_x) / t.batch_size)
     if steps == 0:
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the {len(data.train_x)} training images")
-    scheduler = build_scheduler(optimizer, fc.scheduler, fc.optimizer.lr, steps, t.epochs)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, steps, t.epochs)
     ema = None
     if t.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+        average = get_ema_multi_avg_fn(t.ema_decay)  # type: ignore[no-untyped-call]  # unannotated in torch
+        ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
     step = TrainStep(
         model=model, forward=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
         normalise=Normalise.of(data.mean, data.std, device), precision=precision,
-        augment=build_augment(fc.augment, data.num_classes), label_smoothing=t.label_smoothing,
+        augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
         grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
         class_weights=None if class_weights is None else class_weights.to(device), task=task,
         scheduler=scheduler, ema=ema, skip_nonfinite=t.on_nonfinite == "skip",
         unfreeze_epoch=cfg.model.unfreeze_epoch if cfg.model.freeze_backbone else None, lr=cfg.optimizer.lr,
     )
-    progress = Progress() if cfg.resume is None else restore(cfg, step, scheduler, ema, data, device)
+    resumed = None if cfg.resume is None else find_checkpoint(cfg.resume)
+    progress = Progress() if resumed is None else restore(resumed, cfg, step, scheduler, ema, data, device)
     shape = (data.channels, *data.image_size)
-    choice = tuning.decide(cfg, step, device, shape, data.num_classes, progress.tuning, dist.enabled,
-                           steps * max(1, t.epochs - progress.epoch))
+    choice = tuning.decide(t, cfg.model, resumed is not None, step, device, shape, data.num_classes,
+                           progress.tuning, dist.enabled, steps * max(1, t.epochs - progress.epoch))
     # Weights and optimizer state keep their values in either layout, so a resume restores before this.
     tuning.apply(choice, step, [model] + ([ema.module] if ema is not None else []))
     progress.tuning = choice.record()
     last = RunDir(run_dir).last
-    keep_last = cfg.resume is None or (last.is_file() and find_checkpoint(cfg.resume).resolve() == last.resolve())
-    if fc.model.freeze_backbone and fc.model.unfreeze_epoch is not None and progress.epoch + 1 >= fc.model.unfreeze_epoch:
+    keep_last = resumed is None or (last.is_file() and resumed.resolve() == last.resolve())
+    if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
         set_backbone_trainable(model, True)
     # Resident data: moved once; non_blocking lets the copies overlap on CUDA.
     tensors = {name: getattr(data, name).to(device, non_blocking=True) for name in SPLITS}
-    plain = torch.compile(model) if t.compile else model
+    plain = _compiled(model) if t.compile else model
     step.forward = plain
     if dist.enabled:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        step.forward = torch.compile(ddp) if t.compile else ddp
+        step.forward = _compiled(ddp) if t.compile else ddp
     return Run(cfg=cfg, run_dir=run_dir, data=data, tensors=tensors, step=step, plain=plain, ema=ema,
                scheduler=scheduler, dist=dist, steps=steps, progress=progress,
                reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note,
                keep_last=keep_last, data_fingerprint=data.fingerprint(),
-               sample_weights=balance.sample_weights(fc.dataset.sampler, data.train_y, counts),
-               record={**tasks.record(task, t.monitor), **_record(fc, data, class_weights)})
+               sample_weights=balance.sample_weights(cfg.dataset.sampler, data.train_y, counts),
+               record={**tasks.record(task, t.monitor), **_record(cfg, data, class_weights)})
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    """torch.compile of a module, which is a module (OptimizedModule) though torch types it as any callable."""
+    return cast(nn.Module, torch.compile(module))
 
 
 def _record(cfg: FitConfig, data: ImageData, class_weights: torch.Tensor | None) -> dict[str, Any]:
@@ -145,7 +153,7 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
             f"{cfg.dataset.sampler} sampler" if cfg.dataset.sampler != "shuffle" else ""]))))
     if (task_row := tasks.start_row(run.step.task, t.monitor)) is not None:
         rows.insert(-1, task_row)
-    if t.folds is not None:
+    if t.folds is not None and t.fold is not None:  # validate: trainer.folds comes with a fold
         rows.insert(-1, ("fold", f"{t.fold + 1} of {t.folds}: validating on {len(data.val_y):,} images"))
     if t.ema_decay is not None:
         rows.insert(-1, ("ema", f"decay {t.ema_decay}: validation, best and test use the averaged weights"))
@@ -162,7 +170,7 @@ def resume_point(p: Progress, steps: int) -> str:
     return f"in epoch {p.epoch + 1}, after step {p.step_in_epoch} of {steps} ({p.global_step:,} steps in all)"
 
 
-def layout_row(record: dict, channels_last: bool, micro_batch: int | None) -> str:
+def layout_row(record: dict[str, Any], channels_last: bool, micro_batch: int | None) -> str:
     """The start table's line on the layout and compute chunk, and where they came from."""
     chunk = f"chunks of {micro_batch} (gradients accumulated)" if micro_batch else "whole batch"
     how = record.get("how")

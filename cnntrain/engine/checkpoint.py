@@ -26,8 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from omegaconf import OmegaConf
-
+from cnntrain.config import plain
 from cnntrain.config.compose import chosen_option
 from cnntrain.config.identity import check_resume
 from cnntrain.errors import UserError
@@ -36,10 +35,11 @@ from cnntrain.sweep.jobs import job_overrides, weights_command
 
 if TYPE_CHECKING:
     import torch
-    from omegaconf import DictConfig
     from torch import nn
+    from torch.optim.lr_scheduler import LRScheduler
     from torch.optim.swa_utils import AveragedModel
 
+    from cnntrain.config import DatasetConfig, FitConfig, ModelConfig
     from cnntrain.data.images import ImageData
     from cnntrain.engine.distributed import Dist
     from cnntrain.engine.step import TrainStep
@@ -92,12 +92,12 @@ class RunState(Protocol):
     """What a checkpoint is made from; `engine.state.Run` is one (named here by its parts, so that this
     module needs nothing above it)."""
 
-    cfg: DictConfig
+    cfg: FitConfig
     run_dir: Path
     data: ImageData
     step: TrainStep
     ema: AveragedModel | None
-    scheduler: Any
+    scheduler: LRScheduler
     dist: Dist
     progress: Progress
     keep_last: bool
@@ -107,18 +107,18 @@ class RunState(Protocol):
     def model(self) -> nn.Module: ...
 
 
-def meta(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
-    """What predict/evaluate/export need to use the model without the training data. The model's own
-    config (a custom model's _target_ and arguments included) is the checkpoint's "config"."""
+def meta(m: ModelConfig, dataset: DatasetConfig, threshold: float, data: ImageData) -> dict[str, Any]:
+    """What predict/evaluate/export need to use the model without the training data (a multi-label model's
+    decision threshold, trainer.threshold, too). The model's own config (a custom model's _target_ and
+    arguments included) is the checkpoint's "config"."""
     from cnntrain.models import model_source  # torch: not before it is needed
 
-    m = cfg.model
     return {"model": m.name, "arch": m.arch, "option": chosen_option("model"), **model_source(m),
             "classes": list(data.classes),
             "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
             "std": list(data.std), "dataset": data.name,
-            "flips_change_label": bool(cfg.dataset.flips_change_label),
-            **({"task": "multilabel", "threshold": cfg.trainer.threshold} if data.multilabel else {})}
+            "flips_change_label": bool(dataset.flips_change_label),
+            **({"task": "multilabel", "threshold": threshold} if data.multilabel else {})}
 
 
 def save(run: RunState, name: str) -> None:
@@ -128,8 +128,9 @@ def save(run: RunState, name: str) -> None:
     validated = run.ema.module if run.ema is not None else run.model
     state = {
         "model": (validated if name == BEST else run.model).state_dict(),
-        "meta": {**meta(run.cfg, run.data), "data_fingerprint": run.data_fingerprint},
-        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "meta": {**meta(run.cfg.model, run.cfg.dataset, run.cfg.trainer.threshold, run.data),
+                 "data_fingerprint": run.data_fingerprint},
+        "config": plain(run.cfg),
         "progress": run.progress.to_dict(),
     }
     files, previous = RunDir(run.run_dir), None
@@ -151,7 +152,10 @@ def capture_rng() -> dict[str, Any]:
     import torch
 
     version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # legacy=True is numpy's default, named because its stubs say otherwise; it gives the tuple (MT19937's state).
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)
+    kind, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -331,16 +335,16 @@ def resolve_checkpoint(spec: str) -> Path:
 # ----------------------------------------------------------------------------- checked and compared on resume
 
 
-def load_weights_checked(cfg: DictConfig, model: nn.Module, state: dict[str, Any], path: Path,
+def load_weights_checked(cfg: ModelConfig, model: nn.Module, state: dict[str, Any], path: Path,
                          data: ImageData) -> None:
     """Load a checkpoint's weights into the configured model, naming the mismatch if they do not fit."""
     from cnntrain.models import model_label
 
     saved = state.get("meta", {})
-    if (saved.get("model") not in (None, cfg.model.name) or saved.get("arch") not in (None, cfg.model.arch)
-            or saved.get("target") not in (None, cfg.model._target_)):
+    if (saved.get("model") not in (None, cfg.name) or saved.get("arch") not in (None, cfg.arch)
+            or saved.get("target") not in (None, cfg._target_)):
         held = saved.get("target") or saved.get("model")
-        raise UserError(f"checkpoint {path} holds a {held} model, but the config asks for {model_label(cfg.model)}")
+        raise UserError(f"checkpoint {path} holds a {held} model, but the config asks for {model_label(cfg)}")
     if saved.get("classes") is not None and len(saved["classes"]) != data.num_classes:
         raise UserError(f"checkpoint {path} was trained for {len(saved['classes'])} classes, "
                         f"the dataset has {data.num_classes}")
@@ -351,10 +355,10 @@ def load_weights_checked(cfg: DictConfig, model: nn.Module, state: dict[str, Any
         raise UserError(f"checkpoint {path} does not match the configured model ({detail})") from None
 
 
-def restore(cfg: DictConfig, step: TrainStep, scheduler: Any, ema: AveragedModel | None, data: ImageData,
-            device: torch.device) -> Progress:
-    """Put a trainer checkpoint (cfg.resume) back into what was just built; return where it stood."""
-    path = find_checkpoint(cfg.resume)
+def restore(path: Path, cfg: FitConfig, step: TrainStep, scheduler: LRScheduler, ema: AveragedModel | None,
+            data: ImageData, device: torch.device) -> Progress:
+    """Put the trainer checkpoint at `path` (cfg.resume's, find_checkpoint) back into what was just built, after
+    checking that it is this run's; return where it stood."""
     run_dir = RunDir.of(path).path
     try:
         state = load_checkpoint(path)
@@ -364,7 +368,7 @@ def restore(cfg: DictConfig, step: TrainStep, scheduler: Any, ema: AveragedModel
         raise UserError(f"{path} holds model weights only; resume needs a trainer checkpoint ({LAST} or {PREV}); "
                         f"to start a new run from these weights: {weights_command(path, job_overrides(run_dir) or [])}")
     check_same_run(cfg, state, path, run_dir, data)
-    load_weights_checked(cfg, step.model, state, path, data)
+    load_weights_checked(cfg.model, step.model, state, path, data)
     try:
         step.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -391,12 +395,12 @@ def _other_checkpoint(path: Path, run_dir: Path) -> str:
     return "no other checkpoint of this run is left; start it again"
 
 
-def check_same_run(cfg: DictConfig, state: dict[str, Any], path: Path, run_dir: Path, data: ImageData) -> None:
+def check_same_run(cfg: FitConfig, state: dict[str, Any], path: Path, run_dir: Path, data: ImageData) -> None:
     """A resume continues the run it resumes: refuse a config or data that would make it another one
     (the CLI checks the config earlier, against .hydra/config.yaml; this is the checkpoint's own record)."""
     way_out = weights_command(path, job_overrides(run_dir) or [])
     if isinstance(state.get("config"), dict):
-        check_resume(state["config"], OmegaConf.to_container(cfg, resolve=True), str(run_dir), way_out)
+        check_resume(state["config"], plain(cfg), str(run_dir), way_out)
     recorded = state.get("meta", {}).get("data_fingerprint")
     if recorded is None:  # checkpoints written before the fingerprint went into them
         recorded = (read_json(RunDir(run_dir).provenance) or {}).get("data_fingerprint")

@@ -183,6 +183,7 @@ def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
     if not isinstance(config, dict) and isinstance(state.get("model_config"), dict):
         config = {"model": state["model_config"]}  # export format=state_dict of cnntrain <= 0.1: the model only
     pre, classes = _preprocess_of(meta, path)
+    assert isinstance(meta, dict)  # _preprocess_of refuses any other
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{path} lacks the model config (config or model_config) that cnntrain fit and export "
                         "write, so the architecture cannot be rebuilt; it cannot be used for inference")

@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from cnntrain.engine import distributed
 from cnntrain.engine.build import build_run, start_rows
 from cnntrain.engine.evaluate import evaluate
 from cnntrain.engine.inputs import epoch_batches, epoch_order
 from cnntrain.engine.records import Records, open_records
 from cnntrain.engine.signals import StopRequested
-from cnntrain.engine.state import Progress, Run, load_best, save
+from cnntrain.engine.state import FitConfig, Progress, Run, load_best, save
 from cnntrain.io.files import BEST, LAST
 
 
@@ -49,7 +47,7 @@ class Session:
         return time.perf_counter() - self.started
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> float:
+def fit(cfg: FitConfig, run_dir: Path) -> float:
     """Train, validate each epoch, test the best checkpoint; return the monitored validation metric."""
     run = build_run(cfg, run_dir)
     if cfg.trainer.dry_run:
@@ -84,6 +82,7 @@ def train(run: Run) -> float:
             if d.main:  # rank 0 tests the best checkpoint alone
                 _test(run, s)
             distributed.barrier(d)
+            assert p.best_metric is not None  # every epoch is validated, and a run that gets here trained one
             return float(p.best_metric)
     finally:
         s.stop.restore()
@@ -179,7 +178,8 @@ def _validate(run: Run, s: Session, epoch: int) -> dict[str, Any]:
 
 
 def _track_best(p: Progress, metric: float, monitor_max: bool, margin: float) -> bool:
-    """Update the best metric and the early-stopping count; whether this epoch is the new best."""
+    """Update the best metric and the early-stopping count, which only an improvement by more than `margin`
+    (trainer.early_stopping_min_delta) resets; whether this epoch is the new best."""
     improved = p.best_metric is None or (metric > p.best_metric if monitor_max else metric < p.best_metric)
     clearly = p.best_metric is None or (metric > p.best_metric + margin if monitor_max
                                         else metric < p.best_metric - margin)
@@ -211,6 +211,6 @@ def _test(run: Run, s: Session) -> None:
     test = evaluate(run.plain, run.tensors["test_x"], run.tensors["test_y"], run.step.normalise,
                     run.cfg.trainer.eval_batch_size, run.step.precision, s.stop, threshold=run.step.task.threshold)
     if s.stop:  # training is complete and checkpointed; a resume runs only the test
-        s.records.test_interrupted(s.stop.signum)
+        s.records.test_interrupted(s.stop.signum or signal.SIGTERM)
         raise SystemExit(s.stop.exit_code)
     s.records.finish(test, best, elapsed, s.seconds_before + elapsed)

@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from cnntrain.config import FitConfig, plain
 from cnntrain.engine.build import start_rows
 from cnntrain.engine.device import describe
 from cnntrain.engine.state import Run
@@ -121,7 +121,7 @@ class RunRecords(Records):
         self._write()
         run.reporter.start("cnntrain fit", start_rows(run))
         # sweep.pruner: the Optuna trial this job reports its epochs to
-        self.trial = pruning.open_trial(run.cfg) if not run.dist.enabled else None
+        self.trial = pruning.open_trial(run.cfg.sweep, run.cfg.trainer.epochs) if not run.dist.enabled else None
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
@@ -291,8 +291,8 @@ def completed(run_dir: Path) -> bool:
         return False
 
 
-def flat(cfg: DictConfig) -> dict[str, Any]:
-    """Every config value under its dotted key (TensorBoard's HParams table)."""
+def flat(cfg: FitConfig) -> dict[str, Any]:
+    """Every config value under its dotted key (TensorBoard's HParams table), as composed (config.plain)."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -302,5 +302,5 @@ def flat(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(plain(cfg), "")
     return out

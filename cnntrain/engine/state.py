@@ -1,7 +1,8 @@
 """The state of a run: what was built for it (`Run`) and where it stands (`Progress`).
 
 How both go into and out of a checkpoint is `engine.checkpoint`'s (`save`, `restore`); `Progress` and `save`
-are defined there and named here too, where the loop imports them.
+are defined there, and `FitConfig` (what a Run is built from) in `cnntrain.config`: they are named here too,
+where the loop imports them.
 """
 
 from __future__ import annotations
@@ -11,25 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from cnntrain.config import FitConfig
 from cnntrain.data.images import ImageData
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine import distributed
 from cnntrain.engine.checkpoint import Progress, save
 from cnntrain.engine.step import TrainStep
+from cnntrain.io.console import Reporter
 from cnntrain.io.files import RunDir
 
-__all__ = ["Progress", "Run", "load_best", "save"]
+__all__ = ["FitConfig", "Progress", "Run", "load_best", "save"]
 
 
 @dataclass
 class Run:
     """Everything one `cnntrain fit` built, in one place; the loop reads it and advances `progress`."""
 
-    cfg: DictConfig
+    cfg: FitConfig  # the typed config (config.typed), read-only; config.plain gives the record of it
     run_dir: Path
     data: ImageData
     tensors: dict[str, torch.Tensor]  # the splits on the training device (or streamed StreamedImages)
@@ -40,7 +42,7 @@ class Run:
     dist: distributed.Dist
     steps: int  # optimizer steps per epoch
     progress: Progress
-    reporter: Any
+    reporter: Reporter
     threads_note: str = ""  # why torch runs this many CPU threads (configure_torch), for the start table
     # Whether checkpoints/last.pt is this run's own latest state (fresh, or resumed from it), which the next
     # save keeps as last.prev.pt. Resumed from another file (last.prev.pt), last.pt is a state being

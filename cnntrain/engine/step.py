@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from cnntrain.engine.device import Precision
 from cnntrain.engine.inputs import Normalise, augment_seed, to_unit
 from cnntrain.errors import UserError
 from cnntrain.models import freeze_norm_stats, set_backbone_trainable
+
+if TYPE_CHECKING:
+    from cnntrain.augment import BatchAugment
 
 # trainer.on_nonfinite=skip passes over a few bad batches; this many in a row means the model is broken.
 MAX_SKIPS_IN_A_ROW = 10
@@ -51,7 +54,7 @@ class TrainStep:
     scaler: torch.amp.GradScaler
     normalise: Normalise
     precision: Precision
-    augment: Any = None  # cnntrain.augment.BatchAugment or None
+    augment: BatchAugment | None = None
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     seed: int = 0
@@ -174,7 +177,7 @@ class TrainStep:
     def update(self, loss: torch.Tensor) -> None:
         """Scaled backward (fp16), optional clipping of the true gradient norm, optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         self.apply()
 
     def apply(self) -> None:

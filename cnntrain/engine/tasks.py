@@ -68,7 +68,8 @@ class SingleLabel:
                             "gives one class per image: use val/acc or val/loss")
         return Monitor(name, name.removeprefix("val/"), name != "val/loss")
 
-    def loss_weights(self, spec: Any, counts: torch.Tensor, images: int, classes: list[str]) -> torch.Tensor | None:
+    def loss_weights(self, spec: balance.ClassWeights, counts: torch.Tensor, images: int, classes: list[str]
+                     ) -> torch.Tensor | None:
         return balance.loss_weights(spec, counts, classes)
 
     def columns(self, columns: list[str]) -> list[str]:
@@ -132,7 +133,8 @@ class MultiLabel:
             return Monitor(name, "loss", False)
         return Monitor("val/map", "map", True)
 
-    def loss_weights(self, spec: Any, counts: torch.Tensor, images: int, classes: list[str]) -> torch.Tensor | None:
+    def loss_weights(self, spec: balance.ClassWeights, counts: torch.Tensor, images: int, classes: list[str]
+                     ) -> torch.Tensor | None:
         """trainer.class_weights as BCE's pos_weight: balanced is negatives / positives of each label in the
         training split (a label's positives weigh what its negatives do); a list gives one weight per label."""
         if spec is None:

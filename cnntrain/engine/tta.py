@@ -4,13 +4,16 @@ there, and all of a batch's views go through the model in one forward pass."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cnntrain.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from cnntrain.engine.inference import Trained
 
 CROP_SHIFT = 2  # pixels: the crops are the image shifted this far towards each corner (reflect padding)
 VIEWS: dict[str, tuple[str, ...]] = {
@@ -72,7 +75,7 @@ def flips_change_label(meta: dict[str, Any], config: dict[str, Any]) -> bool:
     return meta.get("dataset") in FLIP_SENSITIVE_BUILTINS
 
 
-def apply(trained: Any, tta: str) -> tuple[str, ...]:
+def apply(trained: Trained, tta: str) -> tuple[str, ...]:
     """Wrap trained.model for `tta` (after it is prepared for its device); the views used. Flips are refused
     for a model whose dataset says a flip changes the label (digits: a mirrored 2 is not a 2)."""
     if tta not in VIEWS:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cnntrain.config import ModelConfig, TrainerConfig, plain
 from cnntrain.engine.device import Precision, describe, resolve_channels_last
 from cnntrain.engine.step import TrainStep
 from cnntrain.io.files import user_cache_dir
@@ -80,12 +80,12 @@ def write_cache(entries: dict[str, Any]) -> None:
         pass
 
 
-def cache_keys(cfg: DictConfig, device: torch.device, precision: Precision, shape: tuple[int, ...],
-               channels_last: bool) -> tuple[str, str]:
+def cache_keys(model_cfg: ModelConfig, batch_size: int, device: torch.device, precision: Precision,
+               shape: tuple[int, ...], channels_last: bool) -> tuple[str, str]:
     """(layout key, chunk key): the chunk's verdict also depends on the layout it was timed in."""
-    model = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True, default=str)
+    model = json.dumps(plain(model_cfg), sort_keys=True, default=str)
     what = "|".join([describe(device), f"torch {torch.__version__}", hashlib.sha256(model.encode()).hexdigest()[:16],
-                     "x".join(map(str, shape)), f"batch {cfg.trainer.batch_size}", f"precision {precision.label}"])
+                     "x".join(map(str, shape)), f"batch {batch_size}", f"precision {precision.label}"])
     return f"layout|{what}", f"chunk|{what}|{'channels_last' if channels_last else 'contiguous'}"
 
 
@@ -100,10 +100,11 @@ def chunk_candidates(batch: int) -> list[int]:
     return [c for c in (batch // 4, batch // 8) if c >= SMALLEST_CHUNK]
 
 
-def decide(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[int, ...], num_classes: int,
-           recorded: dict[str, Any], distributed: bool, total_steps: int) -> Tuning:
-    """The layout and chunk this run trains with, and why (see the module's docstring)."""
-    t = cfg.trainer
+def decide(t: TrainerConfig, model_cfg: ModelConfig, resuming: bool, step: TrainStep, device: torch.device,
+           shape: tuple[int, ...], num_classes: int, recorded: dict[str, Any], distributed: bool,
+           total_steps: int) -> Tuning:
+    """The layout and chunk this run trains with, and why (see the module's docstring); the model's config is
+    part of the cache's keys."""
     cl_spec, mb_spec = str(t.channels_last).lower(), t.micro_batch
     cl_auto, mb_auto = cl_spec == "auto", str(mb_spec).lower() == "auto"
     rule_cl = resolve_channels_last(cl_spec, device, step.precision)
@@ -117,7 +118,7 @@ def decide(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     if recorded:
         return Tuning(recorded["channels_last"] if cl_auto else rule_cl,
                       recorded["micro_batch"] if mb_auto else mb_fixed, "as recorded in the checkpoint")
-    if cfg.resume is not None:  # a checkpoint from before the record: it trained by the rule, so go on by it
+    if resuming:  # a checkpoint from before the record: it trained by the rule, so go on by it
         return Tuning(rule_cl, mb_fixed, "rule: the checkpoint has no record of its own")
     if mb_auto and has_batch_norm(step.model):
         mb_auto = False  # per-chunk batch statistics (ghost batch norm) would change what the model learns
@@ -127,17 +128,18 @@ def decide(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     if why_not or not (cl_auto or mb_auto):
         return Tuning(rule_cl, mb_fixed, f"rule: {why_not}" if why_not else "rule: BatchNorm keeps the whole batch")
     cache = read_cache()
-    layout_key = cache_keys(cfg, device, step.precision, shape, rule_cl)[0]
+    layout_key = cache_keys(model_cfg, t.batch_size, device, step.precision, shape, rule_cl)[0]
     cl_todo = cl_auto and not _holds(cache, layout_key, "channels_last", bool)
     channels_last = cache[layout_key]["channels_last"] if cl_auto and not cl_todo else rule_cl
-    chunk_key = cache_keys(cfg, device, step.precision, shape, channels_last)[1]
+    chunk_key = cache_keys(model_cfg, t.batch_size, device, step.precision, shape, channels_last)[1]
     mb_todo = mb_auto and not _holds(cache, chunk_key, "micro_batch", (int, type(None)))
     micro = cache[chunk_key]["micro_batch"] if mb_auto and not mb_todo else mb_fixed
     if not (cl_todo or mb_todo):
         return Tuning(channels_last, micro, "cached")
     if total_steps < MIN_STEPS:
         return Tuning(channels_last, micro, "rule: too short a run to time")
-    return _probe(cfg, step, device, shape, num_classes, cl_todo, channels_last, mb_todo, micro, total_steps)
+    return _probe(model_cfg, t.batch_size, step, device, shape, num_classes, cl_todo, channels_last, mb_todo, micro,
+                  total_steps)
 
 
 def _holds(cache: dict[str, Any], key: str, name: str, kind: type | tuple[type, ...]) -> bool:
@@ -146,11 +148,11 @@ def _holds(cache: dict[str, Any], key: str, name: str, kind: type | tuple[type, 
     return isinstance(entry, dict) and name in entry and isinstance(entry[name], kind)
 
 
-def _probe(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[int, ...], num_classes: int,
-           cl_todo: bool, channels_last: bool, mb_todo: bool, micro: int | None, total_steps: int) -> Tuning:
+def _probe(model_cfg: ModelConfig, batch: int, step: TrainStep, device: torch.device, shape: tuple[int, ...],
+           num_classes: int, cl_todo: bool, channels_last: bool, mb_todo: bool, micro: int | None,
+           total_steps: int) -> Tuning:
     """Time what is still to decide (cl_todo, mb_todo), starting from the defaults (channels_last, micro)."""
     started = time.perf_counter()
-    batch = cfg.trainer.batch_size
     probe = _Probe(step, device, shape, batch, num_classes)
     layout_cands = [(channels_last, micro), (not channels_last, micro)] if cl_todo else []
     chunks = chunk_candidates(batch) if mb_todo else []
@@ -181,10 +183,11 @@ def _probe(cfg: DictConfig, step: TrainStep, device: torch.device, shape: tuple[
     seconds = time.perf_counter() - started
     short = budget < BUDGET_S  # limited by the run's length rather than by the probe's own budget
     entries: dict[str, Any] = {}
+    layout_key, chunk_key = cache_keys(model_cfg, batch, device, step.precision, shape, channels_last)
     if cl_todo and ("layout" in timed or not short):
-        entries[cache_keys(cfg, device, step.precision, shape, channels_last)[0]] = {"channels_last": channels_last}
+        entries[layout_key] = {"channels_last": channels_last}
     if mb_todo and ("chunk" in timed or not short):
-        entries[cache_keys(cfg, device, step.precision, shape, channels_last)[1]] = {"micro_batch": micro}
+        entries[chunk_key] = {"micro_batch": micro}
     if entries:
         write_cache(entries)
     if timed:
@@ -272,26 +275,22 @@ def _copy_step(step: TrainStep, channels_last: bool) -> TrainStep:
     optimizer = type(step.optimizer)(groups, **step.optimizer.defaults)
     # Only fp16 needs a real scaler. Elsewhere a disabled GradScaler is pure bookkeeping, and whatever counts the
     # run's optimisation steps by it (tests/faults.py kills and signals runs at step N) must not count these.
-    scaler = (torch.amp.GradScaler(step.normalise.mean.device.type) if step.scaler.is_enabled()
-              else _NoScaler())
+    device = step.normalise.mean.device.type
+    scaler = torch.amp.GradScaler(device) if step.scaler.is_enabled() else _NoScaler(device)
     return dataclasses.replace(step, model=model, forward=model, optimizer=optimizer, scaler=scaler, augment=None,
                                normalise=dataclasses.replace(step.normalise, channels_last=channels_last),
                                scheduler=None, ema=None)
 
 
-class _NoScaler:
-    """The part of GradScaler's interface TrainStep uses, for unscaled (bf16, fp32) steps."""
+class _NoScaler(torch.amp.GradScaler):
+    """A disabled GradScaler (scale, unscale_ and step pass the loss and the optimizer through), for unscaled
+    (bf16, fp32) steps, with an update of its own: what counts the run's steps by GradScaler.update does not
+    see it."""
 
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
+    def __init__(self, device: str) -> None:
+        super().__init__(device, enabled=False)
 
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        pass
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-
-    def update(self) -> None:
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         pass
 
 

@@ -78,7 +78,7 @@ class RunLog:
         """One image (the figures' writer interface: io.figures draws to every logger through it)."""
         self.trackers.image(tag, image, step, dataformats)
 
-    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float | None]) -> None:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
         metrics = {k: (v if v is not None and math.isfinite(v) else float("nan")) for k, v in metrics.items()}
         self.trackers.hparams(clean, metrics)

@@ -4,9 +4,12 @@ pruning needs nothing from the sweep process beyond the trial's number, and work
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnntrain.errors import UserError
+
+if TYPE_CHECKING:
+    from cnntrain.config import SweepConfig
 
 PRUNED = "pruned"  # what a pruned job returns to the sweeper, and its status in summary.json
 
@@ -41,7 +44,7 @@ def open_storage(url: str | None, attempts: int = 10) -> Any:
     return None
 
 
-def make_pruner(sweep: Any, epochs: int) -> Any:
+def make_pruner(sweep: SweepConfig, epochs: int) -> Any:
     import optuna
 
     if sweep.pruner == "median":
@@ -54,12 +57,12 @@ def make_pruner(sweep: Any, epochs: int) -> Any:
 class TrialReport:
     """One trial of the study, reopened from storage by its number."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, sweep: SweepConfig, epochs: int) -> None:
         import optuna
 
-        sweep = cfg.sweep
+        assert sweep.trial is not None  # open_trial opens the trial of a sweeper's job alone
         study = optuna.load_study(study_name=sweep.study, storage=open_storage(sweep.storage),
-                                  pruner=make_pruner(sweep, cfg.trainer.epochs))
+                                  pruner=make_pruner(sweep, epochs))
         # Optuna has no public "trial by number"; the storage maps it, and Trial() wraps a running trial's id.
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, sweep.trial)
         self.trial = optuna.trial.Trial(study, trial_id)
@@ -72,11 +75,12 @@ class TrialReport:
             raise Pruned(epoch, value)
 
 
-def open_trial(cfg: Any) -> TrialReport | None:
-    """The trial a job of the Optuna sweeper reports to; None outside one or without a pruner."""
-    if cfg.sweep.trial is None or cfg.sweep.pruner == "none":
+def open_trial(sweep: SweepConfig, epochs: int) -> TrialReport | None:
+    """The trial a job of the Optuna sweeper reports to (the run trains `epochs`, trainer.epochs); None outside
+    one or without a pruner."""
+    if sweep.trial is None or sweep.pruner == "none":
         return None
-    if cfg.sweep.storage is None or cfg.sweep.study is None:
+    if sweep.storage is None or sweep.study is None:
         raise UserError("sweep.trial is set by the Optuna sweeper together with sweep.storage and sweep.study; "
                         "do not set it by hand")
-    return TrialReport(cfg)
+    return TrialReport(sweep, epochs)
