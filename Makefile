@@ -66,8 +66,9 @@ test: need-python  ## the whole suite, slow tests included (this is what CI runs
 test-fast: need-python  ## skip the slow tests
 	$(PYTHON) -m pytest -q -m "not slow" -n auto --dist loadscope
 
-lint: need-python  ## ruff, the layering contracts (import-linter) and the type checker (mypy): see pyproject.toml
+lint: need-python  ## ruff (lint and format, pinned), the layering contracts (import-linter) and the type checker (mypy): see pyproject.toml
 	$(PYTHON) -m ruff check cnntrain tests benchmarks scripts
+	$(PYTHON) -m ruff format --check cnntrain tests benchmarks scripts
 	$(BIN)/lint-imports
 	$(PYTHON) -m mypy
 
