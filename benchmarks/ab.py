@@ -53,8 +53,10 @@ def main() -> None:
     med = {n: (statistics.median(f[0] for f in v), statistics.median(f[1] for f in v)) for n, v in figures.items()}
     print(f"\nA {checkouts['A']}\nB {checkouts['B']}")
     for n in ("A", "B"):
-        print(f"{n}: median {med[n][0]:,.0f} img/s (rounds: {', '.join(f'{f[0]:,.0f}' for f in figures[n])}), "
-              f"median wall {med[n][1]:.1f} s")
+        print(
+            f"{n}: median {med[n][0]:,.0f} img/s (rounds: {', '.join(f'{f[0]:,.0f}' for f in figures[n])}), "
+            f"median wall {med[n][1]:.1f} s"
+        )
     print(f"B/A: images/s {med['B'][0] / med['A'][0]:.3f}, wall {med['B'][1] / med['A'][1]:.3f}")
 
 

@@ -40,9 +40,14 @@ def fit(name: str, extra: list[str], work: Path) -> dict:
     args = [f"experiment={name}", *extra]
     before = set(work.rglob("summary.json"))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cnntrain", "fit", "trainer.progress=plain", *args], cwd=work,
-                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnntrain", "fit", "trainer.progress=plain", *args],
+        cwd=work,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"cnntrain fit {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
@@ -51,24 +56,34 @@ def fit(name: str, extra: list[str], work: Path) -> dict:
     with open(path.parent / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return {
-        "experiment": name, "command": " ".join(["cnntrain fit", *args]), "test_acc": s["test_acc"],
-        "best_val_acc": s.get("best_val_acc"), "best_epoch": s.get("best_epoch"), "epochs": s["epochs_done"],
-        "train_s": round(sum(float(r["epoch_s"]) for r in rows), 1), "wall_s": round(wall, 1),
-        "parameters": s.get("parameters"), "run_dir": str(path.parent),
+        "experiment": name,
+        "command": " ".join(["cnntrain fit", *args]),
+        "test_acc": s["test_acc"],
+        "best_val_acc": s.get("best_val_acc"),
+        "best_epoch": s.get("best_epoch"),
+        "epochs": s["epochs_done"],
+        "train_s": round(sum(float(r["epoch_s"]) for r in rows), 1),
+        "wall_s": round(wall, 1),
+        "parameters": s.get("parameters"),
+        "run_dir": str(path.parent),
     }
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    lines = ["| experiment | recipe | target | test acc | best val acc (epoch) | epochs | training | whole command |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| experiment | recipe | target | test acc | best val acc (epoch) | epochs | training | whole command |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name in RECIPES:
         r = results.get(name)
         if r is None:
             continue
         recipe, target = RECIPES[name]
-        lines.append(f"| `{r['command']}` | {recipe} | {target} | **{r['test_acc']:.4f}** | "
-                     f"{r['best_val_acc']:.4f} ({r['best_epoch']}) | {r['epochs']} | {r['train_s'] / 60:.1f} min | "
-                     f"{r['wall_s'] / 60:.1f} min |")
+        lines.append(
+            f"| `{r['command']}` | {recipe} | {target} | **{r['test_acc']:.4f}** | "
+            f"{r['best_val_acc']:.4f} ({r['best_epoch']}) | {r['epochs']} | {r['train_s'] / 60:.1f} min | "
+            f"{r['wall_s'] / 60:.1f} min |"
+        )
     return lines
 
 
@@ -95,8 +110,11 @@ def main() -> None:
             r = fit(name, extra, work)
             r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             results[name] = r
-            print(f"  test acc {r['test_acc']:.4f}, best val acc {r['best_val_acc']:.4f} (epoch {r['best_epoch']}), "
-                  f"{r['epochs']} epochs, training {r['train_s']:.0f} s, whole command {r['wall_s']:.0f} s", flush=True)
+            print(
+                f"  test acc {r['test_acc']:.4f}, best val acc {r['best_val_acc']:.4f} (epoch {r['best_epoch']}), "
+                f"{r['epochs']} epochs, training {r['train_s']:.0f} s, whole command {r['wall_s']:.0f} s",
+                flush=True,
+            )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

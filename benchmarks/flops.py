@@ -18,7 +18,9 @@ from cnntrain.config import ModelConfig
 from cnntrain.models import build_model, count_parameters
 
 
-def flops_per_image(model: torch.nn.Module, shape: tuple[int, int, int], classes: int, batch: int) -> tuple[float, float]:
+def flops_per_image(
+    model: torch.nn.Module, shape: tuple[int, int, int], classes: int, batch: int
+) -> tuple[float, float]:
     """(forward + backward, forward) FLOPs per image."""
     x = torch.randn(batch, *shape)
     y = torch.randint(0, classes, (batch,))

@@ -28,8 +28,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
 ENV.pop("HYDRA_FULL_ERROR", None)
 
 # SIGKILL the CLI right after its N-th optimizer step: a crash from outside, with no hook in cnntrain.
@@ -75,7 +78,8 @@ def write_images(root: Path, n_train: int, n_val: int, size: int = 32, channels:
             (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
         for i in range(n):
             Image.fromarray(pixels[i].squeeze(-1) if channels == 1 else pixels[i]).save(
-                root / split / f"class{i % 10}" / f"{i}.png", compress_level=0)
+                root / split / f"class{i % 10}" / f"{i}.png", compress_level=0
+            )
     return root
 
 
@@ -162,12 +166,23 @@ class Checks:
         return f"test acc {s['test_acc']:.3f}"
 
     def resume_after_kill(self) -> str:
-        args = [*self.base, "trainer.epochs=2", "trainer.deterministic=true", "trainer.checkpoint_every_n_steps=10",
-                "trainer.progress=none"]
+        args = [
+            *self.base,
+            "trainer.epochs=2",
+            "trainer.deterministic=true",
+            "trainer.checkpoint_every_n_steps=10",
+            "trainer.progress=none",
+        ]
         whole, broken = self.work / "resume-whole", self.work / "resume-killed"
         fit(args, self.work, whole)
-        proc = subprocess.run([sys.executable, str(FAULTS), "kill-at-step=45", "--", "fit", *args, f"hydra.run.dir={broken}"],
-                              cwd=self.work, capture_output=True, text=True, timeout=600, env=ENV)
+        proc = subprocess.run(
+            [sys.executable, str(FAULTS), "kill-at-step=45", "--", "fit", *args, f"hydra.run.dir={broken}"],
+            cwd=self.work,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=ENV,
+        )
         if proc.returncode != -9:
             raise CheckFailed(f"the run to kill ended with {proc.returncode}, not SIGKILL:\n{proc.stderr[-1500:]}")
         cli(["fit", f"resume={broken}", "trainer.progress=none"], self.work)
@@ -175,8 +190,9 @@ class Checks:
         b = torch.load(broken / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
         differ = [k for k in a if not torch.equal(a[k], b[k])]
         if differ:
-            raise CheckFailed(f"resumed weights differ from the uninterrupted run's in {len(differ)} tensors "
-                              f"(e.g. {differ[0]})")
+            raise CheckFailed(
+                f"resumed weights differ from the uninterrupted run's in {len(differ)} tensors (e.g. {differ[0]})"
+            )
         drop = {"images_per_s", "epoch_s", "data_s", "compute_s", "eval_s"}
         rows = [[{k: v for k, v in r.items() if k not in drop} for r in metrics(d)] for d in (whole, broken)]
         if rows[0] != rows[1]:
@@ -195,8 +211,10 @@ class Checks:
         report = json.loads((self.work / "evaluate" / "metrics.json").read_text())
         image = self.work / "digit.png"
         Image.new("L", (28, 28), 0).save(image)
-        out = cli(["predict", f"ckpt={run_dir}", f"inputs={image}", f"device={self.device}",
-                   f"out={self.work / 'predict'}"], self.work)
+        out = cli(
+            ["predict", f"ckpt={run_dir}", f"inputs={image}", f"device={self.device}", f"out={self.work / 'predict'}"],
+            self.work,
+        )
         if not (self.work / "predict" / "predictions.csv").exists():
             raise CheckFailed(f"predict wrote no predictions.csv:\n{out[-1000:]}")
         cli(["export", f"ckpt={run_dir}", "format=torchscript", f"out={self.work / 'export'}"], self.work)
@@ -217,10 +235,20 @@ class Checks:
         if torch.cuda.device_count() < 2:
             return f"skipped: {torch.cuda.device_count()} GPU visible, DDP needs 2"
         run_dir = self.work / "ddp"
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                    "cnntrain"]
-        cli(["fit", *self.base, "trainer.batch_size=64", "trainer.progress=plain", f"hydra.run.dir={run_dir}"],
-            self.work, prefix=torchrun)
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "cnntrain",
+        ]
+        cli(
+            ["fit", *self.base, "trainer.batch_size=64", "trainer.progress=plain", f"hydra.run.dir={run_dir}"],
+            self.work,
+            prefix=torchrun,
+        )
         s = json.loads((run_dir / "summary.json").read_text())
         if s.get("status") != "completed" or not 0.5 <= s["test_acc"] <= 1:
             raise CheckFailed(f"DDP run: status {s.get('status')}, test acc {s.get('test_acc')}")
@@ -232,9 +260,20 @@ class Checks:
         if not data.exists():
             write_images(data, n_train, 128 if self.small else 1024)
         run_dir = self.work / f"speed-{model}"
-        fit([f"trainer.device={self.device}", "dataset=imagefolder", f"dataset.root={data}", f"model={model}",
-             f"trainer.batch_size={batch}", f"trainer.epochs={epochs}", "trainer.eval_batch_size=1024",
-             "scheduler=none"], self.work, run_dir)
+        fit(
+            [
+                f"trainer.device={self.device}",
+                "dataset=imagefolder",
+                f"dataset.root={data}",
+                f"model={model}",
+                f"trainer.batch_size={batch}",
+                f"trainer.epochs={epochs}",
+                "trainer.eval_batch_size=1024",
+                "scheduler=none",
+            ],
+            self.work,
+            run_dir,
+        )
         ours = float(metrics(run_dir)[-1]["images_per_s"])
         from cnntrain.engine.device import resolve_precision
 
@@ -255,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: no CUDA GPU here (torch {torch.__version__}, {build} build): nothing to check.")
         return 0
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"gpu-check on {name} ({torch.cuda.device_count() if args.device.startswith('cuda') else 0} GPUs), "
-          f"torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    print(
+        f"gpu-check on {name} ({torch.cuda.device_count() if args.device.startswith('cuda') else 0} GPUs), "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}",
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="cnntrain-gpu-check-"))
     c = Checks(work, args.device, small=not args.device.startswith("cuda"))
     c.speed = []
@@ -279,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     for check, status, seconds, detail in c.rows:
         print(f"| {check} | {status} | {seconds:.1f} | {detail.splitlines()[0] if detail else ''} |")
     if c.speed:
-        print("\n| model, CIFAR-shaped synthetic data | cnntrain images/s | bare loop images/s | ratio |\n"
-              "|---|---:|---:|---:|")
+        print(
+            "\n| model, CIFAR-shaped synthetic data | cnntrain images/s | bare loop images/s | ratio |\n"
+            "|---|---:|---:|---:|"
+        )
         for model, ours, bare in c.speed:
             print(f"| {model} | {ours:,.0f} | {bare:,.0f} | {ours / bare:.2f}x |")
     failed = [r[0] for r in c.rows if r[1] == "FAILED"]
     skipped = sum(r[1] == "skipped" for r in c.rows)
-    print(f"\ngpu-check: {len(c.rows) - len(failed) - skipped} ok, {skipped} skipped, {len(failed)} FAILED"
-          + (f": {', '.join(failed)}" if failed else ""))
+    print(
+        f"\ngpu-check: {len(c.rows) - len(failed) - skipped} ok, {skipped} skipped, {len(failed)} FAILED"
+        + (f": {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -44,8 +44,11 @@ PEERS = HERE / "peers"
 PY = sys.executable
 SECTIONS = ["peers", "scaling", "limit", "contention", "startup", "accuracy"]
 # The checkout's own cnntrain, whatever an installed one points at.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
 # experiment=fashion_fast's batch; precision and layout are `auto` there (see fast_settings).
 FAST_BATCH = 256
 
@@ -92,12 +95,14 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     # Native bf16 (AVX512-BF16/AMX) or not decides which runs' figures compare: auto trains bf16 or fp32.
     bf16 = "native bf16" if native_bf16() else "no native bf16"
-    return (f"{cpu}, {os.cpu_count()} cores ({bf16}), {gpu}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({bf16}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
-def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800, env: dict[str, str] | None = None
-        ) -> tuple[dict, float, float]:
+def run(
+    cmd: list[str], cwd: Path | None = None, timeout: float = 1800, env: dict[str, str] | None = None
+) -> tuple[dict, float, float]:
     """Run a command; return its RESULT json (if any), wall seconds, and its peak RSS in MB."""
     wrapper = (
         "import resource, subprocess, sys;"
@@ -106,8 +111,9 @@ def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800, env: dic
         "sys.exit(p.returncode)"
     )
     t = time.perf_counter()
-    proc = subprocess.run([PY, "-c", wrapper, *cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**ENV, **(env or {})})
+    proc = subprocess.run(
+        [PY, "-c", wrapper, *cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}
+    )
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -125,14 +131,16 @@ def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800, env: dic
 QUICK_DATA: list[str] = []
 
 
-def cnntrain_fit(args: list[str], work: Path, env: dict[str, str] | None = None
-                 ) -> tuple[dict, list[dict], float, float]:
+def cnntrain_fit(
+    args: list[str], work: Path, env: dict[str, str] | None = None
+) -> tuple[dict, list[dict], float, float]:
     """`cnntrain fit ARGS` in work/; returns its summary (plus the torch threads it ran), metrics rows, wall
     seconds, peak RSS MB."""
     before = set(work.rglob("summary.json"))
     forced = [f"trainer.precision={FORCED_PRECISION[0]}"] if FORCED_PRECISION else []
-    _, wall, rss = run([PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args, *QUICK_DATA, *forced],
-                       cwd=work, env=env)
+    _, wall, rss = run(
+        [PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args, *QUICK_DATA, *forced], cwd=work, env=env
+    )
     (path,) = set(work.rglob("summary.json")) - before
     with open(path.parent / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -205,14 +213,24 @@ def peer_contenders(work: Path, quick: bool) -> tuple[list[Contender], dict]:
         return run([kp, str(PEERS / "keras_seed.py"), "--epochs", "2", *n])[0]["images_per_s"]
 
     contenders = [
-        Contender("cnntrain fit experiment=fashion_fast (every default)", "epoch 2 of 2, logging and display "
-                  "included; layout and chunk as its probe chose", fit),
-        Contender(f"bare loop, in-memory tensors, batch {FAST_BATCH}, {label}, contiguous", "one epoch after warm-up",
-                  bare([])),
-        Contender(f"bare loop, in-memory tensors, batch {FAST_BATCH}, {label}, channels_last",
-                  "one epoch after warm-up", bare(["--channels-last"])),
-        Contender("tutorial loop: torchvision + ToTensor + DataLoader, batch 32, fp32", "one epoch after warm-up",
-                  tutorial),
+        Contender(
+            "cnntrain fit experiment=fashion_fast (every default)",
+            "epoch 2 of 2, logging and display included; layout and chunk as its probe chose",
+            fit,
+        ),
+        Contender(
+            f"bare loop, in-memory tensors, batch {FAST_BATCH}, {label}, contiguous",
+            "one epoch after warm-up",
+            bare([]),
+        ),
+        Contender(
+            f"bare loop, in-memory tensors, batch {FAST_BATCH}, {label}, channels_last",
+            "one epoch after warm-up",
+            bare(["--channels-last"]),
+        ),
+        Contender(
+            "tutorial loop: torchvision + ToTensor + DataLoader, batch 32, fp32", "one epoch after warm-up", tutorial
+        ),
         Contender("Keras seed recipe (tensorflow-cpu), batch 32", "epoch 2 of 2", keras, skipped=why),
     ]
     return contenders, probe
@@ -232,11 +250,12 @@ def section_peers(work: Path, quick: bool, rounds: int) -> tuple[list[Contender]
 def peers_lines(contenders: list[Contender], probe: dict, rounds: int) -> list[str]:
     ours = contenders[0].median
     heads = " | ".join(f"round {r + 1}" for r in range(rounds))
-    lines = ["## Training throughput, seed CNN, Fashion-MNIST (images/s)\n",
-             f"Each contender ran once per round, in turn, in a fresh process; {rounds} rounds; the ratio is of "
-             "medians.\n",
-             f"| contender | {heads} | median | cnntrain is | how measured |",
-             "|---|" + "---:|" * (rounds + 2) + "---|"]
+    lines = [
+        "## Training throughput, seed CNN, Fashion-MNIST (images/s)\n",
+        f"Each contender ran once per round, in turn, in a fresh process; {rounds} rounds; the ratio is of medians.\n",
+        f"| contender | {heads} | median | cnntrain is | how measured |",
+        "|---|" + "---:|" * (rounds + 2) + "---|",
+    ]
     for c in contenders:
         if c.skipped:
             lines.append(f"| {c.name} | {' | '.join('' for _ in range(rounds))} | | | {c.skipped} |")
@@ -247,8 +266,10 @@ def peers_lines(contenders: list[Contender], probe: dict, rounds: int) -> list[s
     bare = [c for c in contenders[1:3] if c.figures]
     if bare:
         fastest = max(bare, key=lambda c: c.median)
-        lines.append(f"\ncnntrain / the faster bare loop ({fastest.name.rsplit(', ', 1)[1]}): "
-                     f"**{ours / fastest.median:.2f}x** (target >= 1.15x).")
+        lines.append(
+            f"\ncnntrain / the faster bare loop ({fastest.name.rsplit(', ', 1)[1]}): "
+            f"**{ours / fastest.median:.2f}x** (target >= 1.15x)."
+        )
     for i, t in enumerate(probe["runs"], 1):
         chunk = f"chunks of {t.get('micro_batch')}" if t.get("micro_batch") else "whole batch"
         layout = "channels_last" if t.get("channels_last") else "contiguous"
@@ -262,17 +283,31 @@ def section_scaling(work: Path, quick: bool) -> tuple[list, list, float]:
     batches = [32, 256] if quick else [32, 64, 128, 256, 512, 1024]
     by_batch = []
     for bs in batches:
-        _, m, _, _ = cnntrain_fit(["experiment=fashion_fast", "trainer.epochs=2", f"dataset.subset={sub}",
-                                   f"trainer.batch_size={bs}", "scheduler=none"], work)
+        _, m, _, _ = cnntrain_fit(
+            [
+                "experiment=fashion_fast",
+                "trainer.epochs=2",
+                f"dataset.subset={sub}",
+                f"trainer.batch_size={bs}",
+                "scheduler=none",
+            ],
+            work,
+        )
         by_batch.append((bs, steady_ips(m)))
     by_model = []
-    for model, n in (("simple_cnn", sub), ("resnet8", "1000" if quick else "8192"),
-                     ("resnet20", "500" if quick else "4096")):
-        s, m, _, _ = cnntrain_fit(["experiment=fashion_fast", f"model={model}", "trainer.epochs=2",
-                                   f"dataset.subset={n}", "scheduler=none"], work)
+    for model, n in (
+        ("simple_cnn", sub),
+        ("resnet8", "1000" if quick else "8192"),
+        ("resnet20", "500" if quick else "4096"),
+    ):
+        s, m, _, _ = cnntrain_fit(
+            ["experiment=fashion_fast", f"model={model}", "trainer.epochs=2", f"dataset.subset={n}", "scheduler=none"],
+            work,
+        )
         by_model.append((model, s["parameters"], steady_ips(m)))
-    _, _, _, rss = cnntrain_fit(["experiment=fashion_fast", "trainer.epochs=1"]
-                                + (["dataset.subset=2000"] if quick else []), work)
+    _, _, _, rss = cnntrain_fit(
+        ["experiment=fashion_fast", "trainer.epochs=1"] + (["dataset.subset=2000"] if quick else []), work
+    )
     return by_batch, by_model, rss
 
 
@@ -297,8 +332,14 @@ for name in sys.argv[1:]:
     out[name] = (time.perf_counter() - t, rss() - r)
 print("RESULT " + json.dumps({"torch_rss": r0, "added": out}))
 """
-IMPORTS = ["torch._dynamo", "hydra", "omegaconf", "torch.utils.tensorboard", "matplotlib.backends.backend_agg",
-           "torchvision"]
+IMPORTS = [
+    "torch._dynamo",
+    "hydra",
+    "omegaconf",
+    "torch.utils.tensorboard",
+    "matplotlib.backends.backend_agg",
+    "torchvision",
+]
 
 
 # Whole commands of the start-up table: (key, label, arguments after the interpreter, target). The fits print
@@ -327,8 +368,10 @@ def _figures_done(work: Path, timeout: float = 300) -> float:
     would otherwise load the machine during the next command); seconds waited."""
     t = time.perf_counter()
     # trainer.figures=off leaves its figures pending for `cnntrain report RUN figures=true`: nobody draws those.
-    while (any(p for p in work.rglob("figures/.pending.npz") if "smoke_off" not in p.parts)
-           and time.perf_counter() - t < timeout):
+    while (
+        any(p for p in work.rglob("figures/.pending.npz") if "smoke_off" not in p.parts)
+        and time.perf_counter() - t < timeout
+    ):
         time.sleep(0.05)
     return time.perf_counter() - t
 
@@ -353,8 +396,15 @@ def section_startup(work: Path, quick: bool) -> dict:
         for key, _, argv, _ in STARTUP:
             if key == "predict":
                 ckpt = next(iter(work.rglob("best.pt")))
-                argv = ["-m", "cnntrain", "predict", f"ckpt={ckpt}", f"inputs={image}", f"out={work / 'predict'}",
-                        "overwrite=true"]  # each round replaces the last round's prediction
+                argv = [
+                    "-m",
+                    "cnntrain",
+                    "predict",
+                    f"ckpt={ckpt}",
+                    f"inputs={image}",
+                    f"out={work / 'predict'}",
+                    "overwrite=true",
+                ]  # each round replaces the last round's prediction
             elif key == "init":
                 argv = ["-m", "cnntrain", "init", str(work / f"init{r}")]
             _, wall, peak = run([PY, *argv], cwd=work)
@@ -366,38 +416,57 @@ def section_startup(work: Path, quick: bool) -> dict:
         for key, wall in timed.items():
             ratios[key].append(wall / timed["torch"])
     r, _, _ = run([PY, "-c", IMPORT_COST, *IMPORTS])
-    return {"rounds": rounds, "imports": r, "figures_after_s": statistics.median(drawn),
-            "rows": {k: (statistics.median(walls[k]), statistics.median(ratios[k]), rss[k]) for k in walls}}
+    return {
+        "rounds": rounds,
+        "imports": r,
+        "figures_after_s": statistics.median(drawn),
+        "rows": {k: (statistics.median(walls[k]), statistics.median(ratios[k]), rss[k]) for k in walls},
+    }
 
 
 def startup_lines(r: dict) -> list[str]:
     rows = r["rows"]
     torch_s, _, torch_mb = rows["torch"]
-    lines = ["## Start-up and memory\n",
-             f"Whole commands (fresh processes, the wall time of the whole command) against `python -c \"import "
-             f"torch\"` ({torch_s:.2f} s, {torch_mb:,.0f} MB peak RSS), interleaved over {r['rounds']} rounds: "
-             "seconds and ratios are medians (each ratio taken within its round), RSS the highest peak.\n",
-             "| command | seconds | x import torch | peak RSS MB | beyond torch MB | target |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "## Start-up and memory\n",
+        f'Whole commands (fresh processes, the wall time of the whole command) against `python -c "import '
+        f'torch"` ({torch_s:.2f} s, {torch_mb:,.0f} MB peak RSS), interleaved over {r["rounds"]} rounds: '
+        "seconds and ratios are medians (each ratio taken within its round), RSS the highest peak.\n",
+        "| command | seconds | x import torch | peak RSS MB | beyond torch MB | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for key, name, _, target in STARTUP:
         sec, ratio, mb = rows[key]
         lines.append(f"| {name} | {sec:.2f} | {ratio:.2f}x | {mb:,.0f} | {mb - torch_mb:+,.0f} | {target} |")
-    lines += ["", "`x import torch` and `beyond torch` are against the first row, as the targets are. The second row "
-                  "is the same import without the interpreter's teardown, which cnntrain skips (it leaves through "
-                  f"os._exit): against it the smoke fit holds {rows['smoke'][2] - rows['torch_exit'][2]:+,.0f} MB."]
-    lines += ["", f"With trainer.figures=background (the default) the figures were on disk "
-                  f"{r['figures_after_s']:.1f} s after the command returned (median; a child process draws them, "
-                  "and the next command of this table waited for it)."]
+    lines += [
+        "",
+        "`x import torch` and `beyond torch` are against the first row, as the targets are. The second row "
+        "is the same import without the interpreter's teardown, which cnntrain skips (it leaves through "
+        f"os._exit): against it the smoke fit holds {rows['smoke'][2] - rows['torch_exit'][2]:+,.0f} MB.",
+    ]
+    lines += [
+        "",
+        f"With trainer.figures=background (the default) the figures were on disk "
+        f"{r['figures_after_s']:.1f} s after the command returned (median; a child process draws them, "
+        "and the next command of this table waited for it).",
+    ]
     imp = r["imports"]
-    lines += ["", f"Where the memory goes: `import torch` alone holds {imp['torch_rss']:,.0f} MB. What each import "
-                  "adds on top of it (in this order, one process):\n",
-              "| import | seconds | MB | who needs it |", "|---|---:|---:|---|"]
-    who = {"torch._dynamo": "torch.optim's methods import it on first use; cnntrain's optimizers skip those "
-                            "wrappers (cnntrain.optim.eager), so a fit never imports it",
-           "hydra": "fit: configs",
-           "omegaconf": "every command: configs and arguments", "torch.utils.tensorboard": "fit: event files",
-           "matplotlib.backends.backend_agg": "figures: a fit's child process, evaluate",
-           "torchvision": "only its datasets and models (not imported by the commands above)"}
+    lines += [
+        "",
+        f"Where the memory goes: `import torch` alone holds {imp['torch_rss']:,.0f} MB. What each import "
+        "adds on top of it (in this order, one process):\n",
+        "| import | seconds | MB | who needs it |",
+        "|---|---:|---:|---|",
+    ]
+    who = {
+        "torch._dynamo": "torch.optim's methods import it on first use; cnntrain's optimizers skip those "
+        "wrappers (cnntrain.optim.eager), so a fit never imports it",
+        "hydra": "fit: configs",
+        "omegaconf": "every command: configs and arguments",
+        "torch.utils.tensorboard": "fit: event files",
+        "matplotlib.backends.backend_agg": "figures: a fit's child process, evaluate",
+        "torchvision": "only its datasets and models (not imported by the commands above)",
+    }
     for name, (sec, mb) in imp["added"].items():
         lines.append(f"| {name} | {sec:.2f} | {mb:,.0f} | {who.get(name, '')} |")
     lines.append("")
@@ -424,8 +493,10 @@ def section_limit(work: Path, quick: bool, peers_ips: float | None = None) -> di
         if model == "simple_cnn" and peers_ips is not None:
             rows.append((model, flops(model), peers_ips, "peers' median"))
             continue
-        s, m, _, _ = cnntrain_fit(["experiment=fashion_fast", f"model={model}", "trainer.epochs=2",
-                                   *([f"dataset.subset={n}"] if n else [])], work)
+        s, m, _, _ = cnntrain_fit(
+            ["experiment=fashion_fast", f"model={model}", "trainer.epochs=2", *([f"dataset.subset={n}"] if n else [])],
+            work,
+        )
         f = flops(model)
         ips = steady_ips(m)
         rows.append((model, f, ips, s["threads"]))
@@ -435,16 +506,18 @@ def section_limit(work: Path, quick: bool, peers_ips: float | None = None) -> di
 def limit_lines(r: dict) -> list[str]:
     rates, precision = r["rates"], r["precision"]
     limit = rates[precision]
-    lines = ["## The compute limit\n",
-             f"Matrix multiply (torch.mm, {rates['threads']} threads): **{rates['fp32']:,.0f} GFLOP/s fp32** "
-             f"({rates['size']}x{rates['size']}), **{rates['bf16']:,.1f} GFLOP/s bf16** "
-             f"({rates['bf16_size']}x{rates['bf16_size']}{'' if rates['bf16_size'] == rates['size'] else ': no native bf16, emulated'}). "
-             f"{'`--precision 32` trains' if FORCED_PRECISION else '`precision=auto` trains'} in {precision} here, "
-             f"so the limit is {limit:,.0f} GFLOP/s. FLOPs per trained "
-             "image: forward + backward of a batch, counted by torch.utils.flop_counter (convolutions and matrix "
-             "multiplies; the rest is not counted).\n",
-             "| model, experiment=fashion_fast | MFLOP per image | limit images/s | cnntrain images/s | % of limit |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "## The compute limit\n",
+        f"Matrix multiply (torch.mm, {rates['threads']} threads): **{rates['fp32']:,.0f} GFLOP/s fp32** "
+        f"({rates['size']}x{rates['size']}), **{rates['bf16']:,.1f} GFLOP/s bf16** "
+        f"({rates['bf16_size']}x{rates['bf16_size']}{'' if rates['bf16_size'] == rates['size'] else ': no native bf16, emulated'}). "
+        f"{'`--precision 32` trains' if FORCED_PRECISION else '`precision=auto` trains'} in {precision} here, "
+        f"so the limit is {limit:,.0f} GFLOP/s. FLOPs per trained "
+        "image: forward + backward of a batch, counted by torch.utils.flop_counter (convolutions and matrix "
+        "multiplies; the rest is not counted).\n",
+        "| model, experiment=fashion_fast | MFLOP per image | limit images/s | cnntrain images/s | % of limit |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for model, f, ips, threads in r["rows"]:
         cap = limit * 1e9 / f
         source = " (median of the peers rounds)" if threads == "peers' median" else ""
@@ -461,8 +534,12 @@ def section_contention(work: Path, quick: bool) -> list[tuple[str, dict[str, tup
     """experiment=smoke's training seconds beside other load: the default threads against 1 and all cores."""
     n = cores()
     settings = {"default": [], "1 thread": ["trainer.num_threads=1"], f"{n} threads": [f"trainer.num_threads={n}"]}
-    scenarios = [("no load", 0, False), ("1 busy process", 1, False), ("2 busy processes", 2, False),
-                 ("another cnntrain fit beside it", 0, True)]
+    scenarios = [
+        ("no load", 0, False),
+        ("1 busy process", 1, False),
+        ("2 busy processes", 2, False),
+        ("another cnntrain fit beside it", 0, True),
+    ]
     if quick:
         scenarios = scenarios[:2]
     repeats = 1 if quick else 2
@@ -471,10 +548,25 @@ def section_contention(work: Path, quick: bool) -> list[tuple[str, dict[str, tup
         load = [subprocess.Popen([PY, "-c", SPIN]) for _ in range(spinners)]
         if beside:  # a long training run with its own default threads, started first (outside work/)
             elsewhere = tempfile.mkdtemp(prefix="cnntrain-beside-")
-            load.append(subprocess.Popen([PY, "-m", "cnntrain", "fit", "experiment=smoke", "dataset.subset=null",
-                                          "trainer.epochs=1000", "trainer.progress=none",
-                                          f"hydra.run.dir={elsewhere}/run"], cwd=elsewhere, env=ENV,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            load.append(
+                subprocess.Popen(
+                    [
+                        PY,
+                        "-m",
+                        "cnntrain",
+                        "fit",
+                        "experiment=smoke",
+                        "dataset.subset=null",
+                        "trainer.epochs=1000",
+                        "trainer.progress=none",
+                        f"hydra.run.dir={elsewhere}/run",
+                    ],
+                    cwd=elsewhere,
+                    env=ENV,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             time.sleep(8)  # past its start-up: training
         else:
             time.sleep(1)
@@ -493,24 +585,30 @@ def section_contention(work: Path, quick: bool) -> list[tuple[str, dict[str, tup
             if beside:
                 shutil.rmtree(elsewhere, ignore_errors=True)
         out.append((name, cells))
-        print(f"contention: {name}: " + ", ".join(f"{k} {v[0]:.2f}s ({v[1]} threads)" for k, v in cells.items()),
-              flush=True)
+        print(
+            f"contention: {name}: " + ", ".join(f"{k} {v[0]:.2f}s ({v[1]} threads)" for k, v in cells.items()),
+            flush=True,
+        )
     return out
 
 
 def contention_lines(rows: list) -> list[str]:
     n = cores()
-    lines = ["## Busy machines: thread count\n",
-             f"`cnntrain fit experiment=smoke`, training seconds (validation left out; best of repeats) on {n} cores "
-             "beside other load. Busy process: `python -c 'while True: pass'`. Another cnntrain: a long "
-             "`experiment=smoke` fit with its own default threads. Target: default within 1.2x of the best.\n",
-             f"| other load | default (threads it chose) | 1 thread | {n} threads | default / best |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "## Busy machines: thread count\n",
+        f"`cnntrain fit experiment=smoke`, training seconds (validation left out; best of repeats) on {n} cores "
+        "beside other load. Busy process: `python -c 'while True: pass'`. Another cnntrain: a long "
+        "`experiment=smoke` fit with its own default threads. Target: default within 1.2x of the best.\n",
+        f"| other load | default (threads it chose) | 1 thread | {n} threads | default / best |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, cells in rows:
         default, one, every = cells["default"], cells["1 thread"], cells[f"{n} threads"]
         best = min(default[0], one[0], every[0])
-        lines.append(f"| {name} | {default[0]:.2f} s ({default[1]}) | {one[0]:.2f} s | {every[0]:.2f} s | "
-                     f"{default[0] / best:.2f}x |")
+        lines.append(
+            f"| {name} | {default[0]:.2f} s ({default[1]}) | {one[0]:.2f} s | {every[0]:.2f} s | "
+            f"{default[0] / best:.2f}x |"
+        )
     lines.append("")
     return lines
 
@@ -518,8 +616,10 @@ def contention_lines(rows: list) -> list[str]:
 def section_accuracy(work: Path, quick: bool) -> list[tuple[str, str, float, float, float]]:
     rows = []
     extra = ["dataset.subset=2000", "trainer.epochs=1"] if quick else []
-    for recipe, args in (("default (embedded MNIST 5k, seed recipe)", []),
-                         ("experiment=fashion_fast", ["experiment=fashion_fast"])):
+    for recipe, args in (
+        ("default (embedded MNIST 5k, seed recipe)", []),
+        ("experiment=fashion_fast", ["experiment=fashion_fast"]),
+    ):
         for precision in ("bf16", "32"):
             if precision == "bf16" and FORCED_PRECISION:
                 continue
@@ -543,10 +643,13 @@ def tutorial_comparison(acc: list, tutorial_ips: float | None) -> list[str]:
         return []
     _, _, test_acc, seconds, _ = rows[0]
     tutorial_s = TUTORIAL_EPOCHS * TUTORIAL_IMAGES / tutorial_ips
-    return ["", f"Time to accuracy: `fashion_fast` ({native}) reached test accuracy {test_acc:.4f} after {seconds:.1f} s "
-                f"of training; the tutorial loop's {TUTORIAL_EPOCHS} epochs take {tutorial_s:.0f} s at its median "
-                f"{tutorial_ips:,.0f} images/s (peers section), so cnntrain needs **{seconds / tutorial_s:.2f}** of "
-                "that time (target <= 0.5, at >= 0.91)."]
+    return [
+        "",
+        f"Time to accuracy: `fashion_fast` ({native}) reached test accuracy {test_acc:.4f} after {seconds:.1f} s "
+        f"of training; the tutorial loop's {TUTORIAL_EPOCHS} epochs take {tutorial_s:.0f} s at its median "
+        f"{tutorial_ips:,.0f} images/s (peers section), so cnntrain needs **{seconds / tutorial_s:.2f}** of "
+        "that time (target <= 0.5, at >= 0.91).",
+    ]
 
 
 def main() -> None:
@@ -554,12 +657,21 @@ def main() -> None:
     ap.add_argument("--only", choices=SECTIONS, action="append")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the suite runs")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    ap.add_argument("--rounds", type=int, help="peers: interleaved rounds of every contender (default 2; 1 with "
-                    "--quick)")
-    ap.add_argument("--precision", choices=["32"], help="train every contender in fp32, even where auto would "
-                    "pick bf16: the figures of CPUs without native bf16, measured on one that has it")
-    ap.add_argument("--repo", type=Path, help="time the cnntrain of another checkout (e.g. the commit before a "
-                    "refactor) against the same peers; compare the ratios of two runs, not their images/s")
+    ap.add_argument(
+        "--rounds", type=int, help="peers: interleaved rounds of every contender (default 2; 1 with --quick)"
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["32"],
+        help="train every contender in fp32, even where auto would "
+        "pick bf16: the figures of CPUs without native bf16, measured on one that has it",
+    )
+    ap.add_argument(
+        "--repo",
+        type=Path,
+        help="time the cnntrain of another checkout (e.g. the commit before a "
+        "refactor) against the same peers; compare the ratios of two runs, not their images/s",
+    )
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 2)
     if args.precision:
@@ -577,10 +689,12 @@ def main() -> None:
     ENV["XDG_CACHE_HOME"] = str(work / "xdg-cache")
     peers_median: float | None = None
     tutorial_median: float | None = None
-    lines = [f"# Benchmark results\n\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-             f"  \nCommand: `python benchmarks/run.py{' --quick' if args.quick else ''}"
-             f"{''.join(' --only ' + s for s in args.only or [])}{f' --repo {args.repo}' if args.repo else ''}"
-             f"{f' --precision {args.precision} --rounds {args.rounds}' if args.precision else ''}`\n"]
+    lines = [
+        f"# Benchmark results\n\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"  \nCommand: `python benchmarks/run.py{' --quick' if args.quick else ''}"
+        f"{''.join(' --only ' + s for s in args.only or [])}{f' --repo {args.repo}' if args.repo else ''}"
+        f"{f' --precision {args.precision} --rounds {args.rounds}' if args.precision else ''}`\n"
+    ]
 
     def show(new: list[str]) -> None:
         lines.extend(new)
@@ -594,13 +708,19 @@ def main() -> None:
             show(peers_lines(contenders, probe, args.rounds))
         if "scaling" in sections:
             by_batch, by_model, rss = section_scaling(work, args.quick)
-            table = ["## Scaling (cnntrain fit, fashion_fast settings, images/s of epoch 2)\n",
-                     "| batch size | images/s |", "|---:|---:|"]
+            table = [
+                "## Scaling (cnntrain fit, fashion_fast settings, images/s of epoch 2)\n",
+                "| batch size | images/s |",
+                "|---:|---:|",
+            ]
             table += [f"| {bs} | {ips:,.0f} |" for bs, ips in by_batch]
             table += ["", "| model (batch 256) | parameters | images/s |", "|---|---:|---:|"]
             table += [f"| {m} | {p:,} | {ips:,.0f} |" for m, p, ips in by_model]
-            table += ["", f"Peak memory (RSS) of `cnntrain fit experiment=fashion_fast` (one epoch, full "
-                          f"Fashion-MNIST): **{rss:,.0f} MB**\n"]
+            table += [
+                "",
+                f"Peak memory (RSS) of `cnntrain fit experiment=fashion_fast` (one epoch, full "
+                f"Fashion-MNIST): **{rss:,.0f} MB**\n",
+            ]
             show(table)
         if "limit" in sections:
             show(limit_lines(section_limit(work, args.quick, peers_median)))
@@ -610,15 +730,21 @@ def main() -> None:
             show(startup_lines(section_startup(work, args.quick)))
         if "accuracy" in sections:
             acc = section_accuracy(work, args.quick)
-            table = ["## Accuracy: bf16 autocast against fp32\n",
-                     "| recipe | precision | test acc | best val acc | training s |", "|---|---|---:|---:|---:|"]
+            table = [
+                "## Accuracy: bf16 autocast against fp32\n",
+                "| recipe | precision | test acc | best val acc | training s |",
+                "|---|---|---:|---:|---:|",
+            ]
             table += [f"| {r} | {p} | {a:.4f} | {v:.4f} | {s:.1f} |" for r, p, a, s, v in acc]
             if FORCED_PRECISION:
                 table += ["", "`--precision 32`: every run in fp32, as on a CPU without native bf16."]
             elif not native_bf16():
-                table += ["", "This CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated and several "
-                              "times slower, and `precision=auto` trains fp32. The default recipe still shows "
-                              "both; fashion_fast runs fp32 only."]
+                table += [
+                    "",
+                    "This CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated and several "
+                    "times slower, and `precision=auto` trains fp32. The default recipe still shows "
+                    "both; fashion_fast runs fp32 only.",
+                ]
             table += tutorial_comparison(acc, tutorial_median)
             show([*table, ""])
     finally:

@@ -61,8 +61,9 @@ class Registry:
             if name in self._builders:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             if self.names and name not in self.names:
-                raise ValueError(f"{self.kind} '{name}' is not declared: add it to the names of its registry in "
-                                 "cnntrain/registry.py")
+                raise ValueError(
+                    f"{self.kind} '{name}' is not declared: add it to the names of its registry in cnntrain/registry.py"
+                )
             self._builders[name] = builder
             return builder
 
@@ -102,11 +103,16 @@ class Registry:
         plugin = self.plugins()[name]
         module, _, attr = plugin.value.partition(":")
         key = f"{self.kind}={name}"
-        target = import_target(f"{module}.{attr}" if attr else module, key,
-                               hint=f"the entry point of package {plugin.package} names it; reinstall the package")
+        target = import_target(
+            f"{module}.{attr}" if attr else module,
+            key,
+            hint=f"the entry point of package {plugin.package} names it; reinstall the package",
+        )
         if not callable(target):
-            raise UserError(f"{key}: the plug-in of package {plugin.package} names {plugin.value}, which is a "
-                            f"{type(target).__name__}, not a class or function")
+            raise UserError(
+                f"{key}: the plug-in of package {plugin.package} names {plugin.value}, which is a "
+                f"{type(target).__name__}, not a class or function"
+            )
         return target, plugin
 
     def refresh(self) -> None:
@@ -170,8 +176,10 @@ def import_target(dotted: str | None, key: str, hint: str | None = None) -> Any:
     else:
         parts = text.split(".")
         if len(parts) < 2 or not all(p.isidentifier() for p in parts):
-            raise UserError(f"{key}={dotted} is not a dotted path to a class or function; write module.Name, "
-                            f"e.g. mynets.TinyNet for class TinyNet in mynets.py")
+            raise UserError(
+                f"{key}={dotted} is not a dotted path to a class or function; write module.Name, "
+                f"e.g. mynets.TinyNet for class TinyNet in mynets.py"
+            )
         module_name, attrs = ".".join(parts[:-1]), [parts[-1]]
     _importable_cwd()
     # The longest importable module prefix: `pkg.mod.Class.method` works too.
@@ -185,8 +193,10 @@ def import_target(dotted: str | None, key: str, hint: str | None = None) -> Any:
             if e.name is not None and (candidate == e.name or candidate.startswith(e.name + ".")):
                 missing = missing or e.name
                 continue  # names[i-1] may be a class inside names[:i-1]
-            raise UserError(f"{key}={dotted}: importing module {candidate} failed: No module named '{e.name}' "
-                            f"(a module that {candidate} imports); install it") from None
+            raise UserError(
+                f"{key}={dotted}: importing module {candidate} failed: No module named '{e.name}' "
+                f"(a module that {candidate} imports); install it"
+            ) from None
         attrs = names[i:] + attrs
         break
     if module is None:
@@ -199,8 +209,9 @@ def import_target(dotted: str | None, key: str, hint: str | None = None) -> Any:
                 raise TargetImportError(_not_importable(key, dotted, missing, hint), missing)
             where = getattr(module, "__file__", None) or done
             available = [n for n in dir(obj) if not n.startswith("_")]
-            raise UserError(f"{key}={dotted}: {done} ({where}) has no attribute '{attr}'"
-                            f"{did_you_mean(attr, available)}")
+            raise UserError(
+                f"{key}={dotted}: {done} ({where}) has no attribute '{attr}'{did_you_mean(attr, available)}"
+            )
         obj = getattr(obj, attr)
         done = f"{done}.{attr}"
     return obj
@@ -208,8 +219,10 @@ def import_target(dotted: str | None, key: str, hint: str | None = None) -> Any:
 
 def _not_importable(key: str, dotted: str, missing: str, hint: str | None) -> str:
     top = missing.split(".")[0]
-    where = hint or (f"run cnntrain from the folder that holds {top}.py (or the package folder {top}/), "
-                     f"or add that folder to PYTHONPATH")
+    where = hint or (
+        f"run cnntrain from the folder that holds {top}.py (or the package folder {top}/), "
+        f"or add that folder to PYTHONPATH"
+    )
     return f"{key}={dotted}: cannot import module '{missing}' (not in {Path.cwd()} nor on PYTHONPATH); {where}"
 
 

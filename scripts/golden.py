@@ -117,10 +117,12 @@ def fit_outputs(prefix: str = "") -> tuple[Read, ...]:
     """What a fit run leaves that is a function of the code alone: both checkpoints, metrics.csv and
     summary.json. Not read: provenance.json (git commit, versions), cli.log, tensorboard/ (events carry
     wall-time stamps; the same scalars are in metrics.csv) and figures/ (PNG bytes depend on matplotlib)."""
-    return (Read("checkpoint", "checkpoints/best.pt", f"{prefix}best.pt"),
-            Read("checkpoint", "checkpoints/last.pt", f"{prefix}last.pt"),
-            Read("csv", "metrics.csv", f"{prefix}metrics.csv"),
-            Read("json", "summary.json", f"{prefix}summary.json"))
+    return (
+        Read("checkpoint", "checkpoints/best.pt", f"{prefix}best.pt"),
+        Read("checkpoint", "checkpoints/last.pt", f"{prefix}last.pt"),
+        Read("csv", "metrics.csv", f"{prefix}metrics.csv"),
+        Read("json", "summary.json", f"{prefix}summary.json"),
+    )
 
 
 def export(fmt: str, *reads: Read) -> tuple[Cmd | Read, ...]:
@@ -130,58 +132,160 @@ def export(fmt: str, *reads: Read) -> tuple[Cmd | Read, ...]:
 
 
 # Help texts and composed configs: what a user sees without training anything.
-TEXT_COMMANDS = (("--help",), ("--version",), ("fit", "--help"), ("fit", "--cfg", "job", "experiment=smoke"),
-                 ("list",), ("evaluate", "--help"), ("predict", "--help"), ("explain", "--help"),
-                 ("export", "--help"), ("report", "--help"), ("lr-find", "--help"))
+TEXT_COMMANDS = (
+    ("--help",),
+    ("--version",),
+    ("fit", "--help"),
+    ("fit", "--cfg", "job", "experiment=smoke"),
+    ("list",),
+    ("evaluate", "--help"),
+    ("predict", "--help"),
+    ("explain", "--help"),
+    ("export", "--help"),
+    ("report", "--help"),
+    ("lr-find", "--help"),
+)
 
 CASES: tuple[Case, ...] = (
-    Case("default", "the default fit (seed CNN on mnist5k, Adam), 2 epochs",
-         (fit("trainer.epochs=2"), *fit_outputs())),
-    Case("smoke", "experiment=smoke (tiny CNN, 1,000 digits, 3 epochs)",
-         (fit("experiment=smoke"), *fit_outputs())),
-    Case("mixup-ema", "augment=standard with mixup and EMA weights, 2 epochs on 1,000 digits",
-         (fit("augment=standard", "augment.mixup_alpha=0.2", "trainer.ema_decay=0.99", "trainer.epochs=2",
-              "dataset.subset=1000"), *fit_outputs())),
-    Case("policy-cutmix", "RandAugment, affine warp, erasing, mixup and cutmix together, 1 epoch on 500 digits",
-         (fit("augment=randaugment", "augment.rotate=10", "augment.scale_min=0.9", "augment.scale_max=1.1",
-              "augment.translate=0.1", "augment.erasing=0.25", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0",
-              "trainer.epochs=1", "dataset.subset=500"), *fit_outputs())),
-    Case("resnet8-sgd-onecycle", "ResNet-8, SGD, one-cycle, label smoothing, grad clipping, 2 epochs on 500 digits",
-         (fit("model=resnet8", "optimizer=sgd", "scheduler=onecycle", "trainer.label_smoothing=0.1",
-              "trainer.grad_clip=1.0", "dataset.subset=500", "trainer.epochs=2", "trainer.batch_size=64"),
-          *fit_outputs())),
-    Case("bn-adamw-cosine", "BatchNorm CNN, AdamW, cosine with warm-up, monitor val/loss, early stopping armed",
-         (fit("model=simple_cnn_bn", "model.width=8", "optimizer=adamw", "scheduler=cosine",
-              "scheduler.warmup_epochs=0.5", "trainer.monitor=val/loss", "trainer.early_stopping_patience=1",
-              "trainer.epochs=2", "dataset.subset=500"), *fit_outputs())),
-    Case("resume-epoch", "experiment=smoke for 1 epoch, then resume=<run> trainer.epochs=2",
-         (fit("experiment=smoke", "trainer.epochs=1"), *fit_outputs("epoch1/"),
-          Cmd(("fit", "resume={dir}", "trainer.epochs=2")), *fit_outputs())),
-    Case("resume-mid-epoch", "experiment=smoke, 2 epochs, last.pt every 10 steps, SIGKILLed at step 45 "
-                             "(epoch 2; last.pt of step 40), then resume=<run>",
-         (fit("experiment=smoke", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=10", kill_at_step=45),
-          Read("checkpoint", "checkpoints/best.pt", "killed/best.pt"),
-          Read("checkpoint", "checkpoints/last.pt", "killed/last.pt"),
-          Read("csv", "metrics.csv", "killed/metrics.csv"),
-          Read("json", "summary.json", "killed/summary.json"),
-          Cmd(("fit", "resume={dir}")), *fit_outputs())),
-    Case("lr-find", "cnntrain lr-find on the smoke setup, 40 steps",
-         (Cmd(("lr-find", "experiment=smoke", *FIT_FLAGS, "steps=40", "out={dir}")),
-          Read("csv", "lr_find.csv"), Read("json", "lr_find.json"))),
-    Case("evaluate", "cnntrain evaluate of case smoke's run on its test split",
-         (Cmd(("evaluate", "ckpt={tmp}/smoke", "out={dir}", "device=cpu")),
-          Read("json", "metrics.json"), Read("sha256", "predictions.csv"), Read("sha256", "per_class.csv"),
-          Read("sha256", "confusion_matrix.csv")),
-         needs=("smoke",)),
-    Case("export-state-dict", "cnntrain export format=state_dict of case smoke's run",
-         export("state_dict", Read("checkpoint", "state_dict/model.state_dict.pt")), needs=("smoke",)),
-    Case("export-torchscript", "cnntrain export format=torchscript of case smoke's run; its outputs on a fixed batch",
-         export("torchscript", Read("torchscript", "torchscript/model.torchscript.pt")), needs=("smoke",)),
-    Case("export-onnx", "cnntrain export format=onnx of case smoke's run; onnxruntime's outputs on a fixed batch",
-         export("onnx", Read("onnx", "onnx/model.onnx")), needs=("smoke",),
-         requires=("onnx", "onnxruntime", "onnxscript")),
-    Case("cli-text", "help texts, `fit --cfg job experiment=smoke` and `list`: what users read",
-         tuple(Cmd(args, stdout=" ".join(args)) for args in TEXT_COMMANDS)),
+    Case("default", "the default fit (seed CNN on mnist5k, Adam), 2 epochs", (fit("trainer.epochs=2"), *fit_outputs())),
+    Case("smoke", "experiment=smoke (tiny CNN, 1,000 digits, 3 epochs)", (fit("experiment=smoke"), *fit_outputs())),
+    Case(
+        "mixup-ema",
+        "augment=standard with mixup and EMA weights, 2 epochs on 1,000 digits",
+        (
+            fit(
+                "augment=standard",
+                "augment.mixup_alpha=0.2",
+                "trainer.ema_decay=0.99",
+                "trainer.epochs=2",
+                "dataset.subset=1000",
+            ),
+            *fit_outputs(),
+        ),
+    ),
+    Case(
+        "policy-cutmix",
+        "RandAugment, affine warp, erasing, mixup and cutmix together, 1 epoch on 500 digits",
+        (
+            fit(
+                "augment=randaugment",
+                "augment.rotate=10",
+                "augment.scale_min=0.9",
+                "augment.scale_max=1.1",
+                "augment.translate=0.1",
+                "augment.erasing=0.25",
+                "augment.mixup_alpha=0.2",
+                "augment.cutmix_alpha=1.0",
+                "trainer.epochs=1",
+                "dataset.subset=500",
+            ),
+            *fit_outputs(),
+        ),
+    ),
+    Case(
+        "resnet8-sgd-onecycle",
+        "ResNet-8, SGD, one-cycle, label smoothing, grad clipping, 2 epochs on 500 digits",
+        (
+            fit(
+                "model=resnet8",
+                "optimizer=sgd",
+                "scheduler=onecycle",
+                "trainer.label_smoothing=0.1",
+                "trainer.grad_clip=1.0",
+                "dataset.subset=500",
+                "trainer.epochs=2",
+                "trainer.batch_size=64",
+            ),
+            *fit_outputs(),
+        ),
+    ),
+    Case(
+        "bn-adamw-cosine",
+        "BatchNorm CNN, AdamW, cosine with warm-up, monitor val/loss, early stopping armed",
+        (
+            fit(
+                "model=simple_cnn_bn",
+                "model.width=8",
+                "optimizer=adamw",
+                "scheduler=cosine",
+                "scheduler.warmup_epochs=0.5",
+                "trainer.monitor=val/loss",
+                "trainer.early_stopping_patience=1",
+                "trainer.epochs=2",
+                "dataset.subset=500",
+            ),
+            *fit_outputs(),
+        ),
+    ),
+    Case(
+        "resume-epoch",
+        "experiment=smoke for 1 epoch, then resume=<run> trainer.epochs=2",
+        (
+            fit("experiment=smoke", "trainer.epochs=1"),
+            *fit_outputs("epoch1/"),
+            Cmd(("fit", "resume={dir}", "trainer.epochs=2")),
+            *fit_outputs(),
+        ),
+    ),
+    Case(
+        "resume-mid-epoch",
+        "experiment=smoke, 2 epochs, last.pt every 10 steps, SIGKILLed at step 45 "
+        "(epoch 2; last.pt of step 40), then resume=<run>",
+        (
+            fit("experiment=smoke", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=10", kill_at_step=45),
+            Read("checkpoint", "checkpoints/best.pt", "killed/best.pt"),
+            Read("checkpoint", "checkpoints/last.pt", "killed/last.pt"),
+            Read("csv", "metrics.csv", "killed/metrics.csv"),
+            Read("json", "summary.json", "killed/summary.json"),
+            Cmd(("fit", "resume={dir}")),
+            *fit_outputs(),
+        ),
+    ),
+    Case(
+        "lr-find",
+        "cnntrain lr-find on the smoke setup, 40 steps",
+        (
+            Cmd(("lr-find", "experiment=smoke", *FIT_FLAGS, "steps=40", "out={dir}")),
+            Read("csv", "lr_find.csv"),
+            Read("json", "lr_find.json"),
+        ),
+    ),
+    Case(
+        "evaluate",
+        "cnntrain evaluate of case smoke's run on its test split",
+        (
+            Cmd(("evaluate", "ckpt={tmp}/smoke", "out={dir}", "device=cpu")),
+            Read("json", "metrics.json"),
+            Read("sha256", "predictions.csv"),
+            Read("sha256", "per_class.csv"),
+            Read("sha256", "confusion_matrix.csv"),
+        ),
+        needs=("smoke",),
+    ),
+    Case(
+        "export-state-dict",
+        "cnntrain export format=state_dict of case smoke's run",
+        export("state_dict", Read("checkpoint", "state_dict/model.state_dict.pt")),
+        needs=("smoke",),
+    ),
+    Case(
+        "export-torchscript",
+        "cnntrain export format=torchscript of case smoke's run; its outputs on a fixed batch",
+        export("torchscript", Read("torchscript", "torchscript/model.torchscript.pt")),
+        needs=("smoke",),
+    ),
+    Case(
+        "export-onnx",
+        "cnntrain export format=onnx of case smoke's run; onnxruntime's outputs on a fixed batch",
+        export("onnx", Read("onnx", "onnx/model.onnx")),
+        needs=("smoke",),
+        requires=("onnx", "onnxruntime", "onnxscript"),
+    ),
+    Case(
+        "cli-text",
+        "help texts, `fit --cfg job experiment=smoke` and `list`: what users read",
+        tuple(Cmd(args, stdout=" ".join(args)) for args in TEXT_COMMANDS),
+    ),
 )
 
 
@@ -291,8 +395,12 @@ def read_onnx(path: Path, norm: Normalizer) -> dict[str, Any]:
 
 
 READERS: dict[str, Callable[[Path, Normalizer], dict[str, Any]]] = {
-    "checkpoint": read_checkpoint, "json": read_json, "csv": read_csv, "sha256": read_sha256,
-    "torchscript": read_torchscript, "onnx": read_onnx,
+    "checkpoint": read_checkpoint,
+    "json": read_json,
+    "csv": read_csv,
+    "sha256": read_sha256,
+    "torchscript": read_torchscript,
+    "onnx": read_onnx,
 }
 
 
@@ -307,20 +415,35 @@ def cli_env(repo: Path) -> dict[str, str]:
     """The checkout's own code first, and no __pycache__ written into it; one thread everywhere (evaluate
     and export take no thread count); no GPU, so the record does not depend on one (last.pt would hold
     CUDA RNG states)."""
-    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1", "PYTHONHASHSEED": "0",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     env.pop("HYDRA_FULL_ERROR", None)
     return env
 
 
 def check_imports_from(repo: Path) -> None:
     """Refuse to record or check anything but the checkout's own code (an editable install elsewhere)."""
-    proc = subprocess.run([sys.executable, "-c", "import cnntrain; print(cnntrain.__file__)"], cwd=tempfile.gettempdir(),
-                          env=cli_env(repo), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import cnntrain; print(cnntrain.__file__)"],
+        cwd=tempfile.gettempdir(),
+        env=cli_env(repo),
+        capture_output=True,
+        text=True,
+    )
     where = Path(proc.stdout.strip()).resolve() if proc.returncode == 0 else None
     if where is None or repo.resolve() not in where.parents:
-        raise SystemExit(f"golden: `import cnntrain` with PYTHONPATH={repo} gives {where or proc.stderr.strip()}, "
-                         f"not the checkout's own package")
+        raise SystemExit(
+            f"golden: `import cnntrain` with PYTHONPATH={repo} gives {where or proc.stderr.strip()}, "
+            f"not the checkout's own package"
+        )
 
 
 def run_cmd(cmd: Cmd, case_dir: Path, work: Path, repo: Path) -> str:
@@ -333,10 +456,15 @@ def run_cmd(cmd: Cmd, case_dir: Path, work: Path, repo: Path) -> str:
     proc = subprocess.run(argv, cwd=work, env=cli_env(repo), capture_output=True, text=True, timeout=1800)
     if proc.returncode != cmd.expected_exit:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
-        hint = " (killed at a training step: not that many steps, or no GradScaler.update per step?)" \
-            if cmd.kill_at_step is not None else ""
-        raise CaseFailed(f"`cnntrain {' '.join(args)}` exited {proc.returncode}, expected {cmd.expected_exit}{hint}\n"
-                         f"--- last lines of its output ---\n{tail}")
+        hint = (
+            " (killed at a training step: not that many steps, or no GradScaler.update per step?)"
+            if cmd.kill_at_step is not None
+            else ""
+        )
+        raise CaseFailed(
+            f"`cnntrain {' '.join(args)}` exited {proc.returncode}, expected {cmd.expected_exit}{hint}\n"
+            f"--- last lines of its output ---\n{tail}"
+        )
     return proc.stdout
 
 
@@ -446,11 +574,19 @@ def environment(repo: Path) -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    fast_bf16 = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                           "_is_amx_tile_supported"))
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "machine": platform.machine(), "cpu": cpu, "cpu_fast_bf16": fast_bf16,
-            "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    fast_bf16 = any(
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_fast_bf16": fast_bf16,
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def source_of(env: dict[str, Any]) -> str:
@@ -464,8 +600,12 @@ def record(args: argparse.Namespace) -> int:
     repo = Path(args.repo).resolve()
     out = Path(args.out).resolve() if args.out else repo / "runs" / "golden.json"
     cases = select(args.only)
-    result: dict[str, Any] = {"format": RECORD_FORMAT, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                              "environment": environment(repo), "cases": {}}
+    result: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "environment": environment(repo),
+        "cases": {},
+    }
     t0 = time.perf_counter()
     failures = []
 
@@ -488,8 +628,10 @@ def record(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     env = result["environment"]
-    print(f"recorded {len(result['cases'])} cases of {repo} ({source_of(env)}) "
-          f"in {time.perf_counter() - t0:.0f}s -> {out}")
+    print(
+        f"recorded {len(result['cases'])} cases of {repo} ({source_of(env)}) "
+        f"in {time.perf_counter() - t0:.0f}s -> {out}"
+    )
     return 0
 
 
@@ -515,8 +657,7 @@ def report_case(name: str, old: dict[str, Any], new: dict[str, Any], verbose: bo
     if not (changed or missing or extra):
         print(f"{name:<22} identical ({len(new)} items){note}", flush=True)
         return True
-    parts = ([f"{k} (changed)" for k in changed] + [f"{k} (missing)" for k in missing]
-             + [f"{k} (new)" for k in extra])
+    parts = [f"{k} (changed)" for k in changed] + [f"{k} (missing)" for k in missing] + [f"{k} (new)" for k in extra]
     more = f" ... (+{len(parts) - 6} more; -v lists them)" if len(parts) > 6 else ""
     print(f"{name:<22} DIFFERENT {len(parts)} of {len(old)} items: {', '.join(parts[:6])}{more}{note}", flush=True)
     if verbose:
@@ -545,8 +686,10 @@ def describe_record(golden: dict[str, Any]) -> str:
 def warn_environment(old: dict[str, Any], new: dict[str, Any]) -> None:
     for key in ("python", "torch", "numpy", "machine", "cpu", "cpu_fast_bf16"):
         if old.get(key) != new.get(key):
-            print(f"warning: {key} was {old.get(key)!r} for the record, is {new.get(key)!r} now: results may differ "
-                  "in the last bits for that reason alone")
+            print(
+                f"warning: {key} was {old.get(key)!r} for the record, is {new.get(key)!r} now: results may differ "
+                "in the last bits for that reason alone"
+            )
 
 
 def final_line(bad: list[str], total: int, unchecked: list[str]) -> int:
@@ -564,8 +707,7 @@ def check(args: argparse.Namespace) -> int:
     against = Path(args.against).resolve() if args.against else repo / "runs" / "golden.json"
     golden = load_record(against)
     now = environment(repo)
-    print(f"checking {repo} ({source_of(now)}) "
-          f"against {against} ({describe_record(golden)})")
+    print(f"checking {repo} ({source_of(now)}) against {against} ({describe_record(golden)})")
     warn_environment(golden["environment"], now)
     names = args.only or list(golden["cases"])
     unrecorded = [n for n in names if n not in golden["cases"]]
@@ -585,8 +727,9 @@ def check(args: argparse.Namespace) -> int:
             print(f"{case.name:<22} FAILED  {outcome.error}{note}", flush=True)
             return
         assert outcome.items is not None
-        if not report_case(case.name, recorded["items"], outcome.items, args.verbose,
-                           f"  {outcome.seconds:.1f}s{note}"):
+        if not report_case(
+            case.name, recorded["items"], outcome.items, args.verbose, f"  {outcome.seconds:.1f}s{note}"
+        ):
             bad.append(case.name)
 
     run_all(select(names), repo, args.workdir, on_case)
@@ -620,8 +763,9 @@ def list_cases(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="golden.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="golden.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--repo", default=str(REPO), help="the checkout to run (default: %(default)s)")

@@ -16,10 +16,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The longest files first. `make test` gives each file to one worker (pytest-xdist, --dist loadscope), so a
 # long file that happened to start last would run alone for minutes after the others finished.
-LONGEST_FIRST = ("test_bad_input.py", "test_benchmarks.py", "test_gpu_check.py", "test_plugins.py",
-                 "test_first_use.py", "test_optuna.py", "test_tuning.py", "test_imbalance.py",
-                 "test_fashion_accuracy.py", "test_sweeps.py", "test_resume.py", "test_signals.py", "test_folds.py",
-                 "test_timm.py", "test_startup.py")
+LONGEST_FIRST = (
+    "test_bad_input.py",
+    "test_benchmarks.py",
+    "test_gpu_check.py",
+    "test_plugins.py",
+    "test_first_use.py",
+    "test_optuna.py",
+    "test_tuning.py",
+    "test_imbalance.py",
+    "test_fashion_accuracy.py",
+    "test_sweeps.py",
+    "test_resume.py",
+    "test_signals.py",
+    "test_folds.py",
+    "test_timm.py",
+    "test_startup.py",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,8 +66,9 @@ def installed(module: str) -> bool:
 
 def needs(module: str, extra: str) -> pytest.MarkDecorator:
     """Skip a test of an optional extra when it is not installed, saying which extra installs it."""
-    return pytest.mark.skipif(not installed(module),
-                              reason=f"{module} is not installed (pip install 'cnntrain[{extra}]')")
+    return pytest.mark.skipif(
+        not installed(module), reason=f"{module} is not installed (pip install 'cnntrain[{extra}]')"
+    )
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None):
@@ -63,7 +77,11 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [sys.executable, "-m", "cnntrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "cnntrain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=full_env,
     )
 
@@ -132,8 +150,10 @@ def wait_for_figures(run_dir: Path, timeout: float = 120) -> None:
     while figures_pending(run_dir):
         if time.monotonic() > deadline:
             log = run_dir / "figures" / "draw.log"
-            pytest.fail(f"figures of {run_dir} not drawn in {timeout:.0f} s: "
-                        f"{log.read_text() if log.is_file() else 'no draw.log'}")
+            pytest.fail(
+                f"figures of {run_dir} not drawn in {timeout:.0f} s: "
+                f"{log.read_text() if log.is_file() else 'no draw.log'}"
+            )
         time.sleep(0.1)
 
 
@@ -171,9 +191,20 @@ def stalled_run(tiny_weights, tmp_path_factory):
     Read by the early-stopping and label-smoothing tests."""
     path, start = tiny_weights
     cwd = tmp_path_factory.mktemp("stalled")
-    proc = run_cli(["fit", "experiment=smoke", f"model.weights={path}", "optimizer.lr=1e-9",
-                    "trainer.label_smoothing=0.2", "trainer.precision=32", "trainer.epochs=3",
-                    "trainer.early_stopping_patience=1", "trainer.progress=plain"], cwd)
+    proc = run_cli(
+        [
+            "fit",
+            "experiment=smoke",
+            f"model.weights={path}",
+            "optimizer.lr=1e-9",
+            "trainer.label_smoothing=0.2",
+            "trainer.precision=32",
+            "trainer.epochs=3",
+            "trainer.early_stopping_patience=1",
+            "trainer.progress=plain",
+        ],
+        cwd,
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(cwd)
     return run_dir, proc.stdout, start

@@ -38,18 +38,32 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_faulty(faults: list[str], args: list[str], cwd: Path, timeout: float = 300,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_faulty(
+    faults: list[str], args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`cnntrain ARGS` under these faults, to the end; a SIGKILLed run returns -9. env: more variables."""
-    return subprocess.run([sys.executable, __file__, *faults, "--", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**_env(), **(env or {})})
+    return subprocess.run(
+        [sys.executable, __file__, *faults, "--", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**_env(), **(env or {})},
+    )
 
 
 def start_faulty(faults: list[str], args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
     """The same, started in the background (to send it signals); new_session: in its own process group,
     so that os.killpg reaches it and its workers together, as Ctrl-C in a terminal does."""
-    return subprocess.Popen([sys.executable, __file__, *faults, "--", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=new_session)
+    return subprocess.Popen(
+        [sys.executable, __file__, *faults, "--", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=new_session,
+    )
 
 
 def csv_rows(run_dir: Path, drop: set[str] = TIMING) -> list[dict[str, str]]:

@@ -63,8 +63,13 @@ def test_fit_leaves_figures_and_tensorboard_images(smoke_run):
     acc = EventAccumulator(str(smoke_run / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     images = acc.Tags()["images"]
-    for tag in ("figures/curves", "figures/confusion_test", "figures/mistakes_test", "model/first_layer_filters",
-                "model/feature_maps/0_input"):
+    for tag in (
+        "figures/curves",
+        "figures/confusion_test",
+        "figures/mistakes_test",
+        "model/first_layer_filters",
+        "model/feature_maps/0_input",
+    ):
         assert tag in images, (tag, images)
     assert sum(t.startswith("model/feature_maps/") for t in images) >= 3  # the input and at least two layers
 
@@ -101,8 +106,9 @@ def test_evaluate_reports_match_fit_and_are_written(smoke_run, capsys):
 
 
 def test_evaluate_other_split_and_bad_keys(smoke_run, tmp_path, capsys):
-    code, _, err = cli_in_process(["evaluate", f"ckpt={smoke_run}", "split=val", f"out={tmp_path}", "tensorboard=false",
-                            "precision=32"], capsys)
+    code, _, err = cli_in_process(
+        ["evaluate", f"ckpt={smoke_run}", "split=val", f"out={tmp_path}", "tensorboard=false", "precision=32"], capsys
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "metrics.json").read_text())["split"] == "val"
     code, _, err = cli_in_process(["evaluate", f"ckpt={smoke_run}", "dataset.rot=/x"], capsys)
@@ -135,8 +141,10 @@ def test_predict_any_file_format_gives_the_models_class(smoke_run, digits, confi
     for i in idx:
         exact.update({f"d{i}_{k}": v for k, v in _write_variants(folder, digits.test_x[i, 0].numpy(), f"d{i}").items()})
     out = tmp_path / "out"
-    code, stdout, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={folder}", f"out={out}", "precision=32",
-                                 "batch_size=5", "top_k=3"], capsys)
+    code, stdout, err = cli_in_process(
+        ["predict", f"ckpt={smoke_run}", f"inputs={folder}", f"out={out}", "precision=32", "batch_size=5", "top_k=3"],
+        capsys,
+    )
     assert code == 0, err
     got = {Path(r["path"]).stem: r for r in rows(out / "predictions.csv")}
     assert len(got) == len(exact) == 28
@@ -154,12 +162,20 @@ def test_predict_any_file_format_gives_the_models_class(smoke_run, digits, confi
 def test_predict_single_file_and_glob(smoke_run, digits, tmp_path, capsys):
     for i in range(3):
         Image.fromarray(digits.test_x[i, 0].numpy()).save(tmp_path / f"x{i}.png")
-    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}/checkpoints/best.pt", f"inputs={tmp_path / 'x1.png'}",
-                            f"out={tmp_path / 'one'}"], capsys)
+    code, _, err = cli_in_process(
+        [
+            "predict",
+            f"ckpt={smoke_run}/checkpoints/best.pt",
+            f"inputs={tmp_path / 'x1.png'}",
+            f"out={tmp_path / 'one'}",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert len(rows(tmp_path / "one" / "predictions.csv")) == 1
-    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={tmp_path}/x*.png", f"out={tmp_path / 'glob'}"],
-                           capsys)
+    code, _, err = cli_in_process(
+        ["predict", f"ckpt={smoke_run}", f"inputs={tmp_path}/x*.png", f"out={tmp_path / 'glob'}"], capsys
+    )
     assert code == 0, err
     assert [Path(r["path"]).name for r in rows(tmp_path / "glob" / "predictions.csv")] == ["x0.png", "x1.png", "x2.png"]
 
@@ -192,8 +208,9 @@ def test_predict_errors_are_one_line(smoke_run, digits, tmp_path, capsys):
         code, _, err = cli_in_process(["predict", f"ckpt={ckpt}", f"inputs={mixed / 'ok.png'}"], capsys)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (ckpt, err)
     # on_error=skip: the readable images are still classified.
-    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip",
-                            f"out={tmp_path / 'skip'}"], capsys)
+    code, _, err = cli_in_process(
+        ["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip", f"out={tmp_path / 'skip'}"], capsys
+    )
     assert code == 0 and "skipped" in err and len(rows(tmp_path / "skip" / "predictions.csv")) == 1
 
 
@@ -203,7 +220,8 @@ def test_commands_help_and_subprocess_wiring(tmp_path, capsys):
         assert code == 0 and f"cnntrain {command}" in out, command
     proc = run_cli(["predict", "inputs=x.png"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "cnntrain: error: cnntrain predict needs ckpt=...; see `cnntrain predict --help`")
+        "cnntrain: error: cnntrain predict needs ckpt=...; see `cnntrain predict --help`"
+    )
 
 
 # --------------------------------------------------------------------------- export
@@ -211,8 +229,9 @@ def test_commands_help_and_subprocess_wiring(tmp_path, capsys):
 
 def _eager(smoke_run):
     trained = load_trained(str(smoke_run), "cpu")
-    x = trained.preprocess.normalise("cpu").from_uint8(torch.randint(0, 256, (7, 1, 28, 28), dtype=torch.uint8,
-                                                                     generator=torch.Generator().manual_seed(3)))
+    x = trained.preprocess.normalise("cpu").from_uint8(
+        torch.randint(0, 256, (7, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    )
     with torch.no_grad():
         return trained, x, trained.model(x)
 
@@ -283,7 +302,9 @@ def test_every_pytorch_file_export_writes_works_as_ckpt(smoke_run, digits, tmp_p
     _, want, _ = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={image}", f"out={tmp_path / 'p0'}"], capsys)
     expected = rows(tmp_path / "p0" / "predictions.csv")
     for name in ("model.state_dict.pt", "model.safetensors"):
-        code, _, err = cli_in_process(["predict", f"ckpt={out / name}", f"inputs={image}", f"out={tmp_path / name}"], capsys)
+        code, _, err = cli_in_process(
+            ["predict", f"ckpt={out / name}", f"inputs={image}", f"out={tmp_path / name}"], capsys
+        )
         assert code == 0, (name, err)
         assert rows(tmp_path / name / "predictions.csv") == expected, name
         code, text, err = cli_in_process(["evaluate", f"ckpt={out / name}", f"out={tmp_path / name / 'eval'}"], capsys)
@@ -294,8 +315,9 @@ def test_every_pytorch_file_export_writes_works_as_ckpt(smoke_run, digits, tmp_p
     old = torch.load(out / "model.state_dict.pt", weights_only=True)
     del old["config"]
     torch.save(old, tmp_path / "old.state_dict.pt")
-    code, _, err = cli_in_process(["predict", f"ckpt={tmp_path / 'old.state_dict.pt'}", f"inputs={image}",
-                            f"out={tmp_path / 'old'}"], capsys)
+    code, _, err = cli_in_process(
+        ["predict", f"ckpt={tmp_path / 'old.state_dict.pt'}", f"inputs={image}", f"out={tmp_path / 'old'}"], capsys
+    )
     assert code == 0, err
     assert rows(tmp_path / "old" / "predictions.csv") == expected
 
@@ -307,8 +329,9 @@ def test_every_pytorch_file_export_writes_works_as_ckpt(smoke_run, digits, tmp_p
 def _probabilities(path: Path) -> tuple[list[str], np.ndarray]:
     """predictions.csv -> (each image's top class, its top-k probabilities)."""
     table = rows(path)
-    return [r["class_1"] for r in table], np.array([[float(v) for k, v in r.items() if k.startswith("prob_")]
-                                                    for r in table])
+    return [r["class_1"] for r in table], np.array(
+        [[float(v) for k, v in r.items() if k.startswith("prob_")] for r in table]
+    )
 
 
 def test_export_default_is_a_pt2_that_predict_and_evaluate_take(smoke_run, digits, tmp_path, capsys):
@@ -339,8 +362,9 @@ def test_export_default_is_a_pt2_that_predict_and_evaluate_take(smoke_run, digit
     for i in range(4):
         Image.fromarray(digits.test_x[i, 0].numpy()).save(images / f"{i}.png")
     for ckpt, where in ((smoke_run, "p0"), (pt2, "p1")):
-        code, _, err = cli_in_process(["predict", f"ckpt={ckpt}", f"inputs={images}", f"out={tmp_path / where}"],
-                                      capsys)
+        code, _, err = cli_in_process(
+            ["predict", f"ckpt={ckpt}", f"inputs={images}", f"out={tmp_path / where}"], capsys
+        )
         assert code == 0, err
     want, got = _probabilities(tmp_path / "p0" / "predictions.csv"), _probabilities(tmp_path / "p1" / "predictions.csv")
     assert want[0] == got[0]
@@ -369,8 +393,14 @@ def test_a_pt2_loads_in_a_fresh_process_without_cnntrain(smoke_run, tmp_path, ca
         f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
         "print(json.loads(extra['cnntrain.json'])['preprocess']['image_size'])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[28, 28]"
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-4, rtol=1e-4)
@@ -381,8 +411,9 @@ def test_predict_skip_counts_only_the_images_it_classifies(smoke_run, digits, tm
     mixed.mkdir()
     Image.fromarray(digits.test_x[0, 0].numpy()).save(mixed / "ok.png")
     (mixed / "notes.png").write_text("this is not an image")
-    code, out, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip",
-                              f"out={tmp_path / 'skip'}"], capsys)
+    code, out, err = cli_in_process(
+        ["predict", f"ckpt={smoke_run}", f"inputs={mixed}", "on_error=skip", f"out={tmp_path / 'skip'}"], capsys
+    )
     assert code == 0, err
     assert "notes.png" in err and "skipped" in err
     header = out.splitlines()[0]
@@ -401,8 +432,9 @@ def test_export_onnx_writes_the_opset_asked_for_or_refuses_it(smoke_run, tmp_pat
 
     for opset in (13, 18):  # below the dynamo exporter's 18: the TorchScript-based one writes it
         out = tmp_path / str(opset)
-        code, text, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}", f"out={out}"],
-                                  capsys)
+        code, text, err = cli_in_process(
+            ["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}", f"out={out}"], capsys
+        )
         assert code == 0, err
         declared = {o.domain: o.version for o in onnx.load(str(out / "model.onnx")).opset_import}
         assert declared.get("", declared.get("ai.onnx")) == opset, declared
@@ -410,8 +442,9 @@ def test_export_onnx_writes_the_opset_asked_for_or_refuses_it(smoke_run, tmp_pat
         assert f"opset {opset}" in text
     highest = max(hi for _, hi in opset_ranges().values())
     for opset in (1, highest + 1):
-        code, _, err = cli_in_process(["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}",
-                                f"out={tmp_path / 'no'}"], capsys)
+        code, _, err = cli_in_process(
+            ["export", f"ckpt={smoke_run}", "format=onnx", f"opset={opset}", f"out={tmp_path / 'no'}"], capsys
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"opset={opset} cannot be written" in err and f"-{highest}" in err
         assert not (tmp_path / "no" / "model.onnx").exists()
@@ -426,7 +459,9 @@ def test_explain_writes_heat_maps_and_explains_errors(smoke_run, digits, confide
     folder.mkdir()
     for i in idx[:2]:
         Image.fromarray(digits.test_x[i, 0].numpy()).save(folder / f"digit{i}.png")
-    code, out, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder}", f"out={tmp_path / 'out'}"], capsys)
+    code, out, err = cli_in_process(
+        ["explain", f"ckpt={smoke_run}", f"inputs={folder}", f"out={tmp_path / 'out'}"], capsys
+    )
     assert code == 0, err
     for i in idx[:2]:
         assert_png(tmp_path / "out" / f"digit{i}_gradcam.png")

@@ -125,7 +125,9 @@ def test_invalid_policy_is_a_user_error():
 @pytest.mark.parametrize("policy", ["none", "trivialaugment"])
 def test_randaugment_keys_under_another_policy_warn_that_they_are_ignored(policy):
     cfg = dataclasses.replace(AugmentConfig(), policy=policy, policy_ops=3)
-    with pytest.warns(UserWarning, match=rf"augment.policy_ops=3 only apply to augment.policy=randaugment, not '{policy}'"):
+    with pytest.warns(
+        UserWarning, match=rf"augment.policy_ops=3 only apply to augment.policy=randaugment, not '{policy}'"
+    ):
         build_augment(cfg, 10)
     cfg = dataclasses.replace(AugmentConfig(), policy="randaugment", policy_ops=3, policy_magnitude=5)
     with warnings.catch_warnings():
@@ -233,7 +235,7 @@ def test_crop_is_a_shifted_window_of_the_reflect_padded_image():
     padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
     offsets = set()
     for i in range(16):
-        hits = [(r, c) for r in range(5) for c in range(5) if torch.equal(out[i], padded[i, :, r:r + 10, c:c + 10])]
+        hits = [(r, c) for r in range(5) for c in range(5) if torch.equal(out[i], padded[i, :, r : r + 10, c : c + 10])]
         assert len(hits) == 1
         offsets.add(hits[0])
     assert len(offsets) > 4
@@ -255,7 +257,9 @@ def test_policy_op_identity_and_pixel_ops_by_index():
     torch.testing.assert_close(apply("brightness", 0.5, -1.0), x * 0.55)
     assert apply("posterize", 1.0).mul(255).round().unique().remainder(16).eq(0).all()  # 4 bits left
     stretched = apply("autocontrast")
-    assert torch.allclose(stretched.amin((2, 3)), torch.zeros(1)) and torch.allclose(stretched.amax((2, 3)), torch.ones(1))
+    assert torch.allclose(stretched.amin((2, 3)), torch.zeros(1)) and torch.allclose(
+        stretched.amax((2, 3)), torch.ones(1)
+    )
     torch.testing.assert_close(apply("rotate"), warp(x, torch.tensor([[0.866025, 0.5], [-0.5, 0.866025]]).expand(n, 2, 2),
                                                      torch.zeros(n, 2)), atol=1e-4, rtol=0)  # fmt: skip
 
@@ -266,8 +270,8 @@ def test_policy_picks_an_op_per_sample():
     op = torch.arange(n) % len(POLICY_OPS)
     out = apply_policy_ops(x, op, torch.full((n,), 0.5), torch.ones(n))
     for i in range(n):
-        alone = apply_policy_ops(x[i:i + 1], op[i:i + 1], torch.full((1,), 0.5), torch.ones(1))
-        torch.testing.assert_close(out[i:i + 1], alone, atol=1e-5, rtol=0)
+        alone = apply_policy_ops(x[i : i + 1], op[i : i + 1], torch.full((1,), 0.5), torch.ones(1))
+        torch.testing.assert_close(out[i : i + 1], alone, atol=1e-5, rtol=0)
 
 
 def test_equalize_flattens_the_histogram():
@@ -346,7 +350,8 @@ def test_mixup_lambda_is_one_host_draw_per_step():
         _, target = run(AugmentConfig(mixup_alpha=0.4), x, seed=seed, num_classes=16)
         draws.append(target[own, own].min().item())  # an image's own label keeps lambda
     again = [run(AugmentConfig(mixup_alpha=0.4), x, seed=seed, num_classes=16)[1] for seed in range(3)]
-    assert all(torch.equal(a, run(AugmentConfig(mixup_alpha=0.4), x, seed=s, num_classes=16)[1])
-               for s, a in enumerate(again))  # a function of the step's seed alone
+    assert all(
+        torch.equal(a, run(AugmentConfig(mixup_alpha=0.4), x, seed=s, num_classes=16)[1]) for s, a in enumerate(again)
+    )  # a function of the step's seed alone
     # Beta(0.4, 0.4) is U-shaped: most lambdas lie near 0 or 1, and they vary from step to step.
     assert len(set(draws)) > 150 and sum(d < 0.1 for d in draws) > 40

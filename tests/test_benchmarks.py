@@ -13,8 +13,22 @@ from tests.conftest import REPO
 @pytest.mark.slow
 def test_benchmark_suite_runs_in_quick_mode(tmp_path):
     out = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", "peers",
-                           "--only", "startup", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "--quick",
+            "--only",
+            "peers",
+            "--only",
+            "startup",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cnntrain fit experiment=fashion_fast" in proc.stdout and "tutorial loop" in proc.stdout
     assert "cnntrain --help" in proc.stdout and "x import torch" in proc.stdout and "torch._dynamo" in proc.stdout
@@ -22,9 +36,22 @@ def test_benchmark_suite_runs_in_quick_mode(tmp_path):
 
 @pytest.mark.slow
 def test_the_limit_and_contention_sections_run_in_quick_mode(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", "limit",
-                           "--only", "contention", "--out", str(tmp_path / "RESULTS.md")],
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "--quick",
+            "--only",
+            "limit",
+            "--only",
+            "contention",
+            "--out",
+            str(tmp_path / "RESULTS.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "% of limit" in proc.stdout and "| simple_cnn |" in proc.stdout and "| resnet8 |" in proc.stdout
     assert "| no load |" in proc.stdout and "| 1 busy process |" in proc.stdout
@@ -34,9 +61,24 @@ def test_the_limit_and_contention_sections_run_in_quick_mode(tmp_path):
 @pytest.mark.slow
 def test_ab_compares_two_checkouts_round_by_round():
     """benchmarks/ab.py: the refactor check. A checkout against itself runs both sides, alternating."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ab.py"), "--a", str(REPO), "--b", str(REPO),
-                           "--rounds", "2", "--", "experiment=smoke", "trainer.epochs=1"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "ab.py"),
+            "--a",
+            str(REPO),
+            "--b",
+            str(REPO),
+            "--rounds",
+            "2",
+            "--",
+            "experiment=smoke",
+            "trainer.epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     order = [ln.split(":")[0] for ln in proc.stdout.splitlines() if ln.startswith("round ")]
     assert order == ["round 1 A", "round 1 B", "round 2 B", "round 2 A"]

@@ -56,8 +56,13 @@ save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
 
 def test_a_killed_write_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(path)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITE, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))  # the old one, whole
     (temp,) = tmp_path.glob(".last.pt.*.tmp")  # the new one never replaced it

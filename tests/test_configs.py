@@ -17,10 +17,12 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = [f.name for f in dataclasses.fields(FitConfig) if f.default_factory is not dataclasses.MISSING]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
 # Presets of hydra/sweeper and hydra/launcher that come from an optional Hydra plugin: its module and extra.
-PLUGINS = {"optuna_study": ("optuna", "optuna"),
-           "parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
-           "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
-           "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
+PLUGINS = {
+    "optuna_study": ("optuna", "optuna"),
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
 
 
 def _experiment(path: Path):
@@ -34,18 +36,22 @@ EXPERIMENTS = [_experiment(p) for p in sorted((CONFIGS / "experiment").glob("*.y
 
 
 # Options that need a key of the user's to be complete.
-NEEDS = {("model", "custom"): ["model._target_=mynets.TinyNet"], ("dataset", "custom"): ["dataset._target_=mydata.build"],
-         ("dataset", "imagefolder"): ["dataset.root=photos"],
-         ("dataset", "csv"): ["dataset.root=photos", "dataset.file=labels.csv"]}
+NEEDS = {
+    ("model", "custom"): ["model._target_=mynets.TinyNet"],
+    ("dataset", "custom"): ["dataset._target_=mydata.build"],
+    ("dataset", "imagefolder"): ["dataset.root=photos"],
+    ("dataset", "csv"): ["dataset.root=photos", "dataset.file=labels.csv"],
+}
 
 
 # Options that validation refuses without their extra (the package is checked before any data are loaded).
 EXTRA_OPTIONS = {("model", "timm"): ("timm", "timm")}
 
 
-@pytest.mark.parametrize(("group", "option"), [
-    pytest.param(g, o, marks=[needs(*EXTRA_OPTIONS[(g, o)])] if (g, o) in EXTRA_OPTIONS else [])
-    for g, o in OPTIONS])
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [pytest.param(g, o, marks=[needs(*EXTRA_OPTIONS[(g, o)])] if (g, o) in EXTRA_OPTIONS else []) for g, o in OPTIONS],
+)
 def test_every_option_composes_and_validates(group, option):
     cfg = compose_fit([f"{group}={option}", *NEEDS.get((group, option), [])])
     validate(cfg)
@@ -59,14 +65,25 @@ def test_every_experiment_composes_and_validates(name):
 def test_the_typed_config_gives_back_the_composed_record():
     """The engine holds config.typed's dataclasses; what it records of them (a checkpoint's config, the resume
     check, the hparams) is config.plain, which must be the composed config's own plain dict, keys in order."""
+
     def shape(node):
         return [(k, type(v).__name__, shape(v)) for k, v in node.items()] if isinstance(node, dict) else repr(node)
 
     runs = [[f"{g}={o}", *NEEDS.get((g, o), [])] for g, o in OPTIONS]
     runs += [[f"experiment={p.stem}"] for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]
-    runs += [["model=custom", "model._target_=mynets.TinyNet", "+model.depth=3", "model.width=8",
-              "+model.sizes={a: [1, 2]}", "dataset=custom", "dataset._target_=mydata.build", "+dataset.n=5"],
-             ["trainer.class_weights=[1,10]", "trainer.micro_batch=8", "optimizer.lr=1", "resume=runs/x"]]
+    runs += [
+        [
+            "model=custom",
+            "model._target_=mynets.TinyNet",
+            "+model.depth=3",
+            "model.width=8",
+            "+model.sizes={a: [1, 2]}",
+            "dataset=custom",
+            "dataset._target_=mydata.build",
+            "+dataset.n=5",
+        ],
+        ["trainer.class_weights=[1,10]", "trainer.micro_batch=8", "optimizer.lr=1", "resume=runs/x"],
+    ]
     for overrides in runs:
         cfg = compose_fit(overrides)
         assert shape(plain(typed(cfg))) == shape(OmegaConf.to_container(cfg, resolve=True)), overrides

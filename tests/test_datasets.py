@@ -149,8 +149,10 @@ def test_idx_round_trip(tmp_path, gz):
     assert torch.equal(d.test_x[:, 0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
     assert d.test_y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     # Validation is carved from train: together they are the training file.
-    train = rows(torch.from_numpy(arrays["train-images-idx3-ubyte"][:, None]),
-                 torch.from_numpy(arrays["train-labels-idx1-ubyte"]))
+    train = rows(
+        torch.from_numpy(arrays["train-images-idx3-ubyte"][:, None]),
+        torch.from_numpy(arrays["train-labels-idx1-ubyte"]),
+    )
     assert rows(d.train_x, d.train_y) + rows(d.val_x, d.val_y) == train
     assert torch.bincount(d.val_y).tolist() == [1] * 10
 
@@ -234,8 +236,18 @@ def test_read_idx_other_dtypes(tmp_path):
 def test_full_fashion_mnist():
     d = load_dataset(DatasetConfig(name="fashion_mnist", val_fraction=0.1))
     assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (54000, 6000, 10000)
-    assert d.classes == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert d.classes == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     assert d.image_size == (28, 28) and d.channels == 1
     assert torch.bincount(d.test_y).tolist() == [1000] * 10
     assert torch.bincount(d.val_y).tolist() == [600] * 10

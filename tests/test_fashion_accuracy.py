@@ -20,8 +20,9 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 def test_one_epoch_of_full_fashion_mnist_is_well_above_chance(tmp_path):
     # One thread: the run takes about half a minute on 2 idle cores either way, and a busy
     # machine slows a two-thread pool down far more than it slows one thread.
-    proc = run_cli(["fit", "experiment=fashion_fast", "trainer.epochs=1", "trainer.num_threads=1"], tmp_path,
-                   timeout=900)
+    proc = run_cli(
+        ["fit", "experiment=fashion_fast", "trainer.epochs=1", "trainer.num_threads=1"], tmp_path, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(tmp_path)
     s = summary(run_dir)

@@ -71,12 +71,14 @@ def test_out_refuses_a_folder_with_files_unless_overwrite(smoke_run, tmp_path, c
     out_dir = tmp_path / "maps"
     code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder}", f"out={out_dir}"], capsys)
     assert code == 0, err
-    code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder / 'd0.png'}",
-                                   f"out={out_dir}"], capsys)
+    code, _, err = cli_in_process(
+        ["explain", f"ckpt={smoke_run}", f"inputs={folder / 'd0.png'}", f"out={out_dir}"], capsys
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "overwrite=true" in err
     assert len(_rows(out_dir / "explain.csv")) == 2  # untouched
-    code, _, err = cli_in_process(["explain", f"ckpt={smoke_run}", f"inputs={folder / 'd0.png'}",
-                                   f"out={out_dir}", "overwrite=true"], capsys)
+    code, _, err = cli_in_process(
+        ["explain", f"ckpt={smoke_run}", f"inputs={folder / 'd0.png'}", f"out={out_dir}", "overwrite=true"], capsys
+    )
     assert code == 0, err
     assert sorted(p.name for p in out_dir.glob("*_gradcam.png")) == ["d0_gradcam.png"]
 
@@ -84,8 +86,9 @@ def test_out_refuses_a_folder_with_files_unless_overwrite(smoke_run, tmp_path, c
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    code, _, err = cli_in_process(["predict", f"ckpt={smoke_run}", f"inputs={folder}", f"out={mine}",
-                                   "overwrite=true"], capsys)
+    code, _, err = cli_in_process(
+        ["predict", f"ckpt={smoke_run}", f"inputs={folder}", f"out={mine}", "overwrite=true"], capsys
+    )
     assert code == 2 and "did not write" in err and (mine / "notes.txt").read_text() == "keep me"
 
 
@@ -94,8 +97,11 @@ def test_out_refuses_a_folder_with_files_unless_overwrite(smoke_run, tmp_path, c
 
 def test_command_logs_hold_what_was_printed(smoke_run, tmp_path, capsys):
     folder = _images(tmp_path / "digits", 2)
-    for command, extra in (("evaluate", ["tensorboard=false"]), ("predict", [f"inputs={folder}"]),
-                           ("explain", [f"inputs={folder}"])):
+    for command, extra in (
+        ("evaluate", ["tensorboard=false"]),
+        ("predict", [f"inputs={folder}"]),
+        ("explain", [f"inputs={folder}"]),
+    ):
         out_dir = tmp_path / command
         code, out, err = cli_in_process([command, f"ckpt={smoke_run}", f"out={out_dir}", *extra], capsys)
         assert code == 0, err
@@ -112,7 +118,7 @@ def _suggested(err: str) -> list[str]:
     import shlex
 
     (line,) = err.strip().splitlines()
-    return shlex.split(line[line.rindex("cnntrain fit "):])[1:]
+    return shlex.split(line[line.rindex("cnntrain fit ") :])[1:]
 
 
 def test_every_command_an_error_suggests_works_as_printed(tmp_path, monkeypatch, capsys):
@@ -138,8 +144,17 @@ def test_every_command_an_error_suggests_works_as_printed(tmp_path, monkeypatch,
         assert code == 0, (what, suggested, err)
 
     # A sweep with a failed job names the report of the whole sweep.
-    code, _, err = cli_in_process(["fit", "--multirun", "experiment=smoke", "trainer.epochs=1", "dataset.subset=200",
-                                   "model.weights=missing.pt,null"], capsys)
+    code, _, err = cli_in_process(
+        [
+            "fit",
+            "--multirun",
+            "experiment=smoke",
+            "trainer.epochs=1",
+            "dataset.subset=200",
+            "model.weights=missing.pt,null",
+        ],
+        capsys,
+    )
     assert code == 2 and "`cnntrain report " in err, err
     report = err.split("`cnntrain report ", 1)[1].split("`", 1)[0]
     code, out, err = cli_in_process(["report", report], capsys)
@@ -151,18 +166,22 @@ def test_every_command_an_error_suggests_works_as_printed(tmp_path, monkeypatch,
 
 def test_a_sweep_is_checked_before_its_first_job_trains(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli_in_process(["fit", "--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1",
-                                     "trainer.batch_size=32,64"], capsys)
+    code, out, err = cli_in_process(
+        ["fit", "--multirun", "experiment=smoke", "optimizer.lr=1e-3,-1", "trainer.batch_size=32,64"], capsys
+    )
     assert code == 2 and "epoch" not in out, out
-    assert err.strip() == ("cnntrain: error: optimizer.lr=-1.0 must be > 0, in 2 job(s): optimizer.lr=-1 "
-                           "trainer.batch_size=32, ...; nothing of the sweep (4 jobs) was trained")
+    assert err.strip() == (
+        "cnntrain: error: optimizer.lr=-1.0 must be > 0, in 2 job(s): optimizer.lr=-1 "
+        "trainer.batch_size=32, ...; nothing of the sweep (4 jobs) was trained"
+    )
     assert not (tmp_path / "runs").exists()
 
     # A value list without --multirun: one line, and the command it suggests runs the sweep.
-    code, _, err = cli_in_process(["fit", "optimizer.lr=1e-3,3e-3", "experiment=smoke", "trainer.epochs=1",
-                                   "dataset.subset=200"], capsys)
+    code, _, err = cli_in_process(
+        ["fit", "optimizer.lr=1e-3,3e-3", "experiment=smoke", "trainer.epochs=1", "dataset.subset=200"], capsys
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Ambiguous" not in err, err
-    suggested = err[err.index("(cnntrain fit ") + 1:err.index(");")]
+    suggested = err[err.index("(cnntrain fit ") + 1 : err.index(");")]
     import shlex
 
     code, _, err = cli_in_process(shlex.split(suggested)[1:], capsys)
@@ -216,18 +235,28 @@ def _fake_run(folder: Path, overrides: list[str], **record) -> None:
 
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (folder / "summary.json").write_text(json.dumps({"status": "completed", "best_epoch": 3, "test_acc": 0.9,
-                                                     "train_seconds": 12.0, **record}))
+    (folder / "summary.json").write_text(
+        json.dumps({"status": "completed", "best_epoch": 3, "test_acc": 0.9, "train_seconds": 12.0, **record})
+    )
 
 
 def test_the_report_of_a_users_runs_fits_120_columns(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs" / "default"
-    _fake_run(runs / "2026-01-31_12-00-00_ab12", ["trainer.epochs=3", "dataset=imagefolder",
-                                                  "dataset.root=/home/someone/data/cats_and_dogs"], best_val_acc=0.81)
-    _fake_run(runs / "2026-01-31_12-10-00_cd34", ["trainer.epochs=5", "optimizer.lr=0.003",
-                                                  f"resume={runs}/2026-01-31_12-00-00_ab12"], best_val_acc=0.93)
-    _fake_run(runs / "2026-01-31_12-20-00_ef56", ["trainer.epochs=5", "trainer.progress=plain",
-                                                  "model=resnet8", "optimizer.lr=0.003"], best_val_acc=0.95)
+    _fake_run(
+        runs / "2026-01-31_12-00-00_ab12",
+        ["trainer.epochs=3", "dataset=imagefolder", "dataset.root=/home/someone/data/cats_and_dogs"],
+        best_val_acc=0.81,
+    )
+    _fake_run(
+        runs / "2026-01-31_12-10-00_cd34",
+        ["trainer.epochs=5", "optimizer.lr=0.003", f"resume={runs}/2026-01-31_12-00-00_ab12"],
+        best_val_acc=0.93,
+    )
+    _fake_run(
+        runs / "2026-01-31_12-20-00_ef56",
+        ["trainer.epochs=5", "trainer.progress=plain", "model=resnet8", "optimizer.lr=0.003"],
+        best_val_acc=0.95,
+    )
     monkeypatch.setenv("COLUMNS", "120")
     code, out, err = cli_in_process(["report", str(runs)], capsys)
     assert code == 0, err
@@ -253,8 +282,11 @@ def test_the_model_is_named_as_chosen(smoke_run, tmp_path, capsys):
     # experiment=smoke picks model=tiny_cnn, a small simple_cnn: both names, the chosen one first.
     assert "model      tiny_cnn (simple_cnn): " in (smoke_run / "fit.log").read_text()
     image = _images(tmp_path / "digits", 1) / "d0.png"
-    for command, extra in (("evaluate", ["tensorboard=false"]), ("predict", [f"inputs={image}"]),
-                           ("explain", [f"inputs={image}"])):
+    for command, extra in (
+        ("evaluate", ["tensorboard=false"]),
+        ("predict", [f"inputs={image}"]),
+        ("explain", [f"inputs={image}"]),
+    ):
         code, out, err = cli_in_process([command, f"ckpt={smoke_run}", f"out={tmp_path / command}", *extra], capsys)
         assert code == 0, err
         assert "tiny_cnn (simple_cnn) trained on mnist5k" in out.splitlines()[0], (command, out)
@@ -282,9 +314,18 @@ def test_every_job_of_a_sweep_under_load_says_why_its_thread_count(tmp_path, mon
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        code, out, err = cli_in_process(["fit", "--multirun", "experiment=smoke", "trainer.epochs=1",
-                                         "dataset.subset=100", "trainer.progress=plain", "optimizer.lr=1e-3,2e-3"],
-                                        capsys)
+        code, out, err = cli_in_process(
+            [
+                "fit",
+                "--multirun",
+                "experiment=smoke",
+                "trainer.epochs=1",
+                "dataset.subset=100",
+                "trainer.progress=plain",
+                "optimizer.lr=1e-3,2e-3",
+            ],
+            capsys,
+        )
     finally:
         torch.set_num_threads(before)
     assert code == 0, err
@@ -324,8 +365,9 @@ def test_ctrl_c_before_training_says_nothing_was_saved(tmp_path, monkeypatch, ca
     monkeypatch.setattr(loop, "fit", interrupted)
     code, _, err = cli_in_process(["fit", "experiment=smoke"], capsys)
     assert code == 130
-    assert err.strip() == ("cnntrain: error: interrupted before training started: nothing was saved, "
-                           "and there is nothing to resume")
+    assert err.strip() == (
+        "cnntrain: error: interrupted before training started: nothing was saved, and there is nothing to resume"
+    )
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))
 
 
@@ -381,7 +423,8 @@ def test_a_narrow_terminal_drops_progress_columns_instead_of_cutting_them():
         reporter.epoch_update(22, {"loss": 0.4321, "acc": 0.8765, "img/s": 2888.0, "data": 0.01})
         shown = io.StringIO()
         Console(width=width, file=shown, color_system=None).print(
-            reporter._progress.make_tasks_table(reporter._progress.tasks))
+            reporter._progress.make_tasks_table(reporter._progress.tasks)
+        )
         reporter._progress.stop()
         text = shown.getvalue()
         assert "…" not in text and "22/125" in text and "epoch 2/10" in text, (width, text)

@@ -18,8 +18,15 @@ def _csv_rows(run_dir):
 
 
 def test_smoke_run_leaves_every_output(smoke_run):
-    for rel in (".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/last.pt", "checkpoints/best.pt",
-                "metrics.csv", "summary.json", "provenance.json"):
+    for rel in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "metrics.csv",
+        "summary.json",
+        "provenance.json",
+    ):
         assert (smoke_run / rel).is_file(), rel
     s = summary(smoke_run)
     assert s["status"] == "completed" and s["epochs_done"] == 3
@@ -40,8 +47,17 @@ def test_tensorboard_files_hold_the_metrics(smoke_run):
     acc = EventAccumulator(str(smoke_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "throughput/images_per_s",
-                "train/loss_step", "test/acc", "time/data_s"):
+    for tag in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "lr",
+        "throughput/images_per_s",
+        "train/loss_step",
+        "test/acc",
+        "time/data_s",
+    ):
         assert tag in tags["scalars"], tag
     assert "inputs/train_batch" in tags["images"]
     rows = _csv_rows(smoke_run)
@@ -81,8 +97,10 @@ def test_dry_run_pushes_one_batch_and_writes_nothing(cli_here, tmp_path):
 
 
 def test_multirun_grid_gives_one_run_per_combination(tmp_path):
-    proc = run_cli(["fit", "--multirun", "experiment=smoke", "trainer.epochs=1", "trainer.seed=0,1",
-                    "optimizer=adam,sgd"], tmp_path)
+    proc = run_cli(
+        ["fit", "--multirun", "experiment=smoke", "trainer.epochs=1", "trainer.seed=0,1", "optimizer=adam,sgd"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 4

@@ -22,8 +22,9 @@ def test_without_a_gpu_it_says_so_and_exits_0():
 
 @pytest.mark.slow
 def test_the_checks_run_on_the_cpu_and_a_failure_fails_the_command(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "| deterministic resume after SIGKILL | ok |" in proc.stdout
     assert "| evaluate, predict, export | ok |" in proc.stdout

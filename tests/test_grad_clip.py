@@ -22,9 +22,21 @@ def test_grad_clip_bounds_every_step(tiny_weights, tmp_path):
     grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
     assert grad_norm > 10 * clip  # so the clip is what limits the steps
 
-    proc = run_cli(["fit", "experiment=smoke", f"model.weights={path}", "optimizer=sgd", "optimizer.momentum=0",
-                    "optimizer.nesterov=false", "optimizer.weight_decay=0", f"optimizer.lr={lr}",
-                    f"trainer.grad_clip={clip}", "trainer.epochs=1"], tmp_path)
+    proc = run_cli(
+        [
+            "fit",
+            "experiment=smoke",
+            f"model.weights={path}",
+            "optimizer=sgd",
+            "optimizer.momentum=0",
+            "optimizer.nesterov=false",
+            "optimizer.weight_decay=0",
+            f"optimizer.lr={lr}",
+            f"trainer.grad_clip={clip}",
+            "trainer.epochs=1",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(tmp_path)
     steps = summary(run_dir)["global_step"]

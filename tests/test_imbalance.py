@@ -58,8 +58,16 @@ def test_the_warning_names_the_ratio_and_the_options():
 
 def _minority_recall(cwd: Path, option: str) -> tuple[float, dict, str]:
     env = {"PYTHONPATH": f"{REPO}:{PLUGINS}"}
-    args = ["fit", "dataset=custom", "dataset._target_=imbalanced.build", "trainer.epochs=2", "trainer.precision=32",
-            "trainer.progress=plain", f"name={option.split('=')[0].replace('.', '_')}", option]
+    args = [
+        "fit",
+        "dataset=custom",
+        "dataset._target_=imbalanced.build",
+        "trainer.epochs=2",
+        "trainer.precision=32",
+        "trainer.progress=plain",
+        f"name={option.split('=')[0].replace('.', '_')}",
+        option,
+    ]
     proc = run_cli(args, cwd, env=env)
     assert proc.returncode == 0, proc.stderr
     run_dir = run_dirs(cwd)[-1]

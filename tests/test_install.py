@@ -21,8 +21,12 @@ def borrow_the_test_interpreters_packages(python) -> None:
     import site
 
     dirs = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs)
     (Path(purelib) / "zz_borrowed_from_the_tests.pth").write_text(lines)
 
@@ -30,26 +34,52 @@ def borrow_the_test_interpreters_packages(python) -> None:
 @pytest.mark.slow
 def test_wheel_installs_and_trains_from_an_unrelated_directory(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv", ".env"))
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            "runs",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            ".ruff_cache",
+            ".venv",
+            ".env",
+        ),
+    )
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, src],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, src],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = dist.glob("cnntrain-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python, cli = venv / "bin" / "python", venv / "bin" / "cnntrain"
     borrow_the_test_interpreters_packages(python)
-    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index",
-                    wheel], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel],
+        check=True,
+        capture_output=True,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([python, "-c", "import cnntrain.config.compose as c; print(c.config_dir())"], cwd=elsewhere,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [python, "-c", "import cnntrain.config.compose as c; print(c.config_dir())"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert where.startswith(str(venv)), where  # the wheel's own configs, not the checkout's
 
-    proc = subprocess.run([cli, "fit", "experiment=smoke", "trainer.epochs=1"], cwd=elsewhere,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [cli, "fit", "experiment=smoke", "trainer.epochs=1"], cwd=elsewhere, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list((elsewhere / "runs" / "smoke").glob("*/checkpoints/best.pt"))
     proc = subprocess.run([cli, "fit", "--help"], cwd=elsewhere, capture_output=True, text=True, timeout=60)
@@ -64,10 +94,26 @@ def test_suite_runs_without_the_optional_extras_and_says_what_is_skipped():
     proc = subprocess.run([*script, "--collect-only", "-q"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
-    extras = ("slurm_preset or optuna_study or launcher_plugins or submitit or onnxruntime"
-              " or optuna_smoke or (experiment and tune)")
-    proc = subprocess.run([*script, "-q", "-rs", "tests/test_sweeps.py", "tests/test_after_training.py",
-                           "tests/test_configs.py", "-k", extras], cwd=REPO, capture_output=True, text=True, timeout=300)
+    extras = (
+        "slurm_preset or optuna_study or launcher_plugins or submitit or onnxruntime"
+        " or optuna_smoke or (experiment and tune)"
+    )
+    proc = subprocess.run(
+        [
+            *script,
+            "-q",
+            "-rs",
+            "tests/test_sweeps.py",
+            "tests/test_after_training.py",
+            "tests/test_configs.py",
+            "-k",
+            extras,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for extra in ("joblib", "slurm", "optuna", "onnx"):
         assert f"is not installed (pip install 'cnntrain[{extra}]')" in proc.stdout, proc.stdout[-3000:]
@@ -79,8 +125,14 @@ def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     import os
 
     base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHON", "MAKEFLAGS", "MAKELEVEL")}
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, env={**base, **(env or {})})
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

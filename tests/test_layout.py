@@ -43,8 +43,13 @@ def private_uses(name: str, tree: ast.Module) -> list[str]:
                 if alias.name.startswith("cnntrain") and alias.asname:
                     module_aliases.add(alias.asname)
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in module_aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             found.append(f"{name}: {node.value.id}.{node.attr}")
     return found
 
@@ -82,11 +87,17 @@ def contributing_references() -> tuple[list[str], list[str]]:
     quoted = re.findall(r"`([A-Za-z_][\w./]*)`", text)
     layout = re.search(r"```\n(.*?)```", text, re.S)
     listed = re.findall(r"^([\w.]+(?:/|\.py))\s", layout.group(1) if layout else "", re.M)
-    paths = sorted({q for q in quoted + listed if (q.endswith("/") or re.search(r"\.(py|yaml|toml|md)$", q))
-                    and "name." not in q})
+    paths = sorted(
+        {q for q in quoted + listed if (q.endswith("/") or re.search(r"\.(py|yaml|toml|md)$", q)) and "name." not in q}
+    )
     subpackages = "cli|commands|engine|data|augment|models|io|config|sweep|registry|optim"
-    dotted = sorted({q for q in quoted if re.fullmatch(rf"(?:{subpackages})\.\w+(?:\.\w+)*", q)
-                     and not re.search(r"\.(py|yaml|toml|md)$", q)})
+    dotted = sorted(
+        {
+            q
+            for q in quoted
+            if re.fullmatch(rf"(?:{subpackages})\.\w+(?:\.\w+)*", q) and not re.search(r"\.(py|yaml|toml|md)$", q)
+        }
+    )
     return paths, dotted
 
 

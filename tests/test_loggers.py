@@ -64,9 +64,21 @@ def test_mlflow_records_a_fit_and_a_resume_continues_the_same_run(tmp_path):
 def test_a_sweep_is_a_parent_run_with_a_child_per_job(tmp_path):
     """Jobs side by side (joblib): they create the fresh SQLite store and the parent run at the same moment."""
     db = tmp_path / "mlflow.db"
-    proc = run_cli(["fit", "--multirun", "hydra/launcher=parallel", *SMALL, "trainer.epochs=1", "optimizer.lr=1e-3,3e-3",
-                    "logger=[tensorboard,mlflow]", f"logger.tracking_uri=sqlite:///{db}", "logger.experiment=sweeps",
-                    "logger.log_checkpoint=false"], tmp_path)
+    proc = run_cli(
+        [
+            "fit",
+            "--multirun",
+            "hydra/launcher=parallel",
+            *SMALL,
+            "trainer.epochs=1",
+            "optimizer.lr=1e-3,3e-3",
+            "logger=[tensorboard,mlflow]",
+            f"logger.tracking_uri=sqlite:///{db}",
+            "logger.experiment=sweeps",
+            "logger.log_checkpoint=false",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = run_dirs(tmp_path)
     assert len(jobs) == 2 and all((j / "tensorboard").is_dir() for j in jobs)  # both loggers

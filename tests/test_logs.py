@@ -42,8 +42,14 @@ def _warnings(stderr: str) -> list[str]:
 def test_fit_log_holds_the_runs_info_and_warnings_and_the_console_one_line_each(tmp_path):
     root = tmp_path / "images"
     _image_folder(root)
-    args = ["fit", "dataset=imagefolder", f"dataset.root={root}", "model=tiny_cnn", "trainer.epochs=1",
-            "trainer.progress=plain"]
+    args = [
+        "fit",
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "model=tiny_cnn",
+        "trainer.epochs=1",
+        "trainer.progress=plain",
+    ]
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(tmp_path)
@@ -87,9 +93,14 @@ def test_a_closed_stdout_stops_the_display_not_the_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("HYDRA_FULL_ERROR", None)
     env.pop("PYTHONUNBUFFERED", None)  # as a user's shell runs it: stdout block-buffered into the pipe
-    proc = subprocess.Popen([sys.executable, "-m", "cnntrain", "fit", "experiment=smoke", "trainer.epochs=2",
-                             "trainer.progress=plain"], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnntrain", "fit", "experiment=smoke", "trainer.epochs=2", "trainer.progress=plain"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     head = [proc.stdout.readline() for _ in range(3)]
     proc.stdout.close()
     err = proc.stderr.read()

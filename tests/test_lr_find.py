@@ -17,8 +17,9 @@ from tests.conftest import run_cli, run_dirs
 
 @pytest.mark.slow
 def test_lr_find_plots_the_sweep_and_suggests_an_lr_without_a_training_run(tmp_path):
-    proc = run_cli(["lr-find", "experiment=smoke", "steps=40", "lr_min=1e-6", "lr_max=1", "trainer.progress=plain"],
-                   tmp_path)
+    proc = run_cli(
+        ["lr-find", "experiment=smoke", "steps=40", "lr_min=1e-6", "lr_max=1", "trainer.progress=plain"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     (out,) = (tmp_path / "runs" / "lr_find").iterdir()  # the default folder, printed
     assert f"plot           {out.relative_to(tmp_path)}/lr_find.png" in proc.stdout
@@ -43,8 +44,9 @@ def test_lr_find_plots_the_sweep_and_suggests_an_lr_without_a_training_run(tmp_p
 
 @pytest.mark.slow
 def test_lr_find_stops_when_the_loss_explodes(tmp_path):
-    proc = run_cli(["lr-find", "experiment=smoke", "optimizer=sgd", "lr_min=1e-4", "lr_max=1e4", "steps=40",
-                    "out=sweep"], tmp_path)
+    proc = run_cli(
+        ["lr-find", "experiment=smoke", "optimizer=sgd", "lr_min=1e-4", "lr_max=1e4", "steps=40", "out=sweep"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads((tmp_path / "sweep" / "lr_find.json").read_text())
     assert info["stopped_early"] and info["steps_done"] < 40
@@ -70,15 +72,18 @@ def test_suggestion_is_where_a_smoothed_noisy_curve_falls_fastest():
     assert suggest(lrs[:3], [2.0, 1.0, 3.0])[0] is None
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["lr_mni=1e-5"], "unknown key 'lr_mni' for cnntrain lr-find (did you mean 'lr_min'?)"),
-    (["lr_min=1", "lr_max=0.1"], "lr_max=0.1 must be above lr_min=1"),
-    (["steps=many"], "steps"),
-    (["suggest=best"], "suggest=best must be one of: steepest, min10"),
-    (["model=nope"], "unknown model 'nope'"),
-    (["trainer.epoch=3"], "unknown key 'trainer.epoch'"),
-    (["resume=runs/x"], "lr-find starts from the configured model"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["lr_mni=1e-5"], "unknown key 'lr_mni' for cnntrain lr-find (did you mean 'lr_min'?)"),
+        (["lr_min=1", "lr_max=0.1"], "lr_max=0.1 must be above lr_min=1"),
+        (["steps=many"], "steps"),
+        (["suggest=best"], "suggest=best must be one of: steepest, min10"),
+        (["model=nope"], "unknown model 'nope'"),
+        (["trainer.epoch=3"], "unknown key 'trainer.epoch'"),
+        (["resume=runs/x"], "lr-find starts from the configured model"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(args, expected, capsys):
     with pytest.raises(SystemExit) as e:
         main(["lr-find", *args])

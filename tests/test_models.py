@@ -69,8 +69,9 @@ def test_every_model_has_a_yaml_config():
 
 @pytest.mark.parametrize(("name", "size", "minimum"), [("simple_cnn", 8, 18), ("resnet9", 4, 8), ("lenet5", 11, 12)])
 def test_too_small_images_fail_at_build_time_with_the_minimum(name, size, minimum):
-    with pytest.raises(UserError, match=f"{name} needs images of at least {minimum}x{minimum} pixels; "
-                                        f"the dataset gives {size}x{size}"):
+    with pytest.raises(
+        UserError, match=f"{name} needs images of at least {minimum}x{minimum} pixels; the dataset gives {size}x{size}"
+    ):
         build_model(cfg_for(name), 1, (size, size), 10)
     build_model(cfg_for(name), 1, (minimum, minimum), 10)  # the stated minimum really works
 

@@ -102,8 +102,9 @@ def test_predict_writes_every_label_above_the_threshold_and_the_export_agrees(ml
     assert (pre["task"], pre["threshold"]) == ("multilabel", 0.5)
 
     def predict(ckpt: Path, name: str, *more: str) -> list[dict[str, str]]:
-        proc = run_cli(["predict", f"ckpt={ckpt}", f"inputs={inputs}", f"out={tmp_path / name}", "device=cpu",
-                        *more], tmp_path)
+        proc = run_cli(
+            ["predict", f"ckpt={ckpt}", f"inputs={inputs}", f"out={tmp_path / name}", "device=cpu", *more], tmp_path
+        )
         assert proc.returncode == 0, proc.stderr
         return _csv(tmp_path / name / "predictions.csv")
 
@@ -111,8 +112,9 @@ def test_predict_writes_every_label_above_the_threshold_and_the_export_agrees(ml
     exported = predict(tmp_path / "export" / "model.pt2", "exported")
     assert [r["label"] for r in checkpoint] == [r["label"] for r in exported]
     for a, b in zip(checkpoint, exported, strict=True):
-        assert np.allclose([float(v) for v in a["score"].split("|") if v],
-                           [float(v) for v in b["score"].split("|") if v], atol=1e-4)
+        assert np.allclose(
+            [float(v) for v in a["score"].split("|") if v], [float(v) for v in b["score"].split("|") if v], atol=1e-4
+        )
     labels = {r["label"] for r in checkpoint}
     assert {"even", "-"} <= labels and any("|" in label for label in labels)
     for r in checkpoint:
@@ -138,8 +140,11 @@ def test_an_empty_label_cell_in_a_multilabel_csv_is_one_clear_error(tmp_path):
         (tmp_path / "labels.csv").write_text("\n".join(["path,label", *rows]) + "\n")
         return load_csv(DatasetConfig(name="csv", root=str(tmp_path), file="labels.csv"))
 
-    with pytest.raises(UserError, match=r"labels.csv line 3: the label cell of img/1.png is empty; in a multi-label "
-                                        r"CSV every row names its labels \(a\|b\), or - for an image with none"):
+    with pytest.raises(
+        UserError,
+        match=r"labels.csv line 3: the label cell of img/1.png is empty; in a multi-label "
+        r"CSV every row names its labels \(a\|b\), or - for an image with none",
+    ):
         load("img/0.png,a|b", "img/1.png,", "img/2.png,a")
     with pytest.raises(UserError, match=r"line 2: the labels 'a\|\|b' have an empty one"):
         load("img/0.png,a||b", "img/1.png,a")
@@ -157,8 +162,9 @@ def test_multilabel_csv_cells_become_multi_hot_rows(tmp_path):
         Image.fromarray(np.full((8, 8), 8 * i, dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
         rows.append(f"img/{i}.png,{cell}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    data = load_csv(DatasetConfig(name="csv", root=str(tmp_path), file="labels.csv", val_fraction=0.2,
-                                  test_fraction=0.2))
+    data = load_csv(
+        DatasetConfig(name="csv", root=str(tmp_path), file="labels.csv", val_fraction=0.2, test_fraction=0.2)
+    )
     assert data.multilabel and data.classes == ["a", "b"]
     y = torch.cat([data.train_y, data.val_y, data.test_y])
     assert y.dtype == torch.float32 and y.shape == (30, 2)

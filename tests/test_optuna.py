@@ -15,7 +15,13 @@ from tests.conftest import REPO, needs, run_cli
 
 # Six learning rates, two of them far too small to learn anything in three epochs.
 SIX_LRS = "optimizer.lr=choice(1e-6,2e-6,2e-3,3e-3,4e-3,5e-3)"
-STUDY = ["--multirun", "experiment=optuna_smoke", "trainer.progress=none", "dataset.subset=400", "trainer.batch_size=32"]
+STUDY = [
+    "--multirun",
+    "experiment=optuna_smoke",
+    "trainer.progress=none",
+    "dataset.subset=400",
+    "trainer.batch_size=32",
+]
 
 
 def _jobs(sweep: Path) -> list[Path]:
@@ -35,8 +41,15 @@ def test_a_search_space_becomes_optuna_distributions():
     from cnntrain.cli.optuna_sweeper import distribution
 
     parse = OverridesParser.create().parse_overrides
-    (lr, bs, width, drop, n) = parse(["a=tag(log, interval(1e-4, 1e-2))", "b=choice(16, 32)", "c=range(8, 33, 8)",
-                                      "d=interval(0.0, 0.5)", "e=tag(int, interval(1, 4))"])
+    (lr, bs, width, drop, n) = parse(
+        [
+            "a=tag(log, interval(1e-4, 1e-2))",
+            "b=choice(16, 32)",
+            "c=range(8, 33, 8)",
+            "d=interval(0.0, 0.5)",
+            "e=tag(int, interval(1, 4))",
+        ]
+    )
     assert distribution(lr) == FloatDistribution(1e-4, 1e-2, log=True)
     assert distribution(bs) == CategoricalDistribution([16, 32])
     assert distribution(width) == IntDistribution(8, 32, step=8)
@@ -47,8 +60,20 @@ def test_a_search_space_becomes_optuna_distributions():
 @needs("optuna", "optuna")
 @pytest.mark.slow
 def test_the_median_pruner_stops_bad_learning_rates_early_and_report_counts_them(tmp_path):
-    proc = run_cli(["fit", *STUDY, "name=prune", "hydra/sweeper/sampler=grid", "hydra.sweeper.sampler.seed=0",
-                    "hydra.sweeper.n_trials=6", SIX_LRS, "trainer.epochs=3", "sweep.pruner=median"], tmp_path)
+    proc = run_cli(
+        [
+            "fit",
+            *STUDY,
+            "name=prune",
+            "hydra/sweeper/sampler=grid",
+            "hydra.sweeper.sampler.seed=0",
+            "hydra.sweeper.n_trials=6",
+            SIX_LRS,
+            "trainer.epochs=3",
+            "sweep.pruner=median",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (sweep,) = (tmp_path / "runs" / "prune" / "multirun").iterdir()
     jobs = _jobs(sweep)
@@ -73,11 +98,26 @@ def test_the_median_pruner_stops_bad_learning_rates_early_and_report_counts_them
 @pytest.mark.slow
 def test_two_sweep_processes_share_one_sqlite_study(tmp_path):
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "cnntrain", "fit", *STUDY, "trainer.epochs=1",
-                               "hydra.sweeper.n_trials=3", f"hydra.sweeper.sampler.seed={seed}"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**__import__("os").environ, **env})
-             for seed in (1, 2)]  # each worker its own sampler seed, or both propose the same points
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cnntrain",
+                "fit",
+                *STUDY,
+                "trainer.epochs=1",
+                "hydra.sweeper.n_trials=3",
+                f"hydra.sweeper.sampler.seed={seed}",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**__import__("os").environ, **env},
+        )
+        for seed in (1, 2)
+    ]  # each worker its own sampler seed, or both propose the same points
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, out + err

@@ -125,10 +125,16 @@ def test_dropout_freezing_and_backbone_lr_act_on_the_classifier_or_are_refused(u
     assert sorted(g["lr"] for g in groups) == pytest.approx([1e-4, 1e-4, 1e-3, 1e-3])
     # model.weights: any state_dict; a classifier that does not fit the class count starts from scratch.
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    other = build_model(model_cfg(name="custom", _target_="mynets.TinyNet", weights=str(tmp_path / "w.pt")), 1, (8, 8), 7)
+    other = build_model(
+        model_cfg(name="custom", _target_="mynets.TinyNet", weights=str(tmp_path / "w.pt")), 1, (8, 8), 7
+    )
     assert torch.equal(other.features[0].weight, model.features[0].weight)
     # No classifier layer: what needs one is refused in one line; dropout too, as it takes no dropout argument.
-    for key, value, text in (("freeze_backbone", True, "true"), ("backbone_lr_scale", 0.5, "0.5"), ("dropout", 0.2, "0.2")):
+    for key, value, text in (
+        ("freeze_backbone", True, "true"),
+        ("backbone_lr_scale", 0.5, "0.5"),
+        ("dropout", 0.2, "0.2"),
+    ):
         with pytest.raises(UserError, match=f"model.{key}={text} does not apply to .*mynets.NoHead"):
             build_model(model_cfg(name="custom", _target_="mynets.NoHead", **{key: value}), 1, (8, 8), 3)
 
@@ -170,8 +176,10 @@ def test_custom_dataset_one_pool_is_split_seeded_and_stratified_and_streams_like
     common = dict(name="custom", _target_="mydata.build", n=60, splits=False, tensors=True, image_size=8, channels=1)
     resident = load_dataset(dataset_cfg(**common))
     again = load_dataset(dataset_cfg(**common))
-    assert torch.equal(resident.val_x, again.val_x) and resident.items.index["val"].tolist() == \
-        again.items.index["val"].tolist()
+    assert (
+        torch.equal(resident.val_x, again.val_x)
+        and resident.items.index["val"].tolist() == again.items.index["val"].tolist()
+    )
     assert (len(resident.train_y), len(resident.val_y), len(resident.test_y)) == (48, 6, 6)
     assert np.bincount(resident.val_y.numpy()).tolist() == [2, 2, 2]  # stratified
     assert resident.train_x.shape[1:] == (1, 8, 8)  # CHW tensors, converted to grayscale and resized
@@ -196,8 +204,9 @@ def test_custom_dataset_of_the_wrong_kind_is_one_line(user_code):
 # --------------------------------------------------------------------------- a CSV of labels
 
 
-def write_csv_folder(root: Path, n_per_class: int = 20, split: bool = True, int_labels: bool = False,
-                     extra_rows: tuple[str, ...] = ()) -> Path:
+def write_csv_folder(
+    root: Path, n_per_class: int = 20, split: bool = True, int_labels: bool = False, extra_rows: tuple[str, ...] = ()
+) -> Path:
     """root/img/*.png (three classes of 10x10 RGB blobs) and root/labels.csv."""
     (root / "img").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -232,8 +241,9 @@ def test_csv_names_splits_and_the_recorded_split_file(tmp_path):
     data = load_dataset(dataset_cfg(name="csv", root=str(root2), file="labels.csv", image_size=6, channels=1))
     assert data.classes == ["0", "1", "2"] and data.train_x.shape[1:] == (1, 6, 6)
     assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (24, 3, 3)
-    streamed = load_dataset(dataset_cfg(name="csv", root=str(root2), file="labels.csv", image_size=6, channels=1,
-                                        in_memory="false"))
+    streamed = load_dataset(
+        dataset_cfg(name="csv", root=str(root2), file="labels.csv", image_size=6, channels=1, in_memory="false")
+    )
     assert torch.equal(streamed.test_x[:], data.test_x) and torch.equal(streamed.train_y, data.train_y)
 
 
@@ -252,9 +262,11 @@ def test_csv_problems_are_one_line_or_one_counted_warning(tmp_path):
     with pytest.raises(UserError, match=f"labels.csv line 32: {root / 'img' / 'gone.png'} does not exist"):
         load_dataset(cfg)
     # An empty class: a warning under skip, one line under error.
-    (root / "labels.csv").write_text("path,label\nimg/000.png,0\nimg/001.png,2\nimg/003.png,0\nimg/004.png,2\n"
-                                     "img/006.png,0\nimg/007.png,2\nimg/009.png,0\nimg/010.png,2\n"
-                                     "img/012.png,0\nimg/013.png,2\n")
+    (root / "labels.csv").write_text(
+        "path,label\nimg/000.png,0\nimg/001.png,2\nimg/003.png,0\nimg/004.png,2\n"
+        "img/006.png,0\nimg/007.png,2\nimg/009.png,0\nimg/010.png,2\n"
+        "img/012.png,0\nimg/013.png,2\n"
+    )
     with pytest.raises(UserError, match="class 1 has no training images"):
         load_dataset(cfg)
     cfg.on_corrupt = "skip"
@@ -336,8 +348,10 @@ def test_init_project_trains_with_no_flags_and_says_which_files_replace_builtins
     (proj / "configs" / "trainer" / "default.yaml").write_text("# my trainer defaults\nbatch_size: 64\n")
     proc = run_cli(["fit", "experiment=example", "--cfg", "job"], proj)
     assert proc.returncode == 0, proc.stderr
-    assert f"cnntrain: note: your {proj / 'configs' / 'trainer' / 'default.yaml'} replaces the built-in trainer " \
-           "option 'default'" in proc.stderr
+    assert (
+        f"cnntrain: note: your {proj / 'configs' / 'trainer' / 'default.yaml'} replaces the built-in trainer "
+        "option 'default'" in proc.stderr
+    )
     assert "batch_size: 64" in proc.stdout
 
 
@@ -348,16 +362,31 @@ def test_init_project_trains_with_no_flags_and_says_which_files_replace_builtins
 KILL_AT = 5
 KINDS = {
     # The model module (in the run's folder) on images with a CSV of labels; the sweep streams one job.
-    "model+csv": ["model=custom", "model._target_=mynets.TinyNet", "+model.width=6", "dataset=csv",
-                  "dataset.root={cwd}/photos", "dataset.file=labels.csv"],
+    "model+csv": [
+        "model=custom",
+        "model._target_=mynets.TinyNet",
+        "+model.width=6",
+        "dataset=csv",
+        "dataset.root={cwd}/photos",
+        "dataset.file=labels.csv",
+    ],
     # The dataset factory (one pool, split by cnntrain) with a built-in model.
-    "dataset": ["dataset=custom", "dataset._target_=mydata.build", "+dataset.n=60", "+dataset.splits=false",
-                "model=resnet8", "model.width=4"],
+    "dataset": [
+        "dataset=custom",
+        "dataset._target_=mydata.build",
+        "+dataset.n=60",
+        "+dataset.splits=false",
+        "model=resnet8",
+        "model.width=4",
+    ],
     # The installed package: its model and its dataset.
     "plugin": ["model=demo_net", "dataset=demo_digits", "+dataset.n=60", "model.width=4", "model.dropout=0.1"],
 }
-SWEEPS = {"model+csv": "dataset.in_memory=true,false", "dataset": "dataset.in_memory=true,false",
-          "plugin": "model.width=4,6"}
+SWEEPS = {
+    "model+csv": "dataset.in_memory=true,false",
+    "dataset": "dataset.in_memory=true,false",
+    "plugin": "model.width=4,6",
+}
 COMMON = ["trainer.batch_size=8", "trainer.progress=plain", "trainer.deterministic=true", "trainer.precision=32"]
 
 
@@ -377,9 +406,12 @@ def trained(request, tmp_path_factory):
     sweep = run_cli(["fit", "--multirun", *args, *COMMON, "trainer.epochs=1", SWEEPS[kind]], cwd, env=_env())
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     jobs = sorted(p.parent for p in (cwd / "runs").glob("*/multirun/*/*/summary.json"))
-    killed = run_faulty([f"kill-at-step={KILL_AT}"],
-                        ["fit", *args, *COMMON, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2"], cwd,
-                        env=_env())
+    killed = run_faulty(
+        [f"kill-at-step={KILL_AT}"],
+        ["fit", *args, *COMMON, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2"],
+        cwd,
+        env=_env(),
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     (run_dir,) = [d for d in run_dirs(cwd) if "multirun" not in str(d)]
     resumed = run_cli(["fit", f"resume={run_dir}"], cwd, env=_env())

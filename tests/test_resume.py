@@ -22,11 +22,17 @@ from tests.conftest import run_cli, run_dirs, summary, write_multilabel_digits
 from tests.faults import REPO, csv_rows, flip_a_byte, run_faulty
 
 # 1,000 digits in batches of 32: 32 steps per epoch (ends at 32, 64, 96); last.pt every 10 steps.
-COMMON = ["experiment=smoke", "trainer.deterministic=true", "trainer.precision=32", "augment=digits",
-          "model.dropout=0.2", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=10",
-          "trainer.log_every_n_steps=5"]
-CURVES = ("train/loss_step", "lr_step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "test/acc",
-          "test/loss")
+COMMON = [
+    "experiment=smoke",
+    "trainer.deterministic=true",
+    "trainer.precision=32",
+    "augment=digits",
+    "model.dropout=0.2",
+    "trainer.epochs=3",
+    "trainer.checkpoint_every_n_steps=10",
+    "trainer.log_every_n_steps=5",
+]
+CURVES = ("train/loss_step", "lr_step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "test/acc", "test/loss")
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -85,7 +91,7 @@ def test_sigkill_leaves_the_run_directory_readable(killed_mid_epoch):
     assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["progress"]["epoch"] == 1
     # TensorBoard has everything up to the checkpoint (events are flushed before each one).
     steps = [s for s, _ in curves(run_dir)["train/loss_step"]]
-    assert steps[: 8] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert steps[:8] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 
@@ -126,8 +132,13 @@ def test_resume_after_sigkills_is_bitwise_equal_to_an_uninterrupted_run(killed_m
 
 
 # Issue 21's options: balanced loss weights, the class-balanced sampler, one fold of a 3-fold split.
-BALANCED = ["trainer.class_weights=balanced", "dataset.sampler=balanced", "trainer.folds=3", "trainer.fold=1",
-            "trainer.epochs=2"]
+BALANCED = [
+    "trainer.class_weights=balanced",
+    "dataset.sampler=balanced",
+    "trainer.folds=3",
+    "trainer.fold=1",
+    "trainer.epochs=2",
+]
 
 
 @pytest.mark.slow
@@ -154,8 +165,14 @@ def test_resume_with_class_weights_the_balanced_sampler_and_a_fold_is_bitwise_ex
 # Issue 21's multi-label data: binary cross-entropy on a CSV of `a|b` labels, with mixup of the multi-hot targets,
 # label smoothing and per-label positive weights. 1,500 digits: 1,200 training images, of which smoke's subset
 # keeps 1,000 (32 steps per epoch, as above).
-MULTILABEL = ["dataset=csv", "dataset.file=labels.csv", "augment.mixup_alpha=0.2", "trainer.label_smoothing=0.1",
-              "trainer.class_weights=balanced", "trainer.epochs=2"]
+MULTILABEL = [
+    "dataset=csv",
+    "dataset.file=labels.csv",
+    "augment.mixup_alpha=0.2",
+    "trainer.label_smoothing=0.1",
+    "trainer.class_weights=balanced",
+    "trainer.epochs=2",
+]
 
 
 @pytest.mark.slow
@@ -179,8 +196,15 @@ def test_resume_of_a_multilabel_run_is_bitwise_exact(tmp_path):
     assert csv_rows(run_dir) == csv_rows(reference_run)
     got, want = summary(run_dir), summary(reference_run)
     assert got["task"] == "multilabel"
-    for key in ("global_step", "best_val_map", "test_map", "test_micro_f1", "test_exact_match", "test_loss",
-                "class_weights"):
+    for key in (
+        "global_step",
+        "best_val_map",
+        "test_map",
+        "test_micro_f1",
+        "test_exact_match",
+        "test_loss",
+        "class_weights",
+    ):
         assert got[key] == want[key], key
     got_curves, want_curves = curves(run_dir), curves(reference_run)
     for tag in ("train/exact_match", "val/map", "val/micro_f1", "test/map"):
@@ -223,10 +247,12 @@ def test_resume_refuses_another_dataset_model_or_recipe_and_the_way_out_works(sm
     run_dir = _copy(smoke_run, tmp_path)
     before = {p.name: p.read_bytes() for p in [*(run_dir / ".hydra").glob("*.yaml"), run_dir / "metrics.csv"]}
     env = {"PYTHONPATH": str(REPO)}
-    for change, key in (("dataset=fashion_mnist", "dataset.name (mnist5k -> fashion_mnist)"),
-                        ("dataset.split_seed=3", "dataset.split_seed (0 -> 3)"),
-                        ("model=lenet5", "model.name (simple_cnn -> lenet5)"),
-                        ("trainer.batch_size=64", "trainer.batch_size (32 -> 64)")):
+    for change, key in (
+        ("dataset=fashion_mnist", "dataset.name (mnist5k -> fashion_mnist)"),
+        ("dataset.split_seed=3", "dataset.split_seed (0 -> 3)"),
+        ("model=lenet5", "model.name (simple_cnn -> lenet5)"),
+        ("trainer.batch_size=64", "trainer.batch_size (32 -> 64)"),
+    ):
         line = _error_line(run_cli(["fit", f"resume={run_dir}", "trainer.epochs=5", change], tmp_path, env=env))
         assert f"resume cannot change {key}" in line, line
     # Nothing of the run changed, and no other run was started.
@@ -234,8 +260,18 @@ def test_resume_refuses_another_dataset_model_or_recipe_and_the_way_out_works(sm
     assert run_dirs(tmp_path) == [run_dir]
 
     # What may change does: more epochs, another thread count, display and checkpoint cadence.
-    proc = run_cli(["fit", f"resume={run_dir}", "trainer.epochs=4", "trainer.num_threads=1",
-                    "trainer.progress=none", "trainer.checkpoint_every_n_steps=7"], tmp_path, env=env)
+    proc = run_cli(
+        [
+            "fit",
+            f"resume={run_dir}",
+            "trainer.epochs=4",
+            "trainer.num_threads=1",
+            "trainer.progress=none",
+            "trainer.checkpoint_every_n_steps=7",
+        ],
+        tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert summary(run_dir)["epochs_done"] == 4
 
@@ -243,8 +279,9 @@ def test_resume_refuses_another_dataset_model_or_recipe_and_the_way_out_works(sm
     line = _error_line(run_cli(["fit", f"resume={run_dir}", "dataset.subset=300"], tmp_path, env=env))
     way_out = shlex.split(line.split("as a new run: ", 1)[1])
     assert way_out[:2] == ["cnntrain", "fit"] and f"model.weights={run_dir}/checkpoints/last.pt" in way_out
-    proc = run_cli([*(a for a in way_out[1:] if not a.startswith("trainer.epochs=")), "trainer.epochs=1"], tmp_path,
-                   env=env)
+    proc = run_cli(
+        [*(a for a in way_out[1:] if not a.startswith("trainer.epochs=")), "trainer.epochs=1"], tmp_path, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]
     assert summary(new)["status"] == "completed"
@@ -263,8 +300,13 @@ def test_resume_may_change_only_the_identity_free_keys():
     for key in keys:
         requested = OmegaConf.create(recorded)
         old = OmegaConf.select(requested, key)
-        new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "x",
-               list: lambda v: [*v, 0.5]}.get(type(old), lambda v: "something")(old)
+        new = {
+            bool: lambda v: not v,
+            int: lambda v: v + 1,
+            float: lambda v: v + 0.5,
+            str: lambda v: v + "x",
+            list: lambda v: [*v, 0.5],
+        }.get(type(old), lambda v: "something")(old)
         OmegaConf.update(requested, key, new)
         changed = identity_changes(recorded, OmegaConf.to_container(requested))
         if key in RESUME_FREE:

@@ -84,7 +84,8 @@ def test_second_sigint_exits_at_once(tmp_path):
     (run_dir,) = run_dirs(tmp_path)  # it had started training: its directory stays
     assert [ln for ln in err.splitlines() if ln.startswith("cnntrain: error:")] == [
         f"cnntrain: error: interrupted before the run's first checkpoint: there is nothing to resume (its log and "
-        f"metrics so far are in {run_dir})"]
+        f"metrics so far are in {run_dir})"
+    ]
     assert "checkpoint saved" not in out
     assert summary(run_dir)["status"] in ("running", "interrupted")
 
@@ -131,8 +132,15 @@ def test_ctrl_c_to_the_process_group_with_streaming_workers(tmp_path):
     # Images streamed by DataLoader worker processes; a terminal's Ctrl-C reaches them too. They leave
     # the decision to the main process, which stops as usual, and nothing prints a traceback.
     _image_folder(tmp_path / "images")
-    args = ["fit", "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "dataset.in_memory=false",
-            "model=tiny_cnn", "trainer.epochs=20", "trainer.precision=32"]
+    args = [
+        "fit",
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'images'}",
+        "dataset.in_memory=false",
+        "model=tiny_cnn",
+        "trainer.epochs=20",
+        "trainer.precision=32",
+    ]
     proc = start(["slow-steps=0.2"], args, tmp_path, new_session=True)
     wait_for_step(proc, 3)
     os.killpg(proc.pid, signal.SIGINT)

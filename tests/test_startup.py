@@ -23,7 +23,7 @@ MARK = "cnntrain-test: first training step done"
 
 # Loaded by the fit's interpreter before anything else (sitecustomize): when cnntrain.engine.step is imported,
 # its TrainStep.update is wrapped to write MARK to stderr after the first step, so the import log splits there.
-SITECUSTOMIZE = f'''
+SITECUSTOMIZE = f"""
 import sys
 
 
@@ -55,7 +55,7 @@ class _MarkFirstStep:
 
 
 sys.meta_path.insert(0, _MarkFirstStep())
-'''
+"""
 
 
 def imported_before_first_step(stderr: str) -> list[str]:
@@ -75,8 +75,11 @@ def test_fit_imports_nothing_denied_before_its_first_step(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    proc = run_cli(["fit", "experiment=smoke", "trainer.progress=none"], tmp_path,
-                   env={"PYTHONPROFILEIMPORTTIME": "1", "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])})
+    proc = run_cli(
+        ["fit", "experiment=smoke", "trainer.progress=none"],
+        tmp_path,
+        env={"PYTHONPROFILEIMPORTTIME": "1", "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     modules = imported_before_first_step(proc.stderr)
     assert "torch" in modules and "cnntrain.engine.loop" in modules  # the log is what it should be
@@ -96,8 +99,9 @@ for argv in ([], ["--help"], ["fit", "--help"], ["fit", "--cfg", "job"], ["list"
 print("no torch")
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("no torch")
 
@@ -112,7 +116,7 @@ def test_builtin_optimizers_match_torch(name):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
         opt = make(model)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
         x = torch.randn(8, 1, 8, 8)
         for _ in range(4):
             opt.zero_grad(set_to_none=True)
@@ -142,8 +146,13 @@ for name in ("adam", "adamw", "sgd"):
     opt.step(); opt.zero_grad(); opt.load_state_dict(opt.state_dict())
 print("dynamo" if "torch._dynamo" in sys.modules else "no dynamo")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.strip() == "no dynamo", proc.stdout + proc.stderr
 
 
@@ -151,8 +160,9 @@ def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A process stopped while a PNG is being written leaves the previous file (or none), never half of one."""
     from cnntrain.io import figures
 
-    fig = figures.curves_figure([{"epoch": "1", "train_loss": "1", "val_loss": "1", "train_acc": "0.5",
-                                  "val_acc": "0.5"}])
+    fig = figures.curves_figure(
+        [{"epoch": "1", "train_loss": "1", "val_loss": "1", "train_acc": "0.5", "val_acc": "0.5"}]
+    )
     path = tmp_path / "figures" / "curves.png"
     figures.save_png(fig, path)
     before = path.read_bytes()
@@ -177,8 +187,11 @@ def test_figures_end_draws_before_the_command_returns(tmp_path):
     proc = run_cli([*args, "trainer.figures=off", "name=off"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     end, off = run_dirs(tmp_path)
-    assert sorted(p.name for p in (end / "figures").iterdir()) == ["confusion_test.png", "curves.png",
-                                                                   "mistakes_test.png"]
+    assert sorted(p.name for p in (end / "figures").iterdir()) == [
+        "confusion_test.png",
+        "curves.png",
+        "mistakes_test.png",
+    ]
     assert not (off / "figures" / "curves.png").exists()
     drawn = run_cli(["report", str(off), "figures=true", "csv=null"], tmp_path)
     assert drawn.returncode == 0, drawn.stderr

@@ -41,8 +41,15 @@ def test_file_images_batches_equal_the_decoded_pixels(tmp_path):
 @pytest.mark.slow
 def test_streamed_folder_trains_bit_for_bit_like_the_resident_one(tmp_path):
     _folder(tmp_path / "imgs")
-    common = ["dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "model=tiny_cnn", "trainer.epochs=2",
-              "trainer.deterministic=true", "augment=digits", "trainer.batch_size=64"]
+    common = [
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'imgs'}",
+        "model=tiny_cnn",
+        "trainer.epochs=2",
+        "trainer.deterministic=true",
+        "augment=digits",
+        "trainer.batch_size=64",
+    ]
     results = {}
     for mode in ("true", "false"):
         cwd = tmp_path / mode

@@ -27,8 +27,10 @@ def _sweep_dir(root: Path) -> Path:
 
 
 def _job_dirs(sweep: Path) -> list[Path]:
-    return sorted((p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: int(p.name.split("_", 1)[0]))
+    return sorted(
+        (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: int(p.name.split("_", 1)[0]),
+    )
 
 
 def _hparams(tb_dir: Path) -> dict:
@@ -37,7 +39,9 @@ def _hparams(tb_dir: Path) -> dict:
 
     ea = EventAccumulator(str(tb_dir))
     ea.Reload()
-    data = plugin_data_pb2.HParamsPluginData.FromString(ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    data = plugin_data_pb2.HParamsPluginData.FromString(
+        ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
     return {k: v.number_value or v.string_value for k, v in data.session_start_info.hparams.items()}
 
 
@@ -74,8 +78,17 @@ def test_failed_job_is_recorded_and_the_report_shows_it_with_the_rerun_command(t
     # trainer.monitor=val/loss: a "/" in a value must not nest directories, and lower is better.
     # A bad value is refused before any job trains (tests/test_first_use.py); a missing weights file is
     # found by the job that reads it.
-    proc = run_cli(["fit", "--multirun", *SMOKE, "trainer.monitor=val/loss", "model.weights=missing.pt,null",
-                    "trainer.batch_size=32,64"], tmp_path)
+    proc = run_cli(
+        [
+            "fit",
+            "--multirun",
+            *SMOKE,
+            "trainer.monitor=val/loss",
+            "model.weights=missing.pt,null",
+            "trainer.batch_size=32,64",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 2  # the sweep reports its first failure...
     assert "model.weights=missing.pt: no such file" in proc.stderr
     assert "cnntrain report" in proc.stderr
@@ -89,8 +102,10 @@ def test_failed_job_is_recorded_and_the_report_shows_it_with_the_rerun_command(t
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "best val/loss" in out and "failed" in out and "missing.pt: no such file" in out
-    assert "re-run: cnntrain fit experiment=smoke trainer.epochs=1 trainer.progress=plain trainer.monitor=val/loss " \
-           "model.weights=missing.pt trainer.batch_size=32" in out
+    assert (
+        "re-run: cnntrain fit experiment=smoke trainer.epochs=1 trainer.progress=plain trainer.monitor=val/loss "
+        "model.weights=missing.pt trainer.batch_size=32" in out
+    )
     rows = _read_csv(sweep / "report.csv")
     assert [r["model.weights"] for r in rows][-1] == "missing.pt"  # failures last
     losses = [float(r["best"]) for r in rows[:2]]
@@ -108,10 +123,26 @@ def _fake_job(sweep: Path, name: str, overrides: list[str], **record) -> Path:
 
 def test_report_sorts_best_first_writes_csv_and_lists_unfinished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    _fake_job(sweep, "0_lr=0.1", ["lr=0.1", "seed=0"], status="completed", best_val_acc=0.80, test_acc=0.79,
-              best_epoch=3, train_seconds=12.5)
-    _fake_job(sweep, "1_lr=0.01", ["lr=0.01", "seed=0"], status="completed", best_val_acc=0.95, test_acc=0.94,
-              best_epoch=5, train_seconds=11.0)
+    _fake_job(
+        sweep,
+        "0_lr=0.1",
+        ["lr=0.1", "seed=0"],
+        status="completed",
+        best_val_acc=0.80,
+        test_acc=0.79,
+        best_epoch=3,
+        train_seconds=12.5,
+    )
+    _fake_job(
+        sweep,
+        "1_lr=0.01",
+        ["lr=0.01", "seed=0"],
+        status="completed",
+        best_val_acc=0.95,
+        test_acc=0.94,
+        best_epoch=5,
+        train_seconds=11.0,
+    )
     job = _fake_job(sweep, "2_lr=1", ["lr=1", "seed=0"], status="interrupted", best_val_acc=0.5, best_epoch=1)
     (job / "checkpoints").mkdir()
     (job / "checkpoints" / "last.pt").write_bytes(b"")
@@ -136,8 +167,14 @@ def test_report_sorts_best_first_writes_csv_and_lists_unfinished_jobs(tmp_path):
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([sys.executable, "-m", "cnntrain", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnntrain", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _stop_after(proc: subprocess.Popen, *markers: str) -> str:
@@ -173,8 +210,14 @@ def test_resume_auto_continues_the_newest_unfinished_run_or_starts_fresh(tmp_pat
 
 @pytest.mark.slow
 def test_resume_auto_finishes_an_interrupted_sweep_without_redoing_finished_jobs(tmp_path):
-    args = ["fit", "--multirun", "experiment=smoke", "trainer.epochs=2", "trainer.progress=plain",
-            "optimizer.lr=1e-3,3e-3"]
+    args = [
+        "fit",
+        "--multirun",
+        "experiment=smoke",
+        "trainer.epochs=2",
+        "trainer.progress=plain",
+        "optimizer.lr=1e-3,3e-3",
+    ]
     out = _stop_after(_start(args, tmp_path), "#1 :", "epoch 1/2")  # job 1 stopped in its first epochs
     sweep = _sweep_dir(tmp_path)
     done, stopped = _job_dirs(sweep)
@@ -276,12 +319,21 @@ def test_parallel_jobs_share_the_cores_and_spread_over_gpus(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", [
-    pytest.param(["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], id="joblib",
-                 marks=needs("hydra_plugins.hydra_joblib_launcher", "joblib")),
-    pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], id="submitit-local",
-                 marks=needs("hydra_plugins.hydra_submitit_launcher", "slurm")),
-])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        pytest.param(
+            ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"],
+            id="joblib",
+            marks=needs("hydra_plugins.hydra_joblib_launcher", "joblib"),
+        ),
+        pytest.param(
+            ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+            id="submitit-local",
+            marks=needs("hydra_plugins.hydra_submitit_launcher", "slurm"),
+        ),
+    ],
+)
 def test_launcher_plugins_run_the_sweep(tmp_path, launcher):
     """joblib runs two jobs at once, each with its share of the cores; submitit_local runs them as SLURM would."""
     proc = run_cli(["fit", "--multirun", *SMOKE, *launcher, "optimizer.lr=1e-3,3e-3"], tmp_path)
@@ -299,8 +351,19 @@ def test_launcher_plugins_run_the_sweep(tmp_path, launcher):
 
 @needs("hydra_plugins.hydra_submitit_launcher", "slurm")
 def test_slurm_preset_composes_with_its_knobs(tmp_path):
-    proc = run_cli(["fit", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
-                    "--cfg", "hydra", "--package", "hydra.launcher"], tmp_path)
+    proc = run_cli(
+        [
+            "fit",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.gpus_per_node=2",
+            "--cfg",
+            "hydra",
+            "--package",
+            "hydra.launcher",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     launcher = OmegaConf.create(proc.stdout)  # the hydra.launcher node alone
     assert launcher._target_.endswith("SlurmLauncher")
@@ -322,8 +385,9 @@ def test_optuna_direction_follows_the_monitored_metric():
 @needs("optuna", "optuna")
 @pytest.mark.slow
 def test_optuna_study_optimises_the_objective_and_continues_from_its_storage_with_new_points(tmp_path):
-    proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=2",
-                    "trainer.progress=none"], tmp_path)
+    proc = run_cli(
+        ["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=2", "trainer.progress=none"], tmp_path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = _sweep_dir(tmp_path)
     jobs = _job_dirs(sweep)
@@ -332,8 +396,9 @@ def test_optuna_study_optimises_the_objective_and_continues_from_its_storage_wit
     assert best == max(summary(j)["best_val_acc"] for j in jobs)  # maximised val/acc, as fit returned it
 
     db = tmp_path / "runs" / "optuna_smoke" / "optuna.db"
-    proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=1",
-                    "trainer.progress=none"], tmp_path)
+    proc = run_cli(
+        ["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=1", "trainer.progress=none"], tmp_path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with sqlite3.connect(db) as con:  # the second run added its trial to the same stored study
         assert con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] == 3
@@ -350,8 +415,17 @@ def test_optuna_study_optimises_the_objective_and_continues_from_its_storage_wit
 @needs("optuna", "optuna")
 @pytest.mark.slow
 def test_optuna_sweep_in_a_pipe_prints_plain_lines_and_logs_library_chatter(tmp_path):
-    proc = run_cli(["fit", "--multirun", "experiment=optuna_smoke", "hydra.sweeper.n_trials=1", "dataset.subset=200",
-                    "trainer.progress=plain"], tmp_path)
+    proc = run_cli(
+        [
+            "fit",
+            "--multirun",
+            "experiment=optuna_smoke",
+            "hydra.sweeper.n_trials=1",
+            "dataset.subset=200",
+            "trainer.progress=plain",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert "\x1b[" not in out  # no colour codes in a pipe
@@ -365,8 +439,15 @@ def test_optuna_sweep_in_a_pipe_prints_plain_lines_and_logs_library_chatter(tmp_
 def test_ctrl_c_in_a_sweep_prints_the_command_that_continues_the_whole_sweep(tmp_path):
     from tests.faults import run_faulty
 
-    args = ["fit", "--multirun", "experiment=smoke", "trainer.epochs=1", "dataset.subset=200", "trainer.progress=plain",
-            "optimizer.lr=1e-3,3e-3"]
+    args = [
+        "fit",
+        "--multirun",
+        "experiment=smoke",
+        "trainer.epochs=1",
+        "dataset.subset=200",
+        "trainer.progress=plain",
+        "optimizer.lr=1e-3,3e-3",
+    ]
     proc = run_faulty(["signal-at-step=INT:10"], args, tmp_path)  # 7 steps a job: job 1, its 3rd step
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -49,8 +49,9 @@ def test_a_timm_model_trains_and_serves_like_the_built_ins(arch, tmp_path, capsy
     code, out, err = cli_in_process(["export", f"ckpt={run}", f"out={tmp_path / 'export'}"], capsys)
     assert code == 0, err
     assert "outputs match the eager model" in out
-    code, _, err = cli_in_process(["predict", f"ckpt={tmp_path / 'export' / 'model.pt2'}", f"inputs={image}",
-                                   f"out={tmp_path / 'pred2'}"], capsys)
+    code, _, err = cli_in_process(
+        ["predict", f"ckpt={tmp_path / 'export' / 'model.pt2'}", f"inputs={image}", f"out={tmp_path / 'pred2'}"], capsys
+    )
     assert code == 0, err
     top = [(tmp_path / d / "predictions.csv").read_text().splitlines()[1].split(",")[1] for d in ("pred", "pred2")]
     assert top[0] == top[1]
@@ -74,8 +75,10 @@ def test_fine_tuning_from_a_local_file_keeps_the_frozen_backbone(suffix, tmp_pat
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
     else:
         torch.save(state, weights)
-    proc = run_cli(["fit", "model=timm", "model.arch=resnet10t", f"model.weights={weights}",
-                    "model.freeze_backbone=true", *FIT], tmp_path)
+    proc = run_cli(
+        ["fit", "model=timm", "model.arch=resnet10t", f"model.weights={weights}", "model.freeze_backbone=true", *FIT],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run,) = run_dirs(tmp_path)
     trained = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]

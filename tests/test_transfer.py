@@ -28,9 +28,18 @@ def fine_tuned(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("finetune")
     weights = cwd / "pretrained.pt"
     start = pretrain(weights, TINY_BN)
-    args = ["fit", "experiment=smoke", *TINY_BN_OVERRIDES, f"model.weights={weights}", "model.freeze_backbone=true",
-            "model.unfreeze_epoch=2", f"model.backbone_lr_scale={SCALE}", "optimizer=adamw", "dataset.subset=300",
-            "trainer.epochs=1"]
+    args = [
+        "fit",
+        "experiment=smoke",
+        *TINY_BN_OVERRIDES,
+        f"model.weights={weights}",
+        "model.freeze_backbone=true",
+        "model.unfreeze_epoch=2",
+        f"model.backbone_lr_scale={SCALE}",
+        "optimizer=adamw",
+        "dataset.subset=300",
+        "trainer.epochs=1",
+    ]
     proc = run_cli(args, cwd)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(cwd)

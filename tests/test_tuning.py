@@ -26,9 +26,18 @@ def _step(micro_batch, mixup=True, class_weights=None):
     assert not tuning.has_batch_norm(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # unlike Adam, sees a gradient's scale
     augment = build_augment(AugmentConfig(name="mix", mixup_alpha=0.4), 10) if mixup else None
-    return TrainStep(model=model, forward=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                     normalise=Normalise.of([0.5], [0.25], "cpu"), precision=FP32, augment=augment,
-                     label_smoothing=0.1, micro_batch=micro_batch, class_weights=class_weights)
+    return TrainStep(
+        model=model,
+        forward=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        normalise=Normalise.of([0.5], [0.25], "cpu"),
+        precision=FP32,
+        augment=augment,
+        label_smoothing=0.1,
+        micro_batch=micro_batch,
+        class_weights=class_weights,
+    )
 
 
 def _train(step, steps=20):
@@ -74,8 +83,9 @@ def _build(tmp_path, *overrides):
     from cnntrain.config import typed
     from cnntrain.engine.build import build_run
 
-    cfg = compose_fit(["experiment=smoke", "trainer.precision=32", "trainer.num_threads=1",
-                       "trainer.progress=none", *overrides])
+    cfg = compose_fit(
+        ["experiment=smoke", "trainer.precision=32", "trainer.num_threads=1", "trainer.progress=none", *overrides]
+    )
     return build_run(typed(cfg), tmp_path / "run")
 
 
@@ -97,7 +107,8 @@ def test_the_probe_times_once_and_the_second_run_uses_its_cache(tmp_path, cache,
     assert second.step.normalise.channels_last == first["channels_last"]
     assert second.step.micro_batch == first["micro_batch"]
     assert next(second.model.parameters()).is_contiguous(
-        memory_format=torch.channels_last if first["channels_last"] else torch.contiguous_format)
+        memory_format=torch.channels_last if first["channels_last"] else torch.contiguous_format
+    )
     # Deterministic runs never time: the fixed rule (fp32: contiguous, whole batch), whatever the cache says.
     fixed = _build(tmp_path, "trainer.micro_batch=auto", "trainer.deterministic=true").progress.tuning
     assert fixed == {"channels_last": False, "micro_batch": None, "how": "rule: deterministic runs do not time"}
@@ -111,8 +122,11 @@ def test_forced_values_are_not_timed_and_batch_norm_keeps_the_whole_batch(tmp_pa
     with pytest.warns(UserWarning, match="micro_batch=8: the model's BatchNorm layers normalise each chunk of 8"):
         _build(tmp_path, "model=simple_cnn_bn", "trainer.channels_last=false", "trainer.micro_batch=8")
     bn = _build(tmp_path, "model=simple_cnn_bn", "trainer.channels_last=false", "trainer.micro_batch=auto")
-    assert bn.progress.tuning == {"channels_last": False, "micro_batch": None,
-                                  "how": "rule: BatchNorm keeps the whole batch"}
+    assert bn.progress.tuning == {
+        "channels_last": False,
+        "micro_batch": None,
+        "how": "rule: BatchNorm keeps the whole batch",
+    }
 
 
 FIT = ["experiment=smoke", "trainer.precision=32", "trainer.num_threads=1", "trainer.micro_batch=auto"]
@@ -179,6 +193,7 @@ def test_a_resumed_run_with_a_timed_choice_is_bitwise_equal_to_an_uninterrupted_
 
 def _fake_timing(monkeypatch, seconds):
     """Step times by candidate (channels_last, micro_batch), so the choice does not depend on this machine's noise."""
+
     def fake(self, cand):
         self.warm.setdefault(cand, [])
         self.warm[cand].append(seconds[cand])

@@ -47,9 +47,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # Without native bf16 a CPU emulates it at well under 1 GFLOP/s: smaller matrices, or this takes minutes.
     bf16_size = args.size if native_bf16(args.device) else min(args.size, 384)
-    report(fp32=rate(args.size, torch.float32, args.device, args.seconds),
-           bf16=rate(bf16_size, torch.bfloat16, args.device, args.seconds), size=args.size, bf16_size=bf16_size,
-           threads=torch.get_num_threads())
+    report(
+        fp32=rate(args.size, torch.float32, args.device, args.seconds),
+        bf16=rate(bf16_size, torch.bfloat16, args.device, args.seconds),
+        size=args.size,
+        bf16_size=bf16_size,
+        threads=torch.get_num_threads(),
+    )
 
 
 if __name__ == "__main__":

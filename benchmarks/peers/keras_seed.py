@@ -29,15 +29,22 @@ def main() -> None:
     xt = read_idx(FASHION / "t10k-images-idx3-ubyte.gz").reshape(-1, 28, 28, 1).astype("float32") / 255
     yt = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
     tf.random.set_seed(0)
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
-        layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
-        layers.Conv2D(64, 3, activation="relu"),
-        layers.Flatten(), layers.Dense(64, activation="relu"), layers.Dense(10),
-    ])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.Flatten(),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
     times: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
@@ -51,8 +58,13 @@ def main() -> None:
     _, acc = model.evaluate(xt, yt, verbose=0)
     steady = times[1:] or times  # the first epoch includes graph tracing
     per_epoch = sum(steady) / len(steady)
-    report(images_per_s=len(x) / per_epoch, seconds=per_epoch, train_seconds=sum(times), test_acc=float(acc),
-           epochs=args.epochs)
+    report(
+        images_per_s=len(x) / per_epoch,
+        seconds=per_epoch,
+        train_seconds=sum(times),
+        test_acc=float(acc),
+        epochs=args.epochs,
+    )
 
 
 if __name__ == "__main__":

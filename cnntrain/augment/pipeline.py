@@ -43,8 +43,15 @@ def vflip(cfg: AugmentConfig, num_classes: int) -> Stage | None:
 def affine(cfg: AugmentConfig, num_classes: int) -> Stage | None:
     if cfg.rotate == 0 and cfg.scale_min == 1 and cfg.scale_max == 1 and cfg.translate == 0:
         return None
-    return _images_only(partial(ops.random_affine, rotate=abs(cfg.rotate), scale_min=cfg.scale_min,
-                                scale_max=cfg.scale_max, translate=cfg.translate))
+    return _images_only(
+        partial(
+            ops.random_affine,
+            rotate=abs(cfg.rotate),
+            scale_min=cfg.scale_min,
+            scale_max=cfg.scale_max,
+            translate=cfg.translate,
+        )
+    )
 
 
 @AUGMENTATIONS.register("crop")
@@ -59,11 +66,14 @@ def policy(cfg: AugmentConfig, num_classes: int) -> Stage | None:
         return _images_only(partial(ops.random_policy, num_ops=cfg.policy_ops, magnitude=cfg.policy_magnitude))
     # policy_ops/policy_magnitude are RandAugment's; elsewhere a changed value would be silently ignored.
     defaults = {f.name: f.default for f in fields(AugmentConfig)}
-    changed = [f"augment.{k}={getattr(cfg, k)}" for k in ("policy_ops", "policy_magnitude")
-               if getattr(cfg, k) != defaults[k]]
+    changed = [
+        f"augment.{k}={getattr(cfg, k)}" for k in ("policy_ops", "policy_magnitude") if getattr(cfg, k) != defaults[k]
+    ]
     if changed:
-        warnings.warn(f"{' and '.join(changed)} only apply to augment.policy=randaugment, not "
-                      f"'{cfg.policy}'; ignored", stacklevel=2)
+        warnings.warn(
+            f"{' and '.join(changed)} only apply to augment.policy=randaugment, not '{cfg.policy}'; ignored",
+            stacklevel=2,
+        )
     if cfg.policy == "trivialaugment":
         return _images_only(partial(ops.random_policy, num_ops=1, magnitude=None))
     return None
@@ -79,8 +89,7 @@ def mix(cfg: AugmentConfig, num_classes: int) -> Stage | None:
     """Mixup / CutMix: the targets come back as soft [B, num_classes] probabilities."""
     if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
         return None
-    return partial(ops.mix_batch, num_classes=num_classes, mixup_alpha=cfg.mixup_alpha,
-                   cutmix_alpha=cfg.cutmix_alpha)
+    return partial(ops.mix_batch, num_classes=num_classes, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
 
 
 class BatchAugment:

@@ -29,8 +29,16 @@ COMMANDS = {
 _ECHOED = ("evaluate", "predict", "explain", "export")
 
 # Every other command is a module of cnntrain.commands with main(argv); imported only when it runs.
-_COMMAND_MODULES = {"evaluate": "evaluate", "predict": "predict", "explain": "explain", "export": "export",
-                    "list": "catalog", "report": "report", "lr-find": "lr_find", "init": "init"}
+_COMMAND_MODULES = {
+    "evaluate": "evaluate",
+    "predict": "predict",
+    "explain": "explain",
+    "export": "export",
+    "list": "catalog",
+    "report": "report",
+    "lr-find": "lr_find",
+    "init": "init",
+}
 
 USAGE = """\
 usage: cnntrain <command> [options and Hydra overrides]

@@ -97,7 +97,9 @@ def run_fit(args: list[str]) -> None:
         if message is None and isinstance(e, OSError) and not job.started:
             # Hydra could not create the run directory (read-only place, a file in the way...).
             where = e.filename or "the run directory"
-            message = f"cannot create the run directory {where}: {e.strerror or e}; set hydra.run.dir=DIR to a writable place"
+            message = (
+                f"cannot create the run directory {where}: {e.strerror or e}; set hydra.run.dir=DIR to a writable place"
+            )
         if message is None:
             raise
         raise UserError(message) from None
@@ -113,12 +115,16 @@ def _interrupted(job: _JobState) -> UserError:
     if run_dir is not None and RunDir(run_dir).last.is_file():
         error = UserError(f"interrupted; the last checkpoint of the run is kept: cnntrain fit resume={run_dir}")
     elif run_dir is not None and run_dir.is_dir():
-        error = UserError(f"interrupted before the run's first checkpoint: there is nothing to resume (its log and "
-                          f"metrics so far are in {run_dir})")
+        error = UserError(
+            f"interrupted before the run's first checkpoint: there is nothing to resume (its log and "
+            f"metrics so far are in {run_dir})"
+        )
     else:
         error = UserError("interrupted before training started: nothing was saved, and there is nothing to resume")
     error.exit_code = 130
     return error
+
+
 def fold_sweep(args: list[str]) -> list[str]:
     """`trainer.folds=K` on the command line: the K folds become the jobs of one sweep (trainer.fold=0..K-1),
     run by whatever launcher the command names, so they resume, report and fail like any sweep's jobs."""
@@ -143,8 +149,10 @@ def _sweep_resume_hint(command: list[str], job: _JobState) -> None:
     import shlex
 
     again = [a for a in command if a.split("=", 1)[0].lstrip("+~") != "resume"]
-    print(f"the sweep was stopped; continue it with:\n  {shlex.join(['cnntrain', 'fit', *again, 'resume=auto'])}",
-          flush=True)
+    print(
+        f"the sweep was stopped; continue it with:\n  {shlex.join(['cnntrain', 'fit', *again, 'resume=auto'])}",
+        flush=True,
+    )
 
 
 def _job(cfg: Any, job: _JobState) -> float | None:
@@ -208,9 +216,11 @@ def check_pruner(cfg: Any, hc: Any) -> None:
         return
     target = str(getattr(hc.sweeper, "_target_", "") or "")
     if not target.endswith("OptunaSweeper") or cfg.sweep.trial is None:
-        raise UserError(f"sweep.pruner={cfg.sweep.pruner} prunes the trials of an Optuna study; run it as one: "
-                        f"cnntrain fit --multirun hydra/sweeper=optuna sweep.pruner={cfg.sweep.pruner} ... "
-                        "(or experiment=tune)")
+        raise UserError(
+            f"sweep.pruner={cfg.sweep.pruner} prunes the trials of an Optuna study; run it as one: "
+            f"cnntrain fit --multirun hydra/sweeper=optuna sweep.pruner={cfg.sweep.pruner} ... "
+            "(or experiment=tune)"
+        )
 
 
 class _JobState:
@@ -265,8 +275,10 @@ def nondeterministic_error(e: BaseException) -> UserError | None:
     op = nondeterministic_op(e) if isinstance(e, RuntimeError) else None
     if op is None:
         return None
-    return UserError(f"trainer.deterministic=true, but {op} has no deterministic implementation on this device; "
-                     "set trainer.deterministic=false or pick a model without it")
+    return UserError(
+        f"trainer.deterministic=true, but {op} has no deterministic implementation on this device; "
+        "set trainer.deterministic=false or pick a model without it"
+    )
 
 
 def _with_sweep_hint(e: UserError) -> UserError:

@@ -38,7 +38,9 @@ def _import_optuna() -> Any:
     try:
         import optuna
     except ImportError:
-        raise UserError("hydra/sweeper=optuna needs Optuna, which is not installed: pip install 'cnntrain[optuna]'") from None
+        raise UserError(
+            "hydra/sweeper=optuna needs Optuna, which is not installed: pip install 'cnntrain[optuna]'"
+        ) from None
     return optuna
 
 
@@ -64,8 +66,17 @@ def distribution(override: Override) -> Any:
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, sampler: Any, direction: Any, storage: str | None, study_name: str | None, n_trials: int,
-                 n_jobs: int = 1, max_failure_rate: float = 0.0, params: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: str | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int = 1,
+        max_failure_rate: float = 0.0,
+        params: dict[str, str] | None = None,
+    ) -> None:
         self.sampler_config = sampler
         self.direction = str(direction)
         self.storage, self.study_name = storage, study_name
@@ -79,8 +90,9 @@ class OptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
-                                                                task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def _space(self, arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
         """(key -> distribution, fixed overrides) of hydra.sweeper.params and the command line (which wins)."""
@@ -98,8 +110,10 @@ class OptunaSweeper(Sweeper):
                 space.pop(key, None)
                 fixed[key] = o.input_line
         if "trainer.fold" in space:
-            raise UserError("trainer.folds runs its folds as the jobs of a plain sweep, not as an Optuna search "
-                            "dimension; tune first, then cross-validate the best trial with trainer.folds=K")
+            raise UserError(
+                "trainer.folds runs its folds as the jobs of a plain sweep, not as an Optuna search "
+                "dimension; tune first, then cross-validate the best trial with trainer.folds=K"
+            )
         return space, list(fixed.values())
 
     def _study(self, optuna: Any, space: dict[str, Any]) -> Any:
@@ -116,8 +130,13 @@ class OptunaSweeper(Sweeper):
             if len(grid) != len(space):
                 raise UserError("hydra/sweeper/sampler=grid searches choice(...) or range(...) values only")
             sampler = sampler(search_space=grid)
-        return optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage), sampler=sampler,
-                                   direction=self.direction, load_if_exists=True)
+        return optuna.create_study(
+            study_name=self.study_name,
+            storage=open_storage(self.storage),
+            sampler=sampler,
+            direction=self.direction,
+            load_if_exists=True,
+        )
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
@@ -128,16 +147,23 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         pruner = OmegaConf.select(self.config, "sweep.pruner", default="none")
-        log.info(f"Study {study.study_name}: {self.direction}, {len(study.trials)} trials stored, {self.n_trials} to run"
-                 f"{f', {pruner} pruner' if pruner != 'none' else ''}; storage {self.storage}")
-        record = ([f"sweep.storage={_quoted(self.storage)}", f"sweep.study={_quoted(study.study_name)}"]
-                  if self.storage else [])
+        log.info(
+            f"Study {study.study_name}: {self.direction}, {len(study.trials)} trials stored, {self.n_trials} to run"
+            f"{f', {pruner} pruner' if pruner != 'none' else ''}; storage {self.storage}"
+        )
+        record = (
+            [f"sweep.storage={_quoted(self.storage)}", f"sweep.study={_quoted(study.study_name)}"]
+            if self.storage
+            else []
+        )
         done = 0
         returns = []
         while done < self.n_trials and not self.exhausted:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
-            batch = [[*fixed, *(f"{k}={_literal(v)}" for k, v in t.params.items()), *record,
-                      f"sweep.trial={t.number}"] for t in trials]
+            batch = [
+                [*fixed, *(f"{k}={_literal(v)}" for k, v in t.params.items()), *record, f"sweep.trial={t.number}"]
+                for t in trials
+            ]
             self.validate_batch_is_legal(batch)
             results = self._launch(batch, [t.number for t in trials])
             failures = self._tell(optuna, study, trials, results)
@@ -154,8 +180,11 @@ class OptunaSweeper(Sweeper):
         not consecutive (another process asked in between) goes job by job."""
         if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
             return self.launcher.launch(batch, initial_job_idx=numbers[0])
-        return [r for overrides, n in zip(batch, numbers, strict=True)
-                for r in self.launcher.launch([overrides], initial_job_idx=n)]
+        return [
+            r
+            for overrides, n in zip(batch, numbers, strict=True)
+            for r in self.launcher.launch([overrides], initial_job_idx=n)
+        ]
 
     def _tell(self, optuna: Any, study: Any, trials: list[Any], results: Sequence[Any]) -> int:
         from hydra.core.utils import JobStatus
@@ -190,9 +219,17 @@ class OptunaSweeper(Sweeper):
         log.info(f"Best parameters: {best.params}")
         log.info(f"Best value: {best.value}")
         log.info(f"Trials in the study: {counts}")
-        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
-                                         "trials": {s: states.count(s) for s in set(states)}}),
-                       sweep_dir / "optimization_results.yaml")
+        OmegaConf.save(
+            OmegaConf.create(
+                {
+                    "name": "optuna",
+                    "best_params": best.params,
+                    "best_value": best.value,
+                    "trials": {s: states.count(s) for s in set(states)},
+                }
+            ),
+            sweep_dir / "optimization_results.yaml",
+        )
 
 
 def _literal(value: Any) -> str:

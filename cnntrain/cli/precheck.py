@@ -26,9 +26,11 @@ def check_overrides(args: list[str], typed: list[str]) -> None:
     if not multirun:
         if swept:
             first = next(text for text, o in zip(overrides, parsed, strict=True) if o.is_sweep_override())
-            raise UserError(f"{first} gives several values: to train one run per value add --multirun "
-                            f"({shlex.join(['cnntrain', 'fit', '--multirun', *typed])}); for a list value write "
-                            f"{first.split('=', 1)[0]}=[...]")
+            raise UserError(
+                f"{first} gives several values: to train one run per value add --multirun "
+                f"({shlex.join(['cnntrain', 'fit', '--multirun', *typed])}); for a list value write "
+                f"{first.split('=', 1)[0]}=[...]"
+            )
         return
     if swept:
         _check_jobs(overrides, parsed)
@@ -52,13 +54,19 @@ def _check_jobs(overrides: list[str], parsed: list[Any]) -> None:
     from cnntrain.config import validate
     from cnntrain.config.compose import compose_fit
 
-    fixed = [text for text, o in zip(overrides, parsed, strict=True)
-             if not o.is_sweep_override() and o.key_or_group != "resume"]
+    fixed = [
+        text
+        for text, o in zip(overrides, parsed, strict=True)
+        if not o.is_sweep_override() and o.key_or_group != "resume"
+    ]
     base = compose_fit(fixed, return_hydra_config=True)
     if str(base.hydra.sweeper.get("_target_")) != _BASIC_SWEEPER:
         return
-    task = [text for text, o in zip(overrides, parsed, strict=True)
-            if not o.is_hydra_override() and o.key_or_group != "resume"]
+    task = [
+        text
+        for text, o in zip(overrides, parsed, strict=True)
+        if not o.is_hydra_override() and o.key_or_group != "resume"
+    ]
     jobs = [job for batch in BasicSweeper.split_arguments(_parse(task) or [], None) for job in batch]
     swept_keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
     bad: dict[str, list[str]] = {}
@@ -70,10 +78,18 @@ def _check_jobs(overrides: list[str], parsed: list[Any]) -> None:
             bad.setdefault(str(e), []).append(label)
     if not bad:
         return
-    lines = [f"{message}, in {len(labels)} job(s): {labels[0]}{', ...' if len(labels) > 1 else ''}"
-             for message, labels in bad.items()]
+    lines = [
+        f"{message}, in {len(labels)} job(s): {labels[0]}{', ...' if len(labels) > 1 else ''}"
+        for message, labels in bad.items()
+    ]
     if len(lines) == 1:
         raise UserError(f"{lines[0]}; nothing of the sweep ({len(jobs)} jobs) was trained")
     count = sum(len(labels) for labels in bad.values())
-    raise UserError("\n".join([f"{count} of the sweep's {len(jobs)} jobs have bad values; nothing was trained:",
-                               *(f"  {line}" for line in lines)]))
+    raise UserError(
+        "\n".join(
+            [
+                f"{count} of the sweep's {len(jobs)} jobs have bad values; nothing was trained:",
+                *(f"  {line}" for line in lines),
+            ]
+        )
+    )

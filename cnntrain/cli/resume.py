@@ -23,8 +23,10 @@ def expand_resume(args: list[str]) -> list[str]:
     run = RunDir.of(path)
     run_dir, saved = run.path, run.overrides
     if not saved.is_file():
-        raise UserError(f"{run_dir} is not a cnntrain run directory (no .hydra/overrides.yaml); "
-                        "resume takes a run directory or its checkpoints/last.pt")
+        raise UserError(
+            f"{run_dir} is not a cnntrain run directory (no .hydra/overrides.yaml); "
+            "resume takes a run directory or its checkpoints/last.pt"
+        )
     from omegaconf import OmegaConf
 
     def key(override: str) -> str:
@@ -52,13 +54,29 @@ def _check_same_run(run_dir: Path, path: Path, overrides: list[str]) -> None:
 
     task = [o for o in overrides_only(overrides) if not o.lstrip("+~").startswith("hydra")]
     requested = OmegaConf.to_container(compose_fit([*task, f"resume={path}"]), resolve=True)
-    check_resume(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True), requested, str(run_dir),
-                 sweep.weights_command(path, task), sweep.new_run_command(task))
+    check_resume(
+        OmegaConf.to_container(OmegaConf.load(recorded), resolve=True),
+        requested,
+        str(run_dir),
+        sweep.weights_command(path, task),
+        sweep.new_run_command(task),
+    )
 
 
 # Hydra flags that take a value: the token after them is not an override.
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                "--config-dir", "-cd", "--experimental-rerun"}
+_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
 
 
 def overrides_only(args: list[str]) -> list[str]:
@@ -84,7 +102,11 @@ def _expand_auto_resume(args: list[str]) -> list[str]:
 
     overrides = overrides_only(args)
     parsed = OverridesParser.create().parse_overrides(overrides)
-    fixed = [text for text, o in zip(overrides, parsed, strict=True) if not o.is_sweep_override() and o.key_or_group != "resume"]
+    fixed = [
+        text
+        for text, o in zip(overrides, parsed, strict=True)
+        if not o.is_sweep_override() and o.key_or_group != "resume"
+    ]
     # Compose without running to learn where this experiment's runs live (runs/<name>/...).
     cfg = compose_fit(fixed, return_hydra_config=True)
     if "-m" in args or "--multirun" in args:

@@ -93,8 +93,9 @@ def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, A
             key, eq, value = arg.partition("=")
             key = key.strip()
             if not eq or not key:
-                raise UserError(f"cannot read argument '{arg}': write it as key=value "
-                                f"(see `cnntrain {command} --help`)")
+                raise UserError(
+                    f"cannot read argument '{arg}': write it as key=value (see `cnntrain {command} --help`)"
+                )
             tp = _field_type(schema, key)
             parent = key.rpartition(".")[0]
             if tp is None and parent in open_nodes and _takes_own_keys(cfg, parent, base):
@@ -103,8 +104,10 @@ def parse_args(schema: type[T], args: list[str], command: str, base: dict[str, A
                 parent, _, leaf = key.rpartition(".")
                 parent_type = _field_type(schema, parent) if parent else schema
                 known = _keys(parent_type, f"{parent}." if parent else "") if _is_dataclass_type(parent_type) else []
-                raise UserError(f"unknown key '{key}' for cnntrain {command}"
-                                f"{did_you_mean(key, known)}; known keys: {', '.join(known)}")
+                raise UserError(
+                    f"unknown key '{key}' for cnntrain {command}"
+                    f"{did_you_mean(key, known)}; known keys: {', '.join(known)}"
+                )
             if _is_str_field(tp) and value not in ("null", "None", "~"):
                 OmegaConf.update(cfg, key, value, merge=True)
             else:
@@ -189,7 +192,8 @@ def check_threshold(threshold: float | None, trained: Any) -> None:
     if threshold is None:
         return
     if trained.task.name != "multilabel":
-        raise UserError(f"threshold={threshold} applies to multi-label models; {trained.checkpoint} predicts one "
-                        "class per image")
+        raise UserError(
+            f"threshold={threshold} applies to multi-label models; {trained.checkpoint} predicts one class per image"
+        )
     if not 0 < threshold < 1:
         raise UserError(f"threshold={threshold} must be between 0 and 1 (exclusive)")

@@ -25,9 +25,18 @@ examples:
 """
 
 # Plural and long spellings people type.
-ALIASES = {"datasets": "dataset", "models": "model", "augmentation": "augment", "augmentations": "augment",
-           "augments": "augment", "optimizers": "optimizer", "schedulers": "scheduler", "trainers": "trainer",
-           "experiments": "experiment", "loggers": "logger"}
+ALIASES = {
+    "datasets": "dataset",
+    "models": "model",
+    "augmentation": "augment",
+    "augmentations": "augment",
+    "augments": "augment",
+    "optimizers": "optimizer",
+    "schedulers": "scheduler",
+    "trainers": "trainer",
+    "experiments": "experiment",
+    "loggers": "logger",
+}
 
 
 def describe(path: Path) -> str:
@@ -75,8 +84,9 @@ def catalog(config_dir: Path, user_dir: Path | None = None, plugins: bool = Fals
     defaults = _defaults(config_dir)
     found: dict[str, dict[str, Option]] = {}
     for g in _group_dirs(config_dir):
-        found[g.name] = {f.stem: Option(f.stem, describe(f), defaults.get(g.name) == f.stem)
-                         for f in sorted(g.glob("*.yaml"))}
+        found[g.name] = {
+            f.stem: Option(f.stem, describe(f), defaults.get(g.name) == f.stem) for f in sorted(g.glob("*.yaml"))
+        }
     if plugins:
         from cnntrain.registry import DATASETS, MODELS
 
@@ -85,14 +95,18 @@ def catalog(config_dir: Path, user_dir: Path | None = None, plugins: bool = Fals
                 if name in found.get(group, {}):
                     continue  # a built-in of the same name wins
                 found.setdefault(group, {})[name] = Option(
-                    name, f"{plugin.value}", origin=f"plug-in: {plugin.package} {plugin.version}")
+                    name, f"{plugin.value}", origin=f"plug-in: {plugin.package} {plugin.version}"
+                )
     if user_dir is not None:
         for g in _group_dirs(user_dir):
             for f in sorted(g.glob("*.yaml")):
                 replaces = f.stem in found.get(g.name, {}) and not found[g.name][f.stem].origin
                 found.setdefault(g.name, {})[f.stem] = Option(
-                    f.stem, describe(f), defaults.get(g.name) == f.stem,
-                    "yours, replaces the built-in" if replaces else "yours")
+                    f.stem,
+                    describe(f),
+                    defaults.get(g.name) == f.stem,
+                    "yours, replaces the built-in" if replaces else "yours",
+                )
     order = {name: i for i, name in enumerate(defaults)}
     groups = sorted(found, key=lambda g: (order.get(g, len(order)), g))
     return {g: sorted(found[g].values(), key=lambda o: o.name) for g in groups}
@@ -115,8 +129,9 @@ def main(argv: list[str]) -> None:
     if argv:
         name = ALIASES.get(argv[0], argv[0])
         if name not in groups:
-            raise UserError(f"unknown config group '{argv[0]}'{did_you_mean(name, groups)}; "
-                            f"groups: {', '.join(groups)}")
+            raise UserError(
+                f"unknown config group '{argv[0]}'{did_you_mean(name, groups)}; groups: {', '.join(groups)}"
+            )
         groups = {name: groups[name]}
     con = console()
     if user is not None:
@@ -146,5 +161,7 @@ def _timm_sample() -> str:
         names = sample()
     except UserError:
         return f"model=timm model.arch=NAME takes any timm architecture; timm is not installed: {TIMM_HINT}"
-    return (f"model=timm model.arch=NAME, a sample of timm's architectures: {', '.join(names)}\n"
-            "all of them: python -c \"import timm; print(timm.list_models('*resnet*'))\" (a pattern, or none)")
+    return (
+        f"model=timm model.arch=NAME, a sample of timm's architectures: {', '.join(names)}\n"
+        "all of them: python -c \"import timm; print(timm.list_models('*resnet*'))\" (a pattern, or none)"
+    )

@@ -51,7 +51,6 @@ examples:
 """
 
 
-
 @dataclass
 class EvaluateArgs(CheckpointArgs):
     split: str = "test"
@@ -80,27 +79,35 @@ def _matching_dataset(args: EvaluateArgs, trained: Any) -> Any:
     c, (h, w) = data.channels, data.image_size
     if (c, (h, w)) != (pre.channels, pre.image_size):
         mh, mw = pre.image_size
-        raise UserError(f"dataset {data.name} gives {c}x{h}x{w} images but the model takes {pre.channels}x{mh}x{mw}; "
-                        f"for an image folder, CSV or custom dataset set dataset.image_size={mh} "
-                        f"dataset.channels={pre.channels}")
+        raise UserError(
+            f"dataset {data.name} gives {c}x{h}x{w} images but the model takes {pre.channels}x{mh}x{mw}; "
+            f"for an image folder, CSV or custom dataset set dataset.image_size={mh} "
+            f"dataset.channels={pre.channels}"
+        )
     x, y = getattr(data, f"{args.split}_x"), getattr(data, f"{args.split}_y")
     if data.multilabel != (trained.task.name == "multilabel"):
         kind = "multi-label (sets of labels)" if data.multilabel else "single-label (one class per image)"
-        raise UserError(f"dataset {data.name} is {kind}, but the model was trained on "
-                        f"{'single' if data.multilabel else 'multi'}-label data; evaluate it on data of its kind")
+        raise UserError(
+            f"dataset {data.name} is {kind}, but the model was trained on "
+            f"{'single' if data.multilabel else 'multi'}-label data; evaluate it on data of its kind"
+        )
     if data.multilabel and list(data.classes) != trained.classes:
         unknown = [name for name in data.classes if name not in trained.classes]
         if unknown:
-            raise UserError(f"dataset {data.name} has labels the model does not know: {', '.join(unknown[:10])}; "
-                            f"the model's labels are {', '.join(trained.classes[:20])}")
+            raise UserError(
+                f"dataset {data.name} has labels the model does not know: {', '.join(unknown[:10])}; "
+                f"the model's labels are {', '.join(trained.classes[:20])}"
+            )
         columns = torch.zeros(len(y), len(trained.classes))
         columns[:, [trained.classes.index(name) for name in data.classes]] = y
         return data, x, columns
     if list(data.classes) != trained.classes:
         unknown = [name for name in data.classes if name not in trained.classes]
         if unknown:
-            raise UserError(f"dataset {data.name} has classes the model does not know: {', '.join(unknown[:10])}; "
-                            f"the model's classes are {', '.join(trained.classes[:20])}")
+            raise UserError(
+                f"dataset {data.name} has classes the model does not know: {', '.join(unknown[:10])}; "
+                f"the model's classes are {', '.join(trained.classes[:20])}"
+            )
         lookup = torch.tensor([trained.classes.index(name) for name in data.classes])
         y = lookup[y]
     return data, x, y
@@ -130,8 +137,14 @@ def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
     f1 = np.where(np.isnan(recall), np.nan, f1)
     off = cm.astype(np.int64).copy()
     np.fill_diagonal(off, -1)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1),
-            "confused_with": off.argmax(1), "confused_count": np.maximum(off.max(1), 0)}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": cm.sum(1),
+        "confused_with": off.argmax(1),
+        "confused_count": np.maximum(off.max(1), 0),
+    }
 
 
 def _num(v: float) -> float | None:
@@ -157,23 +170,41 @@ def run_evaluation(args: EvaluateArgs, trained: Any, x: torch.Tensor, y: torch.T
     if batch < 1:
         raise UserError(f"batch_size={batch} must be at least 1")
     threshold = trained.task.threshold if args.threshold is None else args.threshold
-    res = evaluate(trained.model, x, y, trained.preprocess.normalise(trained.device, channels_last), batch, precision,
-                   threshold=threshold)
+    res = evaluate(
+        trained.model,
+        x,
+        y,
+        trained.preprocess.normalise(trained.device, channels_last),
+        batch,
+        precision,
+        threshold=threshold,
+    )
     info = {"precision": precision.label, "tta": tta.describe(args.tta, views, y.dim() == 2), "views": list(views)}
     if y.dim() == 2:
         return {**res, "pred": res["pred"].cpu(), "scores": res["scores"].cpu(), "threshold": threshold, **info}
     return {**res, "pred": res["pred"].cpu(), "conf": res["conf"].cpu(), **info}
 
 
-def _write_csvs(out: Path, classes: list[str], cm: np.ndarray, stats: dict[str, np.ndarray],
-                y: torch.Tensor, res: dict[str, Any]) -> None:
+def _write_csvs(
+    out: Path, classes: list[str], cm: np.ndarray, stats: dict[str, np.ndarray], y: torch.Tensor, res: dict[str, Any]
+) -> None:
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "images", "precision", "recall", "accuracy", "f1", "most_confused_with", "times"])
         for i, name in enumerate(classes):
             confused = classes[stats["confused_with"][i]] if stats["confused_count"][i] else ""
-            w.writerow([name, int(stats["support"][i]), _num(stats["precision"][i]), _num(stats["recall"][i]),
-                        _num(stats["recall"][i]), _num(stats["f1"][i]), confused, int(stats["confused_count"][i])])
+            w.writerow(
+                [
+                    name,
+                    int(stats["support"][i]),
+                    _num(stats["precision"][i]),
+                    _num(stats["recall"][i]),
+                    _num(stats["recall"][i]),
+                    _num(stats["f1"][i]),
+                    confused,
+                    int(stats["confused_count"][i]),
+                ]
+            )
     with open(out / "confusion_matrix.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *classes])
@@ -186,8 +217,14 @@ def _write_csvs(out: Path, classes: list[str], cm: np.ndarray, stats: dict[str, 
             w.writerow([i, classes[t], classes[p], f"{c:.6f}", int(t == p)])
 
 
-def _print_tables(con: Any, title: str, summary: list[tuple[str, str]], classes: list[str], cm: np.ndarray,
-                  stats: dict[str, np.ndarray]) -> None:
+def _print_tables(
+    con: Any,
+    title: str,
+    summary: list[tuple[str, str]],
+    classes: list[str],
+    cm: np.ndarray,
+    stats: dict[str, np.ndarray],
+) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -199,14 +236,27 @@ def _print_tables(con: Any, title: str, summary: list[tuple[str, str]], classes:
     con.print(head)
 
     table = Table(title="per class", title_justify="left")
-    for name, justify in (("class", "left"), ("images", "right"), ("precision", "right"),
-                          ("recall (acc)", "right"), ("f1", "right"), ("most confused with", "left")):
+    for name, justify in (
+        ("class", "left"),
+        ("images", "right"),
+        ("precision", "right"),
+        ("recall (acc)", "right"),
+        ("f1", "right"),
+        ("most confused with", "left"),
+    ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for i, name in enumerate(classes):
-        confused = (f"{classes[stats['confused_with'][i]]} ({stats['confused_count'][i]})"
-                    if stats["confused_count"][i] else "")
-        table.add_row(name, str(int(stats["support"][i])), _fmt(stats["precision"][i]), _fmt(stats["recall"][i]),
-                      _fmt(stats["f1"][i]), confused)
+        confused = (
+            f"{classes[stats['confused_with'][i]]} ({stats['confused_count'][i]})" if stats["confused_count"][i] else ""
+        )
+        table.add_row(
+            name,
+            str(int(stats["support"][i])),
+            _fmt(stats["precision"][i]),
+            _fmt(stats["recall"][i]),
+            _fmt(stats["f1"][i]),
+            confused,
+        )
     con.print(table)
 
     n = len(classes)
@@ -218,8 +268,10 @@ def _print_tables(con: Any, title: str, summary: list[tuple[str, str]], classes:
     for name in classes:
         matrix.add_column(name[:8], justify="right")
     for i, name in enumerate(classes):
-        cells = [Text(str(v), style="bold") if i == j else Text(str(v) if v else "·", style="" if v else "dim")
-                 for j, v in enumerate(cm[i])]
+        cells = [
+            Text(str(v), style="bold") if i == j else Text(str(v) if v else "·", style="" if v else "dim")
+            for j, v in enumerate(cm[i])
+        ]
         matrix.add_row(name, *cells)
     con.print(matrix)
 
@@ -262,22 +314,43 @@ def main(argv: list[str]) -> None:
         return
     cm = figures.confusion_matrix(y, res["pred"], len(classes))
     stats = per_class(cm)
-    macro = {k: _num(float(np.nanmean(stats[k]))) if not np.all(np.isnan(stats[k])) else None
-             for k in ("precision", "recall", "f1")}
+    macro = {
+        k: _num(float(np.nanmean(stats[k]))) if not np.all(np.isnan(stats[k])) else None
+        for k in ("precision", "recall", "f1")
+    }
     record = {
-        "checkpoint": str(trained.checkpoint), "model": trained.label, "dataset": data.name, "source": data.source,
-        "split": args.split, "images": len(y), "loss": _num(res["loss"]), "acc": _num(res["acc"]),
+        "checkpoint": str(trained.checkpoint),
+        "model": trained.label,
+        "dataset": data.name,
+        "source": data.source,
+        "split": args.split,
+        "images": len(y),
+        "loss": _num(res["loss"]),
+        "acc": _num(res["acc"]),
         "top5_acc": _num(res["top5_acc"]) if res["top5_acc"] is not None else None,
         # The mean of the per-class recalls: what accuracy says when every class counts the same.
         "balanced_acc": macro["recall"],
-        "macro_precision": macro["precision"], "macro_recall": macro["recall"], "macro_f1": macro["f1"],
-        "precision_mode": res["precision"], "device": str(trained.device), "tta": res["tta"],
+        "macro_precision": macro["precision"],
+        "macro_recall": macro["recall"],
+        "macro_f1": macro["f1"],
+        "precision_mode": res["precision"],
+        "device": str(trained.device),
+        "tta": res["tta"],
         "tta_views": res["views"],
-        "epoch": trained.progress.get("epoch"), "global_step": trained.progress.get("global_step"),
+        "epoch": trained.progress.get("epoch"),
+        "global_step": trained.progress.get("global_step"),
         "classes": classes,
-        "per_class": [{"class": name, "images": int(stats["support"][i]), "precision": _num(stats["precision"][i]),
-                       "recall": _num(stats["recall"][i]), "accuracy": _num(stats["recall"][i]),
-                       "f1": _num(stats["f1"][i])} for i, name in enumerate(classes)],
+        "per_class": [
+            {
+                "class": name,
+                "images": int(stats["support"][i]),
+                "precision": _num(stats["precision"][i]),
+                "recall": _num(stats["recall"][i]),
+                "accuracy": _num(stats["recall"][i]),
+                "f1": _num(stats["f1"][i]),
+            }
+            for i, name in enumerate(classes)
+        ],
         "confusion_matrix": cm.tolist(),
     }
     write_json(out / "metrics.json", record)
@@ -285,13 +358,20 @@ def main(argv: list[str]) -> None:
 
     where = f"{data.name} {args.split} ({len(y):,} images)"
     pngs = {
-        "confusion_matrix": figures.confusion_figure(cm, classes, f"Confusion matrix: {where}, accuracy {res['acc']:.2%}"),
+        "confusion_matrix": figures.confusion_figure(
+            cm, classes, f"Confusion matrix: {where}, accuracy {res['acc']:.2%}"
+        ),
         "per_class": figures.per_class_figure(classes, stats["precision"], stats["recall"], f"Per class: {where}"),
     }
     idx = figures.worst_mistakes(y, res["pred"], res["conf"], max(0, args.mistakes))
-    pngs["mistakes"] = figures.mistakes_figure(x[idx], y[idx].tolist(), res["pred"][idx].tolist(),
-                                               res["conf"][idx].tolist(), classes,
-                                               f"Most confidently wrong: {where}")
+    pngs["mistakes"] = figures.mistakes_figure(
+        x[idx],
+        y[idx].tolist(),
+        res["pred"][idx].tolist(),
+        res["conf"][idx].tolist(),
+        classes,
+        f"Most confidently wrong: {where}",
+    )
     pixels = {name: figures.save(fig, out / f"{name}.png") for name, fig in pngs.items()}
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -304,21 +384,31 @@ def main(argv: list[str]) -> None:
             for name, px in pixels.items():
                 figures.to_tensorboard(tb, f"evaluate/{args.split}/{name}", px, step)
 
-    summary = [("checkpoint", str(trained.checkpoint)), ("data", f"{where}, {data.source}"),
-               ("loss", f"{res['loss']:.4f}"), ("accuracy", f"{res['acc']:.4f}")]
+    summary = [
+        ("checkpoint", str(trained.checkpoint)),
+        ("data", f"{where}, {data.source}"),
+        ("loss", f"{res['loss']:.4f}"),
+        ("accuracy", f"{res['acc']:.4f}"),
+    ]
     if res["top5_acc"] is not None:
         summary.append(("top-5 accuracy", f"{res['top5_acc']:.4f}"))
-    summary += [("balanced accuracy", _fmt(macro["recall"] if macro["recall"] is not None else float("nan"))),
-                ("macro F1", _fmt(macro["f1"] if macro["f1"] is not None else float("nan"))),
-                ("precision", f"{res['precision']} on {trained.device}"), ("test-time augmentation", res["tta"])]
+    summary += [
+        ("balanced accuracy", _fmt(macro["recall"] if macro["recall"] is not None else float("nan"))),
+        ("macro F1", _fmt(macro["f1"] if macro["f1"] is not None else float("nan"))),
+        ("precision", f"{res['precision']} on {trained.device}"),
+        ("test-time augmentation", res["tta"]),
+    ]
     con = console()
     _print_tables(con, f"evaluate: {trained.label}", summary, classes, cm, stats)
-    con.print(f"wrote metrics.json, per_class.csv, confusion_matrix.csv, predictions.csv, "
-              f"{', '.join(p + '.png' for p in pngs)}{' and tensorboard/' if args.tensorboard else ''} to {out}")
+    con.print(
+        f"wrote metrics.json, per_class.csv, confusion_matrix.csv, predictions.csv, "
+        f"{', '.join(p + '.png' for p in pngs)}{' and tensorboard/' if args.tensorboard else ''} to {out}"
+    )
 
 
-def report_labels(args: EvaluateArgs, trained: Any, data: Any, x: torch.Tensor, y: torch.Tensor,
-                  res: dict[str, Any], out: Path) -> None:
+def report_labels(
+    args: EvaluateArgs, trained: Any, data: Any, x: torch.Tensor, y: torch.Tensor, res: dict[str, Any], out: Path
+) -> None:
     """A multi-label model's evaluation: mAP, F1, exact match and per-label figures, as tables and files."""
     from cnntrain.commands.args import console
     from cnntrain.data.images import MULTI_SEPARATOR, NO_LABELS
@@ -327,16 +417,36 @@ def report_labels(args: EvaluateArgs, trained: Any, data: Any, x: torch.Tensor, 
     from cnntrain.io.files import write_json
 
     classes, stats = trained.classes, res["per_label"]
-    per_label = [{"label": name, "images": stats["support"][i], "ap": stats["ap"][i],
-                  "precision": stats["precision"][i], "recall": stats["recall"][i], "f1": stats["f1"][i]}
-                 for i, name in enumerate(classes)]
+    per_label = [
+        {
+            "label": name,
+            "images": stats["support"][i],
+            "ap": stats["ap"][i],
+            "precision": stats["precision"][i],
+            "recall": stats["recall"][i],
+            "f1": stats["f1"][i],
+        }
+        for i, name in enumerate(classes)
+    ]
     record = {
-        "checkpoint": str(trained.checkpoint), "model": trained.label, "dataset": data.name, "source": data.source,
-        "split": args.split, "images": len(y), "task": "multilabel", "threshold": res["threshold"],
-        "loss": _num(res["loss"]), **{m: _num(res[m]) for m in MULTILABEL_METRICS},
-        "precision_mode": res["precision"], "device": str(trained.device), "tta": res["tta"], "tta_views": res["views"],
-        "epoch": trained.progress.get("epoch"), "global_step": trained.progress.get("global_step"),
-        "classes": classes, "per_label": per_label,
+        "checkpoint": str(trained.checkpoint),
+        "model": trained.label,
+        "dataset": data.name,
+        "source": data.source,
+        "split": args.split,
+        "images": len(y),
+        "task": "multilabel",
+        "threshold": res["threshold"],
+        "loss": _num(res["loss"]),
+        **{m: _num(res[m]) for m in MULTILABEL_METRICS},
+        "precision_mode": res["precision"],
+        "device": str(trained.device),
+        "tta": res["tta"],
+        "tta_views": res["views"],
+        "epoch": trained.progress.get("epoch"),
+        "global_step": trained.progress.get("global_step"),
+        "classes": classes,
+        "per_label": per_label,
     }
     write_json(out / "metrics.json", record)
     with open(out / "per_label.csv", "w", newline="") as f:
@@ -350,14 +460,23 @@ def report_labels(args: EvaluateArgs, trained: Any, data: Any, x: torch.Tensor, 
         w.writerow(["index", "true", "predicted", "scores", "exact"])
         for i, (truth, pred) in enumerate(zip(y.tolist(), labelled, strict=True)):
             true = [c for c, v in zip(classes, truth, strict=True) if v > 0.5]
-            w.writerow([i, MULTI_SEPARATOR.join(true) or NO_LABELS,
-                        MULTI_SEPARATOR.join(name for name, _ in pred) or NO_LABELS,
-                        MULTI_SEPARATOR.join(f"{p:.6f}" for _, p in pred), int(set(true) == {n for n, _ in pred})])
+            w.writerow(
+                [
+                    i,
+                    MULTI_SEPARATOR.join(true) or NO_LABELS,
+                    MULTI_SEPARATOR.join(name for name, _ in pred) or NO_LABELS,
+                    MULTI_SEPARATOR.join(f"{p:.6f}" for _, p in pred),
+                    int(set(true) == {n for n, _ in pred}),
+                ]
+            )
     where = f"{data.name} {args.split} ({len(y):,} images)"
     precision = np.array([np.nan if v is None else v for v in stats["precision"]], dtype=np.float64)
     recall = np.array([np.nan if v is None else v for v in stats["recall"]], dtype=np.float64)
-    pixels = {"per_label": figures.save(figures.per_class_figure(classes, precision, recall, f"Per label: {where}"),
-                                        out / "per_label.png")}
+    pixels = {
+        "per_label": figures.save(
+            figures.per_class_figure(classes, precision, recall, f"Per label: {where}"), out / "per_label.png"
+        )
+    }
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -368,8 +487,10 @@ def report_labels(args: EvaluateArgs, trained: Any, data: Any, x: torch.Tensor, 
                     tb.add_scalar(f"evaluate/{args.split}/{key}", record[key], step)
             figures.to_tensorboard(tb, f"evaluate/{args.split}/per_label", pixels["per_label"], step)
     _print_labels(record, where, data.source, trained)
-    console().print(f"wrote metrics.json, per_label.csv, predictions.csv, per_label.png"
-                    f"{' and tensorboard/' if args.tensorboard else ''} to {out}")
+    console().print(
+        f"wrote metrics.json, per_label.csv, predictions.csv, per_label.png"
+        f"{' and tensorboard/' if args.tensorboard else ''} to {out}"
+    )
 
 
 def _print_labels(record: dict[str, Any], where: str, source: str, trained: Any) -> None:
@@ -380,13 +501,17 @@ def _print_labels(record: dict[str, Any], where: str, source: str, trained: Any)
     head = Table(title=f"evaluate: {trained.label}", show_header=False, title_justify="left", title_style="bold")
     head.add_column(style="cyan", no_wrap=True)
     head.add_column()
-    for k, v in [("checkpoint", str(trained.checkpoint)), ("data", f"{where}, {source}"),
-                 ("task", f"multi-label, labels above {record['threshold']:g}"), ("loss", _fmt(record["loss"])),
-                 ("mAP", _fmt(record["map"])), ("F1 micro / macro", f"{_fmt(record['micro_f1'])} / "
-                                                                    f"{_fmt(record['macro_f1'])}"),
-                 ("exact match", _fmt(record["exact_match"])),
-                 ("precision", f"{record['precision_mode']} on {trained.device}"),
-                 ("test-time augmentation", record["tta"])]:
+    for k, v in [
+        ("checkpoint", str(trained.checkpoint)),
+        ("data", f"{where}, {source}"),
+        ("task", f"multi-label, labels above {record['threshold']:g}"),
+        ("loss", _fmt(record["loss"])),
+        ("mAP", _fmt(record["map"])),
+        ("F1 micro / macro", f"{_fmt(record['micro_f1'])} / {_fmt(record['macro_f1'])}"),
+        ("exact match", _fmt(record["exact_match"])),
+        ("precision", f"{record['precision_mode']} on {trained.device}"),
+        ("test-time augmentation", record["tta"]),
+    ]:
         head.add_row(k, v)
     table = Table(title="per label", title_justify="left")
     for name in ("label", "images", "AP", "precision", "recall", "f1"):

@@ -94,8 +94,9 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
     return fine[-1] if fine else layers[-1][0]
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: int | None = None, multilabel: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, layer: str, target: int | None = None, multilabel: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Heat maps in [0, 1] at the input size, the explained class and the softmax of each image (a multi-label
     model's sigmoids: each label's own probability)."""
     module = model.get_submodule(layer)
@@ -177,13 +178,16 @@ def main(argv: list[str]) -> None:
         return
     paths, note, trained = images_and_model(args)
     if trained.exported:  # Grad-CAM hooks the model's layers, which a captured program no longer has
-        raise UserError(f"ckpt={args.ckpt} is an exported program (.pt2); explain needs the checkpoint it was "
-                        "exported from (its run directory, best.pt or model.state_dict.pt)")
+        raise UserError(
+            f"ckpt={args.ckpt} is an exported program (.pt2); explain needs the checkpoint it was "
+            "exported from (its run directory, best.pt or model.state_dict.pt)"
+        )
     pre, model = trained.preprocess, trained.model
     target = class_index(trained.classes, args.target) if args.target is not None else None
     to_input = pre.normalise(trained.device)
-    example = to_input.from_uint8(torch.zeros(1, pre.channels, *pre.image_size, dtype=torch.uint8,
-                                              device=trained.device))
+    example = to_input.from_uint8(
+        torch.zeros(1, pre.channels, *pre.image_size, dtype=torch.uint8, device=trained.device)
+    )
     if args.layer is None:
         layer = default_layer(model, example)
     else:
@@ -191,13 +195,17 @@ def main(argv: list[str]) -> None:
         if args.layer not in names:
             from cnntrain.errors import did_you_mean
 
-            raise UserError(f"layer={args.layer} is not a layer with a spatial output{did_you_mean(args.layer, names)}; "
-                            f"choose one of: {', '.join(names)}")
+            raise UserError(
+                f"layer={args.layer} is not a layer with a spatial output{did_you_mean(args.layer, names)}; "
+                f"choose one of: {', '.join(names)}"
+            )
         layer = args.layer
     shape = dict(spatial_layers(model, example))[layer]
     out = trained.results_dir("explain", args.out, args.overwrite, inputs_label(args.inputs))
-    print(f"Grad-CAM of {trained.label} ({trained.checkpoint}) at layer '{layer}' "
-          f"({shape[1]} channels, {shape[2]}x{shape[3]}) for {len(paths)} image(s){note}")
+    print(
+        f"Grad-CAM of {trained.label} ({trained.checkpoint}) at layer '{layer}' "
+        f"({shape[1]} channels, {shape[2]}x{shape[3]}) for {len(paths)} image(s){note}"
+    )
 
     overview: list[tuple[torch.Tensor, torch.Tensor, str]] = []
     written = 0
@@ -206,8 +214,9 @@ def main(argv: list[str]) -> None:
         rows = csv.writer(f)
         rows.writerow(["path", "heatmap", "explained_class", "probability", "predicted_class", "predicted_probability"])
         for batch_paths, x in image_batches(paths, pre, args.batch_size, args.on_error):
-            cams, cls, probs = grad_cam(model, to_input.from_uint8(x.to(trained.device)), layer, target,
-                                        trained.task.name == "multilabel")
+            cams, cls, probs = grad_cam(
+                model, to_input.from_uint8(x.to(trained.device)), layer, target, trained.task.name == "multilabel"
+            )
             for k, path in enumerate(batch_paths):
                 c, top = int(cls[k]), int(probs[k].argmax())
                 title = f"{trained.classes[c]} ({probs[k, c]:.0%})"
@@ -216,8 +225,16 @@ def main(argv: list[str]) -> None:
                 name = _unique(f"{path.stem}_gradcam.png", used)
                 fig = heatmap_figure(x[k], cams[k], f"Grad-CAM for {title}", str(path))
                 fig.savefig(out / name, dpi=110, facecolor="white")
-                rows.writerow([str(path), name, trained.classes[c], f"{float(probs[k, c]):.6f}",
-                               trained.classes[top], f"{float(probs[k, top]):.6f}"])
+                rows.writerow(
+                    [
+                        str(path),
+                        name,
+                        trained.classes[c],
+                        f"{float(probs[k, c]):.6f}",
+                        trained.classes[top],
+                        f"{float(probs[k, top]):.6f}",
+                    ]
+                )
                 if len(overview) < args.overview:
                     overview.append((x[k], cams[k], f"{_clip(path.name)}\n{title}"))
                 written += 1

@@ -17,10 +17,16 @@ import torch
 from cnntrain.errors import UserError
 
 FORMATS = ("exported", "torchscript", "onnx", "state_dict")
-FILE_NAMES = {"exported": "model.pt2", "torchscript": "model.torchscript.pt", "onnx": "model.onnx",
-              "state_dict": "model.state_dict.pt"}
-TORCHSCRIPT_NOTE = ("note: TorchScript (torch.jit) is deprecated upstream in favour of torch.export; "
-                    "format=exported writes the program PyTorch supports")
+FILE_NAMES = {
+    "exported": "model.pt2",
+    "torchscript": "model.torchscript.pt",
+    "onnx": "model.onnx",
+    "state_dict": "model.state_dict.pt",
+}
+TORCHSCRIPT_NOTE = (
+    "note: TorchScript (torch.jit) is deprecated upstream in favour of torch.export; "
+    "format=exported writes the program PyTorch supports"
+)
 SAFETENSORS_NAME = "model.safetensors"  # written beside model.state_dict.pt
 ONNX_HINT = "pip install 'cnntrain[onnx]'"
 
@@ -121,8 +127,10 @@ def export_program(trained: Any, model: torch.nn.Module, example: torch.Tensor, 
         with _quiet():
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
     except Exception as e:  # an op or Python construct torch.export cannot capture
-        raise UserError(f"torch.export failed for {trained.label}: {_root_cause(e)[:300]}; format=onnx, "
-                        "torchscript or state_dict may still work") from None
+        raise UserError(
+            f"torch.export failed for {trained.label}: {_root_cause(e)[:300]}; format=onnx, "
+            "torchscript or state_dict may still work"
+        ) from None
     torch.export.save(program, str(path), extra_files={EXPORTED_RECORD: json.dumps(exported_record(trained))})
     loaded = torch.export.load(str(path)).module()
     return lambda x: loaded(x)
@@ -141,13 +149,21 @@ def export_state_dict(trained: Any, path: Path) -> Callable:
     state = trained.model.state_dict()
     # config: the run's whole config, as in best.pt, so that `ckpt=model.state_dict.pt` works like the run's
     # own checkpoint (evaluate finds the dataset, predict the precision); model_config: the architecture alone.
-    save_checkpoint(path, {"model": state, "meta": trained.meta, "config": trained.config,
-                           "model_config": model_record(cfg)})
+    save_checkpoint(
+        path, {"model": state, "meta": trained.meta, "config": trained.config, "model_config": model_record(cfg)}
+    )
     tensors = path.with_name(SAFETENSORS_NAME)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tensors), metadata={
-        "format": "pt", "classes": json.dumps(trained.classes), "preprocess": json.dumps(trained.preprocess.to_dict()),
-        "model_config": json.dumps(model_record(cfg)), "meta": json.dumps(trained.meta),
-    })
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        str(tensors),
+        metadata={
+            "format": "pt",
+            "classes": json.dumps(trained.classes),
+            "preprocess": json.dumps(trained.preprocess.to_dict()),
+            "model_config": json.dumps(model_record(cfg)),
+            "meta": json.dumps(trained.meta),
+        },
+    )
     # safetensors creates its file private (0600); the other outputs follow the umask, and so does this one.
     tensors.chmod(path.stat().st_mode & 0o777)
     pre = trained.preprocess
@@ -155,8 +171,10 @@ def export_state_dict(trained: Any, path: Path) -> Callable:
     from_checkpoint.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
     rebuilt = build_model(cfg, pre.channels, pre.image_size, len(trained.classes))
     rebuilt.load_state_dict(load_file(str(tensors)))
-    if any(not torch.equal(a, b) for a, b in zip(from_checkpoint.state_dict().values(),
-                                                 rebuilt.state_dict().values(), strict=True)):
+    if any(
+        not torch.equal(a, b)
+        for a, b in zip(from_checkpoint.state_dict().values(), rebuilt.state_dict().values(), strict=True)
+    ):
         raise UserError(f"{tensors} and {path} hold different weights")
     rebuilt.eval()
     return lambda x: rebuilt(x)
@@ -181,8 +199,10 @@ def opset_ranges() -> dict[str, tuple[int, int]]:
         except ImportError:
             lowest = 18
         ranges["torch.onnx (dynamo)"] = (int(lowest), int(onnx.defs.onnx_opset_version()))
-    ranges["torch.onnx (TorchScript-based)"] = (int(getattr(_constants, "ONNX_MIN_OPSET", 7)),
-                                                int(getattr(_constants, "ONNX_MAX_OPSET", 20)))
+    ranges["torch.onnx (TorchScript-based)"] = (
+        int(getattr(_constants, "ONNX_MIN_OPSET", 7)),
+        int(getattr(_constants, "ONNX_MAX_OPSET", 20)),
+    )
     return ranges
 
 
@@ -203,9 +223,11 @@ def check_opset(opset: int | None) -> None:
         return
     ranges = opset_ranges()
     if not any(lo <= opset <= hi for lo, hi in ranges.values()):
-        raise UserError(f"opset={opset} cannot be written by the ONNX exporters of this installation (torch "
-                        f"{torch.__version__}): they write opsets {_describe(ranges)}; pass one of those, or "
-                        "opset=null for the exporter's default")
+        raise UserError(
+            f"opset={opset} cannot be written by the ONNX exporters of this installation (torch "
+            f"{torch.__version__}): they write opsets {_describe(ranges)}; pass one of those, or "
+            "opset=null for the exporter's default"
+        )
 
 
 def written_opset(path: Path) -> int | None:
@@ -216,7 +238,9 @@ def written_opset(path: Path) -> int | None:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> tuple[Callable | None, str]:
+def export_onnx(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int | None
+) -> tuple[Callable | None, str]:
     """Export; return a runner (onnxruntime) or None when it is not installed, and what was used.
 
     With opset=N the file must declare opset N: an exporter that wrote another one counts as failed and the
@@ -232,15 +256,31 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
         # The torch.export-based exporter (torch's default since 2.9); needs onnxscript.
         def dynamo() -> None:
             batch = torch.export.Dim("batch", min=1, max=65536)
-            program = torch.onnx.export(model, (example,), None, input_names=["input"], output_names=["logits"],
-                                        dynamic_shapes=({0: batch},), opset_version=opset, verbose=False)
+            program = torch.onnx.export(
+                model,
+                (example,),
+                None,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                verbose=False,
+            )
             program.save(str(path), external_data=False)
 
         attempts.append(("torch.onnx (dynamo)", dynamo))
 
     def legacy() -> None:
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset or 17)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset or 17,
+        )
 
     attempts.append(("torch.onnx (TorchScript-based)", legacy))
     if opset is not None:  # only the exporters that write this opset themselves
@@ -259,8 +299,9 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     else:
         path.unlink(missing_ok=True)
         at = f" at opset={opset}" if opset is not None else ""
-        raise UserError(f"ONNX export{at} failed: {errors[0][:300]}; format=torchscript or state_dict work for "
-                        "every model") from None
+        raise UserError(
+            f"ONNX export{at} failed: {errors[0][:300]}; format=torchscript or state_dict work for every model"
+        ) from None
     onnx.checker.check_model(str(path))
     if importlib.util.find_spec("onnxruntime") is None:
         return None, how
@@ -269,8 +310,10 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # e.g. an opset newer than this onnxruntime knows
-        raise UserError(f"onnxruntime {ort.__version__} cannot load the exported {path} ({_root_cause(e)[:200]}); "
-                        "the file is kept; a lower opset= may load") from None
+        raise UserError(
+            f"onnxruntime {ort.__version__} cannot load the exported {path} ({_root_cause(e)[:200]}); "
+            "the file is kept; a lower opset= may load"
+        ) from None
     return (lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])), how
 
 
@@ -309,8 +352,10 @@ def main(argv: list[str]) -> None:
         check_opset(args.opset)  # before the checkpoint is read
     trained = load_trained(args.ckpt, "cpu")  # exported graphs are device-neutral; trace on the CPU
     if trained.exported:
-        raise UserError(f"ckpt={args.ckpt} is already an exported program; export reads a checkpoint (best.pt, "
-                        "last.pt, model.state_dict.pt) or a run directory")
+        raise UserError(
+            f"ckpt={args.ckpt} is already an exported program; export reads a checkpoint (best.pt, "
+            "last.pt, model.state_dict.pt) or a run directory"
+        )
     model = trained.model.float().eval()
     out = trained.out_dir("export", args.out)
     path = out / FILE_NAMES[args.format]
@@ -333,30 +378,53 @@ def main(argv: list[str]) -> None:
         else:
             run, how = export_onnx(model, example, path, args.opset)
         eager = model(check)
-        result: dict[str, Any] = {"format": args.format, "file": path.name, "exporter": how,
-                                  "atol": args.atol, "rtol": args.rtol, "check_batch": len(check)}
+        result: dict[str, Any] = {
+            "format": args.format,
+            "file": path.name,
+            "exporter": how,
+            "atol": args.atol,
+            "rtol": args.rtol,
+            "check_batch": len(check),
+        }
         if args.format == "onnx":
             result["opset"] = written_opset(path)
             how = f"{how}, opset {result['opset']}"
         if run is None:
             result.update(checked=False, max_abs_diff=None)
-            verdict = (f"graph valid (onnx.checker); outputs NOT compared: onnxruntime is not installed "
-                       f"({ONNX_HINT})")
+            verdict = f"graph valid (onnx.checker); outputs NOT compared: onnxruntime is not installed ({ONNX_HINT})"
         else:
             ok, max_diff = compare(eager, run(check), args.atol, args.rtol)
             result.update(checked=True, max_abs_diff=max_diff, ok=ok)
             if not ok:
-                raise UserError(f"exported {args.format} model differs from the eager model: max |diff| "
-                                f"{max_diff:.3g} > atol {args.atol:g} + rtol {args.rtol:g} * |y|; file kept at {path}")
-            verdict = f"outputs match the eager model: max |diff| {max_diff:.2e} (atol {args.atol:g}, rtol {args.rtol:g})"
+                raise UserError(
+                    f"exported {args.format} model differs from the eager model: max |diff| "
+                    f"{max_diff:.3g} > atol {args.atol:g} + rtol {args.rtol:g} * |y|; file kept at {path}"
+                )
+            verdict = (
+                f"outputs match the eager model: max |diff| {max_diff:.2e} (atol {args.atol:g}, rtol {args.rtol:g})"
+            )
     pre = trained.preprocess
     task = trained.task
-    labels = ({"task": task.name, "threshold": task.threshold,
-               "output": "one logit per label; a label is predicted when sigmoid(logit) > threshold"}
-              if task.name == "multilabel" else {})
-    write_json(out / "preprocess.json", {"classes": trained.classes, **pre.to_dict(), **labels,
-                                         "model": trained.label, "checkpoint": str(trained.checkpoint),
-                                         "exports": {**_previous_exports(out), args.format: result}})
+    labels = (
+        {
+            "task": task.name,
+            "threshold": task.threshold,
+            "output": "one logit per label; a label is predicted when sigmoid(logit) > threshold",
+        }
+        if task.name == "multilabel"
+        else {}
+    )
+    write_json(
+        out / "preprocess.json",
+        {
+            "classes": trained.classes,
+            **pre.to_dict(),
+            **labels,
+            "model": trained.label,
+            "checkpoint": str(trained.checkpoint),
+            "exports": {**_previous_exports(out), args.format: result},
+        },
+    )
     written = [path, *([path.with_name(SAFETENSORS_NAME)] if args.format == "state_dict" else [])]
     files = " and ".join(f"{p} ({p.stat().st_size / 1e6:.2f} MB)" for p in written)
     print(f"exported {trained.label} as {args.format} ({how}): {files}")

@@ -54,8 +54,10 @@ def collect_images(spec: str, key: str = "inputs") -> tuple[list[Path], list[Pat
         if not images:
             if not files:
                 raise UserError(f"{key}={path}: the folder is empty; put images ({', '.join(exts)}) in it")
-            raise UserError(f"{key}={path}: no image files in the folder ({len(files)} other file(s): "
-                            f"{_listing(files)}); images end in {', '.join(exts)}")
+            raise UserError(
+                f"{key}={path}: no image files in the folder ({len(files)} other file(s): "
+                f"{_listing(files)}); images end in {', '.join(exts)}"
+            )
         return images, [p for p in files if p.suffix.lower() not in exts]
     if glob.has_magic(spec):
         matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
@@ -87,8 +89,10 @@ def check_images(paths: Sequence[Path], key: str = "inputs", on_error: str = "er
             elif on_error == "skip":
                 print(f"cnntrain: warning: skipped {p}: not an image that can be read ({why})", file=sys.stderr)
             else:
-                raise UserError(f"{p} is not an image that can be read ({why}); "
-                                f"remove it or point {key}= at image files only, or pass on_error=skip")
+                raise UserError(
+                    f"{p} is not an image that can be read ({why}); "
+                    f"remove it or point {key}= at image files only, or pass on_error=skip"
+                )
     if not readable:
         raise UserError(f"{key}=: none of the {len(paths)} file(s) is an image that can be read")
     return readable
@@ -99,8 +103,9 @@ def skipped_note(found: int, kept: int) -> str:
     return f"; skipped {found - kept} of {found} file(s) that are not readable images" if kept < found else ""
 
 
-def image_batches(paths: Sequence[Path], pre: Preprocess, batch_size: int, on_error: str = "error",
-                  skipped: list[Path] | None = None) -> Iterator[tuple[list[Path], torch.Tensor]]:
+def image_batches(
+    paths: Sequence[Path], pre: Preprocess, batch_size: int, on_error: str = "error", skipped: list[Path] | None = None
+) -> Iterator[tuple[list[Path], torch.Tensor]]:
     """Decode `batch_size` files at a time (threads; PIL releases the GIL), so thousands of files
     never sit in memory together. on_error=skip drops files that fail to decode (a header that reads
     but pixel data that does not), with a warning, and adds them to `skipped`."""
@@ -132,8 +137,10 @@ def class_index(classes: list[str], value: str, key: str = "target") -> int:
         return int(value)
     from cnntrain.errors import did_you_mean
 
-    raise UserError(f"{key}={value} is not a class of this model{did_you_mean(value, classes)}; "
-                    f"classes: {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
+    raise UserError(
+        f"{key}={value} is not a class of this model{did_you_mean(value, classes)}; "
+        f"classes: {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}"
+    )
 
 
 def ignored_note(ignored: Sequence[Path]) -> str:

@@ -123,8 +123,10 @@ def main(argv: list[str]) -> None:
     }
     existing = [str(p) for p in files if p.exists()]
     if existing:
-        raise UserError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''} already; cnntrain init "
-                        "never overwrites a file: pick a new folder or move them away")
+        raise UserError(
+            f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''} already; cnntrain init "
+            "never overwrites a file: pick a new folder or move them away"
+        )
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -109,8 +109,10 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
             rest.append(arg)
         else:
             hint = did_you_mean(key, sorted(own | fit_top)) or key_hint(key)
-            raise UserError(f"unknown key '{key}' for cnntrain lr-find{hint}; "
-                            f"its keys are {', '.join(sorted(own))}, plus any fit override (group=option, a.b=value)")
+            raise UserError(
+                f"unknown key '{key}' for cnntrain lr-find{hint}; "
+                f"its keys are {', '.join(sorted(own))}, plus any fit override (group=option, a.b=value)"
+            )
     return ours, rest
 
 
@@ -136,8 +138,10 @@ def compose_fit_config(overrides: list[str]) -> Any:
 
     cfg = compose_fit(overrides)
     if cfg.resume is not None:
-        raise UserError("lr-find starts from the configured model and trains nothing for keeps; "
-                        "drop resume=... (to start from trained weights use model.weights=<file>)")
+        raise UserError(
+            "lr-find starts from the configured model and trains nothing for keeps; "
+            "drop resume=... (to start from trained weights use model.weights=<file>)"
+        )
     cfg.trainer.ema_decay = None  # nothing is validated, so no average is needed
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -205,8 +209,14 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
     ratios = [g.get("initial_lr", g["lr"]) / cfg.optimizer.lr for g in optimizer.param_groups]
     bs = t.batch_size
     rows = [r for r in start_rows(built) if r[0] in ("dataset", "model", "augment", "optimizer", "device")]
-    rows += [("sweep", f"lr {args.lr_min:g} -> {args.lr_max:g} over {args.steps} steps of {bs} "
-                       f"(stops when the loss passes {args.diverge:g}x its lowest)"), ("out", str(out))]
+    rows += [
+        (
+            "sweep",
+            f"lr {args.lr_min:g} -> {args.lr_max:g} over {args.steps} steps of {bs} "
+            f"(stops when the loss passes {args.diverge:g}x its lowest)",
+        ),
+        ("out", str(out)),
+    ]
     reporter = built.reporter
     reporter.start("cnntrain lr-find", rows)
 
@@ -240,31 +250,38 @@ def run(cfg: Any, args: LrFindArgs, out: Path, overrides: list[str] | None = Non
             stopped_early = True
             break
     if len(lrs) < 5:
-        raise UserError(f"the loss exploded within {len(lrs)} steps, already at lr {lrs[-1] if lrs else args.lr_min:.2g}; "
-                        f"lower lr_min (now {args.lr_min:g})")
+        raise UserError(
+            f"the loss exploded within {len(lrs)} steps, already at lr {lrs[-1] if lrs else args.lr_min:.2g}; "
+            f"lower lr_min (now {args.lr_min:g})"
+        )
     curve = centred(losses, args.smoothing)
     steepest, min10 = suggest(lrs, curve)
     chosen = steepest if args.suggest == "steepest" and steepest is not None else min10
-    how = ("steepest descent of the smoothed loss" if chosen == steepest and args.suggest == "steepest"
-           else "lowest smoothed loss / 10")
+    how = (
+        "steepest descent of the smoothed loss"
+        if chosen == steepest and args.suggest == "steepest"
+        else "lowest smoothed loss / 10"
+    )
     result = Result(lrs, losses, smoothed, curve, chosen, steepest, min10, stopped_early)
     output_dir(out, "out")
     log_to(out / "lr_find.log")  # what was logged so far (the table, the steps, warnings), and what follows
     _write_csv(out / "lr_find.csv", result)
     _write_json(out / "lr_find.json", result, how, cfg, overrides or [])
-    _plot(out / "lr_find.png", result, how, model_label(typed(cfg).model),
-          built.data.name, cfg.optimizer.name, bs)
+    _plot(out / "lr_find.png", result, how, model_label(typed(cfg).model), built.data.name, cfg.optimizer.name, bs)
     keep = [o for o in (overrides or []) if not o.startswith(("optimizer.lr=", "trainer.progress="))]
     command = " ".join(["cnntrain fit", *keep, f"optimizer.lr={chosen:.2g}"])
-    reporter.final("lr-find done", [
-        ("suggested", f"optimizer.lr={chosen:.2g} ({how})"),
-        ("steepest", "n/a (curve too short)" if steepest is None else f"{steepest:.2g}"),
-        ("min / 10", f"{min10:.2g}"),
-        ("steps", f"{len(lrs)} of {args.steps}{', stopped: the loss exploded' if stopped_early else ''}"),
-        ("plot", str(out / "lr_find.png")),
-        ("csv", str(out / "lr_find.csv")),
-        ("train with", command),
-    ])
+    reporter.final(
+        "lr-find done",
+        [
+            ("suggested", f"optimizer.lr={chosen:.2g} ({how})"),
+            ("steepest", "n/a (curve too short)" if steepest is None else f"{steepest:.2g}"),
+            ("min / 10", f"{min10:.2g}"),
+            ("steps", f"{len(lrs)} of {args.steps}{', stopped: the loss exploded' if stopped_early else ''}"),
+            ("plot", str(out / "lr_find.png")),
+            ("csv", str(out / "lr_find.csv")),
+            ("train with", command),
+        ],
+    )
     return result
 
 
@@ -296,10 +313,22 @@ def _write_csv(path: Path, r: Result) -> None:
 def _write_json(path: Path, r: Result, how: str, cfg: Any, overrides: list[str]) -> None:
     from cnntrain.io.files import write_json
 
-    write_json(path, {"suggested_lr": r.suggestion, "method": how, "steepest_lr": r.steepest, "min10_lr": r.min10,
-                      "lowest_smoothed_loss": min(r.curve), "steps_done": len(r.lrs),
-                      "lr_range": [r.lrs[0], r.lrs[-1]], "stopped_early": r.stopped_early,
-                      "overrides": overrides, "model": cfg.model.name, "optimizer": cfg.optimizer.name})
+    write_json(
+        path,
+        {
+            "suggested_lr": r.suggestion,
+            "method": how,
+            "steepest_lr": r.steepest,
+            "min10_lr": r.min10,
+            "lowest_smoothed_loss": min(r.curve),
+            "steps_done": len(r.lrs),
+            "lr_range": [r.lrs[0], r.lrs[-1]],
+            "stopped_early": r.stopped_early,
+            "overrides": overrides,
+            "model": cfg.model.name,
+            "optimizer": cfg.optimizer.name,
+        },
+    )
 
 
 def _plot(path: Path, r: Result, how: str, model: str, dataset: str, optimizer: str, batch: int) -> None:

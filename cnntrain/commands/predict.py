@@ -87,8 +87,10 @@ def main(argv: list[str]) -> None:
     pre = trained.preprocess
     h, w = pre.image_size
     multilabel = trained.task.name == "multilabel"
-    con.print(f"{trained.label}: {len(paths):,} image(s) -> {pre.channels}x{h}x{w}, "
-              f"{len(trained.classes)} {'labels' if multilabel else 'classes'} ({trained.checkpoint}){note}")
+    con.print(
+        f"{trained.label}: {len(paths):,} image(s) -> {pre.channels}x{h}x{w}, "
+        f"{len(trained.classes)} {'labels' if multilabel else 'classes'} ({trained.checkpoint}){note}"
+    )
     if len(views) > 1:
         con.print(f"test-time augmentation {tta.describe(args.tta, views, multilabel)}")
     if multilabel:
@@ -123,8 +125,9 @@ def main(argv: list[str]) -> None:
     con.print(f"wrote {done:,} prediction(s) to {csv_path}{late}")
 
 
-def predict_labels(args: PredictArgs, trained: Any, paths: list, csv_path: Any, threshold: float, precision: Any,
-                   channels_last: bool) -> tuple[int, list]:
+def predict_labels(
+    args: PredictArgs, trained: Any, paths: list, csv_path: Any, threshold: float, precision: Any, channels_last: bool
+) -> tuple[int, list]:
     """A multi-label model's predictions: every label above the threshold with its probability, the most probable
     first. Returns (rows written, files whose pixel data could not be decoded)."""
     from rich.table import Table
@@ -145,8 +148,13 @@ def predict_labels(args: PredictArgs, trained: Any, paths: list, csv_path: Any, 
         for batch_paths, x in image_batches(paths, trained.preprocess, args.batch_size, args.on_error, undecodable):
             probs = logits_of(trained, x, precision, channels_last).sigmoid()
             for path, labels in zip(batch_paths, decode(probs, trained.classes, threshold), strict=True):
-                rows.writerow([str(path), MULTI_SEPARATOR.join(n for n, _ in labels) or NO_LABELS,
-                               MULTI_SEPARATOR.join(f"{p:.6f}" for _, p in labels)])
+                rows.writerow(
+                    [
+                        str(path),
+                        MULTI_SEPARATOR.join(n for n, _ in labels) or NO_LABELS,
+                        MULTI_SEPARATOR.join(f"{p:.6f}" for _, p in labels),
+                    ]
+                )
                 if done < args.show:
                     table.add_row(str(path), ", ".join(f"{n} ({p:.1%})" for n, p in labels) or "(none)")
                 done += 1

@@ -111,10 +111,23 @@ def read_job(job_dir: Path) -> Job:
     status = str(summary.get("status") or ("pending" if not RunDir(run_dir).checkpoints.exists() else "running"))
     monitor = _monitor(run_dir, summary)
     key = f"best_{monitor.replace('/', '_')}" if monitor else ""
-    job = Job(job_dir.name, job_dir, run_dir, status, overrides, monitor, summary.get(key),
-              summary.get("best_epoch"), summary.get("epochs_done"), summary.get("test_acc"),
-              summary.get("test_loss"), _seconds(run_dir, summary), summary.get("test_balanced_acc"),
-              summary.get("test_macro_f1"), str(summary.get("error") or ""))
+    job = Job(
+        job_dir.name,
+        job_dir,
+        run_dir,
+        status,
+        overrides,
+        monitor,
+        summary.get(key),
+        summary.get("best_epoch"),
+        summary.get("epochs_done"),
+        summary.get("test_acc"),
+        summary.get("test_loss"),
+        _seconds(run_dir, summary),
+        summary.get("test_balanced_acc"),
+        summary.get("test_macro_f1"),
+        str(summary.get("error") or ""),
+    )
     if status not in ("completed", "pruned"):  # a pruned trial was stopped on purpose: nothing to continue
         if RunDir(run_dir).last.is_file():
             job.next_command = f"cnntrain fit resume={run_dir}"
@@ -128,8 +141,10 @@ def collect(root: Path) -> list[Job]:
         raise UserError(f"report: {root} is not a directory; pass a sweep directory (runs/<name>/multirun/<sweep>)")
     jobs = [read_job(d) for d in _job_dirs(root)]
     if not jobs:
-        raise UserError(f"report: no cnntrain runs under {root} (no summary.json or .hydra/overrides.yaml); "
-                        "pass a sweep directory such as runs/<name>/multirun/<sweep>")
+        raise UserError(
+            f"report: no cnntrain runs under {root} (no summary.json or .hydra/overrides.yaml); "
+            "pass a sweep directory such as runs/<name>/multirun/<sweep>"
+        )
     return jobs
 
 
@@ -187,23 +202,61 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def write_csv(path: Path, jobs: list[Job], keys: list[str]) -> None:
-    columns = ["job", "status", *keys, "monitor", "best", "best_epoch", "epochs_done", "test_acc", "test_loss",
-               "train_seconds", "error", "command", "overrides", "run_dir"]
+    columns = [
+        "job",
+        "status",
+        *keys,
+        "monitor",
+        "best",
+        "best_epoch",
+        "epochs_done",
+        "test_acc",
+        "test_loss",
+        "train_seconds",
+        "error",
+        "command",
+        "overrides",
+        "run_dir",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for j in jobs:
-            writer.writerow([j.name, j.status, *(_value(j, k) for k in keys), j.monitor or "", _fmt(j.best, ".6g"),
-                             j.best_epoch if j.best_epoch is not None else "", j.epochs_done or "",
-                             _fmt(j.test_acc, ".6g"), _fmt(j.test_loss, ".6g"), _fmt(j.seconds, ".2f"),
-                             j.error, j.next_command, " ".join(j.overrides), str(j.run_dir)])
+            writer.writerow(
+                [
+                    j.name,
+                    j.status,
+                    *(_value(j, k) for k in keys),
+                    j.monitor or "",
+                    _fmt(j.best, ".6g"),
+                    j.best_epoch if j.best_epoch is not None else "",
+                    j.epochs_done or "",
+                    _fmt(j.test_acc, ".6g"),
+                    _fmt(j.test_loss, ".6g"),
+                    _fmt(j.seconds, ".2f"),
+                    j.error,
+                    j.next_command,
+                    " ".join(j.overrides),
+                    str(j.run_dir),
+                ]
+            )
 
 
 # Overrides that do not change a run's result (how it shows progress, where it writes, that it resumed):
 # in the CSV, never a column of the table.
-_NOT_RESULT = frozenset({"resume", "trainer.progress", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
-                         "trainer.dry_run", "dataset.download", "dataset.in_memory", "dataset.memory_limit_mb"})
+_NOT_RESULT = frozenset(
+    {
+        "resume",
+        "trainer.progress",
+        "trainer.log_every_n_steps",
+        "trainer.checkpoint_every_n_steps",
+        "trainer.dry_run",
+        "dataset.download",
+        "dataset.in_memory",
+        "dataset.memory_limit_mb",
+    }
+)
 
 
 def result_keys(keys: list[str]) -> list[str]:
@@ -222,9 +275,14 @@ def _label(job: Job, root: Path, one_sweep: bool) -> str:
 
 
 def _cells(j: Job, keys: list[str]) -> list[str]:
-    return [*(_short(_value(j, k)) for k in keys), _fmt(j.best), str(j.best_epoch or ""), _fmt(j.test_acc),
-            f"{j.seconds:.1f}s" if j.seconds else "", j.status + ("*" if j.run_dir.resolve() != j.job_dir.resolve()
-                                                                    else "")]
+    return [
+        *(_short(_value(j, k)) for k in keys),
+        _fmt(j.best),
+        str(j.best_epoch or ""),
+        _fmt(j.test_acc),
+        f"{j.seconds:.1f}s" if j.seconds else "",
+        j.status + ("*" if j.run_dir.resolve() != j.job_dir.resolve() else ""),
+    ]
 
 
 def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> None:
@@ -260,8 +318,9 @@ def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> N
                 out.print(f"  {'continue' if 'resume=' in j.next_command else 're-run'}: {j.next_command}")
 
 
-def _fit_columns(jobs: list[Job], keys: list[str], root: Path, one_sweep: bool, metric: str,
-                 width: int) -> tuple[list[str] | None, list[str]]:
+def _fit_columns(
+    jobs: list[Job], keys: list[str], root: Path, one_sweep: bool, metric: str, width: int
+) -> tuple[list[str] | None, list[str]]:
     """The override columns of a table whose every cell is whole within `width`, leaving out the widest
     first; None when not even the run names and results fit (then one block per run)."""
 
@@ -297,15 +356,22 @@ def _blocks(out: Any, title: str, rows: list[list[str]], keys: list[str], metric
     out.print(title)
     n = len(keys)
     for row in rows:
-        label, values, (best, epoch, test, seconds, status) = row[0], row[1:n + 1], row[n + 1:]
+        label, values, (best, epoch, test, seconds, status) = row[0], row[1 : n + 1], row[n + 1 :]
         out.print(f"{label}")
         result = f"  {status}" + (f"  best {metric} {best}" if best else "") + (f" (epoch {epoch})" if epoch else "")
         out.print(result + (f"  test acc {test}" if test else "") + (f"  {seconds}" if seconds else ""))
         if keys:
             out.print("  " + "  ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True) if v))
+
+
 FOLD_KEY = "trainer.fold"
-FOLD_METRICS = (("best", None), ("test acc", "test_acc"), ("test balanced acc", "test_balanced_acc"),
-                ("test macro F1", "test_macro_f1"), ("test loss", "test_loss"))
+FOLD_METRICS = (
+    ("best", None),
+    ("test acc", "test_acc"),
+    ("test balanced acc", "test_balanced_acc"),
+    ("test macro F1", "test_macro_f1"),
+    ("test loss", "test_loss"),
+)
 
 
 def fold_groups(jobs: list[Job]) -> list[tuple[list[str], list[Job]]]:
@@ -326,8 +392,7 @@ def fold_stats(jobs: list[Job]) -> dict[str, tuple[float, float, int]]:
     for label, attr in FOLD_METRICS:
         values = [v for j in jobs if (v := (j.best if attr is None else getattr(j, attr))) is not None]
         if values:
-            out[label] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
-                          len(values))
+            out[label] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
     return out
 
 
@@ -339,8 +404,10 @@ def render_folds(jobs: list[Job], common: list[str]) -> None:
         folds = next((o.split("=", 1)[1] for o in shared if o.startswith("trainer.folds=")), "?")
         monitor = group[0].monitor or "metric"
         extra = [o for o in shared if o not in common and not o.startswith("trainer.folds=")]
-        out.print(f"cross-validation, {len(group)} of {folds} folds{' (' + ' '.join(extra) + ')' if extra else ''}: "
-                  "mean ± std")
+        out.print(
+            f"cross-validation, {len(group)} of {folds} folds{' (' + ' '.join(extra) + ')' if extra else ''}: "
+            "mean ± std"
+        )
         for label, (mean, std, n) in fold_stats(group).items():
             name = f"best {monitor}" if label == "best" else label
             out.print(f"  {name:<20} {mean:.4f} ± {std:.4f}{'' if n == len(group) else f'  ({n} folds)'}")
@@ -358,8 +425,9 @@ def main(argv: list[str]) -> None:
     keyed = [a for a in argv if "=" in a] + [f"dir={positional[0]}" for _ in positional[:1]]
     args = parse_args(ReportArgs, keyed, "report")
     if not args.dir:
-        raise UserError("report needs a directory: cnntrain report runs/<name>/multirun/<sweep> "
-                        "(see `cnntrain report --help`)")
+        raise UserError(
+            "report needs a directory: cnntrain report runs/<name>/multirun/<sweep> (see `cnntrain report --help`)"
+        )
     check_choice("sort", args.sort, ("metric", "job", "time"))
     root = Path(args.dir).expanduser()
     if args.figures:
@@ -374,8 +442,10 @@ def main(argv: list[str]) -> None:
         except OSError as e:
             if given:
                 raise path_error(e, "csv", args.csv, "cannot write") from None
-            raise UserError(f"cannot write the report's CSV {e.filename or path}: {os_reason(e)}; "
-                            "pass csv=FILE to write it elsewhere, or csv=null for none") from None
+            raise UserError(
+                f"cannot write the report's CSV {e.filename or path}: {os_reason(e)}; "
+                "pass csv=FILE to write it elsewhere, or csv=null for none"
+            ) from None
     render(jobs, common, keys, root)
     render_folds(jobs, common)
     if args.csv is not None:

@@ -361,8 +361,11 @@ def own_keys(node: Any, schema: type) -> dict[str, Any]:
 
     known = declared(schema)
     if isinstance(node, DictConfig):
-        return {str(k): OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                for k, v in node.items() if k not in known}
+        return {
+            str(k): OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in node.items()
+            if k not in known
+        }
     attributes = {k: v for k, v in vars(node).items() if k not in known and k != "own"}
     return {**getattr(node, "own", {}), **attributes}
 
@@ -378,8 +381,9 @@ def open_part(node: Any, schema: type[_Open]) -> _Open:
     values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     assert isinstance(values, dict)
     known = declared(schema)
-    part = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
-                                               {k: v for k, v in values.items() if k in known}))
+    part = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in values.items() if k in known})
+    )
     assert isinstance(part, schema)
     return dataclasses.replace(part, own={str(k): v for k, v in values.items() if k not in known})
 
@@ -440,8 +444,9 @@ def check_known_keys(cfg: Any, prefix: str = "") -> None:
     for key in map(str, cfg):
         if key not in known:
             where = f" in '{prefix.rstrip('.')}'" if prefix else ""
-            raise UserError(f"unknown key '{prefix}{key}'{where}{did_you_mean(key, known)}; "
-                            f"known keys: {', '.join(known)}")
+            raise UserError(
+                f"unknown key '{prefix}{key}'{where}{did_you_mean(key, known)}; known keys: {', '.join(known)}"
+            )
     for key in known:
         check_known_keys(cfg._get_node(key), f"{prefix}{key}.")
 
@@ -452,12 +457,16 @@ def check_targets(cfg: Any) -> None:
         node = getattr(cfg, group)
         target, name = node._target_, node.name
         if name == "custom" and not target:
-            raise UserError(f"{group}=custom needs {group}._target_=module.name, the dotted path of your "
-                            f"{'nn.Module class or factory' if group == 'model' else 'dataset function or class'} "
-                            f"(e.g. {group}._target_={example})")
+            raise UserError(
+                f"{group}=custom needs {group}._target_=module.name, the dotted path of your "
+                f"{'nn.Module class or factory' if group == 'model' else 'dataset function or class'} "
+                f"(e.g. {group}._target_={example})"
+            )
         if target and name != "custom":
-            raise UserError(f"{group}._target_={target} applies to {group}=custom only (this config has "
-                            f"{group}={name}); add {group}=custom, or remove {group}._target_")
+            raise UserError(
+                f"{group}._target_={target} applies to {group}=custom only (this config has "
+                f"{group}={name}); add {group}=custom, or remove {group}._target_"
+            )
 
 
 def _installed(module: str) -> bool:
@@ -486,18 +495,42 @@ def validate(cfg: Any) -> None:
         (t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0 (or null to disable)"),
         (0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
         (t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "must be in (0, 1) or null"),
-        (t.early_stopping_patience is None or t.early_stopping_patience >= 1, "trainer.early_stopping_patience",
-         t.early_stopping_patience, "must be at least 1 or null"),
-        (t.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", t.early_stopping_min_delta, "must be >= 0"),
+        (
+            t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+            "trainer.early_stopping_patience",
+            t.early_stopping_patience,
+            "must be at least 1 or null",
+        ),
+        (
+            t.early_stopping_min_delta >= 0,
+            "trainer.early_stopping_min_delta",
+            t.early_stopping_min_delta,
+            "must be >= 0",
+        ),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be at least 1"),
-        (t.checkpoint_every_n_steps >= 0, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 0"),
+        (
+            t.checkpoint_every_n_steps >= 0,
+            "trainer.checkpoint_every_n_steps",
+            t.checkpoint_every_n_steps,
+            "must be >= 0",
+        ),
         (0 < t.threshold < 1, "trainer.threshold", t.threshold, "must be between 0 and 1 (exclusive)"),
         *_dataset_checks(d),
         (o.lr > 0, "optimizer.lr", o.lr, "must be > 0"),
         (o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0"),
-        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", o.betas, "must be two numbers in [0, 1)"),
+        (
+            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            "optimizer.betas",
+            o.betas,
+            "must be two numbers in [0, 1)",
+        ),
         (o.momentum >= 0, "optimizer.momentum", o.momentum, "must be >= 0"),
-        (not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optimizer.nesterov", o.nesterov, "needs optimizer.momentum > 0"),
+        (
+            not (o.nesterov and o.name == "sgd" and o.momentum == 0),
+            "optimizer.nesterov",
+            o.nesterov,
+            "needs optimizer.momentum > 0",
+        ),
         (s.warmup_epochs >= 0, "scheduler.warmup_epochs", s.warmup_epochs, "must be >= 0"),
         (0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]"),
         (s.max_lr is None or s.max_lr > 0, "scheduler.max_lr", s.max_lr, "must be > 0"),
@@ -505,30 +538,69 @@ def validate(cfg: Any) -> None:
         (s.step_epochs >= 1, "scheduler.step_epochs", s.step_epochs, "must be at least 1"),
         (0 < s.gamma <= 1, "scheduler.gamma", s.gamma, "must be in (0, 1]"),
         (0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "must be in [0, 1)"),
-        (cfg.model.width is None or cfg.model.width >= 1, "model.width", cfg.model.width,
-         "must be at least 1 (or null for the architecture's default)"),
-        (cfg.model.hidden is None or cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden,
-         "must be at least 1 (or null for the architecture's default)"),
-        (s.name != "onecycle" or s.warmup_epochs == 0, "scheduler.warmup_epochs", s.warmup_epochs,
-         "does not apply to scheduler=onecycle, whose rise is its warm-up (scheduler.pct_start); remove it"),
+        (
+            cfg.model.width is None or cfg.model.width >= 1,
+            "model.width",
+            cfg.model.width,
+            "must be at least 1 (or null for the architecture's default)",
+        ),
+        (
+            cfg.model.hidden is None or cfg.model.hidden >= 1,
+            "model.hidden",
+            cfg.model.hidden,
+            "must be at least 1 (or null for the architecture's default)",
+        ),
+        (
+            s.name != "onecycle" or s.warmup_epochs == 0,
+            "scheduler.warmup_epochs",
+            s.warmup_epochs,
+            "does not apply to scheduler=onecycle, whose rise is its warm-up (scheduler.pct_start); remove it",
+        ),
         (cfg.model.backbone_lr_scale >= 0, "model.backbone_lr_scale", cfg.model.backbone_lr_scale, "must be >= 0"),
-        (all(0 <= p <= 1 for p in (a.hflip, a.vflip, a.erasing)), "augment.hflip/vflip/erasing", (a.hflip, a.vflip, a.erasing), "are probabilities in [0, 1]"),
-        (0 < a.scale_min <= a.scale_max, "augment.scale_min", (a.scale_min, a.scale_max), "must satisfy 0 < scale_min <= scale_max"),
+        (
+            all(0 <= p <= 1 for p in (a.hflip, a.vflip, a.erasing)),
+            "augment.hflip/vflip/erasing",
+            (a.hflip, a.vflip, a.erasing),
+            "are probabilities in [0, 1]",
+        ),
+        (
+            0 < a.scale_min <= a.scale_max,
+            "augment.scale_min",
+            (a.scale_min, a.scale_max),
+            "must satisfy 0 < scale_min <= scale_max",
+        ),
         (0 <= a.translate < 1, "augment.translate", a.translate, "must be in [0, 1)"),
         (a.crop_padding >= 0, "augment.crop_padding", a.crop_padding, "must be >= 0"),
         (a.policy != "randaugment" or a.policy_ops >= 1, "augment.policy_ops", a.policy_ops, "must be at least 1"),
-        (a.policy != "randaugment" or 0 <= a.policy_magnitude <= POLICY_MAX_MAGNITUDE, "augment.policy_magnitude",
-         a.policy_magnitude, f"must be in 0..{POLICY_MAX_MAGNITUDE} (torchvision's bins)"),
-        (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", (a.mixup_alpha, a.cutmix_alpha), "must be >= 0"),
+        (
+            a.policy != "randaugment" or 0 <= a.policy_magnitude <= POLICY_MAX_MAGNITUDE,
+            "augment.policy_magnitude",
+            a.policy_magnitude,
+            f"must be in 0..{POLICY_MAX_MAGNITUDE} (torchvision's bins)",
+        ),
+        (
+            a.mixup_alpha >= 0 and a.cutmix_alpha >= 0,
+            "augment.mixup_alpha/cutmix_alpha",
+            (a.mixup_alpha, a.cutmix_alpha),
+            "must be >= 0",
+        ),
     ]
     checks += _fold_checks(t)
-    checks += [(cfg.sweep.startup_trials >= 0, "sweep.startup_trials", cfg.sweep.startup_trials, "must be >= 0"),
-               (cfg.sweep.warmup_epochs >= 0, "sweep.warmup_epochs", cfg.sweep.warmup_epochs, "must be >= 0")]
+    checks += [
+        (cfg.sweep.startup_trials >= 0, "sweep.startup_trials", cfg.sweep.startup_trials, "must be >= 0"),
+        (cfg.sweep.warmup_epochs >= 0, "sweep.warmup_epochs", cfg.sweep.warmup_epochs, "must be >= 0"),
+    ]
     checks.append(_class_weights_check(t.class_weights))
     # name is the run's folder under runs/: a path there would put the run somewhere else.
     name = str(cfg.name)
-    checks.append((bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
-                   "name", name, "must be a plain folder name (no '/'; it becomes runs/<name>/)"))
+    checks.append(
+        (
+            bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
+            "name",
+            name,
+            "must be a plain folder name (no '/'; it becomes runs/<name>/)",
+        )
+    )
     checks.append(_micro_batch_check(t.micro_batch, t.batch_size))
     _raise_first(checks)
 
@@ -537,8 +609,7 @@ def _check_choice(key: str, value: Any, options: tuple[str, ...]) -> None:
     value = str(value)
     if value.lower() not in options:  # `true`/`false` on the command line arrive as booleans
         raise UserError(
-            f"{key}={value} is not a valid choice; use one of: {', '.join(options)}"
-            + did_you_mean(value, options)
+            f"{key}={value} is not a valid choice; use one of: {', '.join(options)}" + did_you_mean(value, options)
         )
 
 
@@ -554,17 +625,34 @@ def _dataset_checks(d: Any) -> list[tuple[bool, str, Any, str]]:
     return [
         (0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)"),
         (0 < d.test_fraction < 1, "dataset.test_fraction", d.test_fraction, "must be between 0 and 1 (exclusive)"),
-        (d.val_fraction + d.test_fraction < 1, "dataset.val_fraction", d.val_fraction, "plus dataset.test_fraction must be below 1"),
+        (
+            d.val_fraction + d.test_fraction < 1,
+            "dataset.val_fraction",
+            d.val_fraction,
+            "plus dataset.test_fraction must be below 1",
+        ),
         (d.subset is None or d.subset >= 1, "dataset.subset", d.subset, "must be at least 1"),
         (d.image_size is None or d.image_size >= 1, "dataset.image_size", d.image_size, "must be at least 1"),
         (d.channels in (None, 1, 3), "dataset.channels", d.channels, "must be 1, 3 or null"),
         (d.min_class_images >= 0, "dataset.min_class_images", d.min_class_images, "must be >= 0 (0: warn only)"),
-        (d.name != "imagefolder" or d.root is not None, "dataset", d.name,
-         "needs dataset.root=DIR: a folder of class folders, or one with train/ and val/ class folders"),
-        (d.name != "csv" or d.root is not None, "dataset", d.name,
-         "needs dataset.root=DIR, the folder the CSV's paths are relative to"),
-        (d.name != "csv" or bool(d.file), "dataset", d.name,
-         "needs dataset.file=NAME.csv, the CSV of labels (columns path,label[,split])"),
+        (
+            d.name != "imagefolder" or d.root is not None,
+            "dataset",
+            d.name,
+            "needs dataset.root=DIR: a folder of class folders, or one with train/ and val/ class folders",
+        ),
+        (
+            d.name != "csv" or d.root is not None,
+            "dataset",
+            d.name,
+            "needs dataset.root=DIR, the folder the CSV's paths are relative to",
+        ),
+        (
+            d.name != "csv" or bool(d.file),
+            "dataset",
+            d.name,
+            "needs dataset.file=NAME.csv, the CSV of labels (columns path,label[,split])",
+        ),
     ]
 
 
@@ -580,14 +668,26 @@ def check_dataset(d: Any) -> None:
 
 def _fold_checks(t: Any) -> list[tuple[bool, str, Any, str]]:
     return [
-        (t.folds is None or t.folds >= 2, "trainer.folds", t.folds,
-         "must be at least 2 (each fold validates on 1/folds of the images; null: no cross-validation)"),
+        (
+            t.folds is None or t.folds >= 2,
+            "trainer.folds",
+            t.folds,
+            "must be at least 2 (each fold validates on 1/folds of the images; null: no cross-validation)",
+        ),
         (t.fold is None or t.folds is not None, "trainer.fold", t.fold, "needs trainer.folds=K"),
-        (t.folds is None or t.fold is not None, "trainer.folds", t.folds,
-         "runs one job per fold: give it on the command line (cnntrain fit trainer.folds=K sets trainer.fold "
-         "for each job), or pick one fold with trainer.fold=k"),
-        (t.fold is None or t.folds is None or 0 <= t.fold < t.folds, "trainer.fold", t.fold,
-         f"must be in 0 .. trainer.folds-1 ({t.folds})"),
+        (
+            t.folds is None or t.fold is not None,
+            "trainer.folds",
+            t.folds,
+            "runs one job per fold: give it on the command line (cnntrain fit trainer.folds=K sets trainer.fold "
+            "for each job), or pick one fold with trainer.fold=k",
+        ),
+        (
+            t.fold is None or t.folds is None or 0 <= t.fold < t.folds,
+            "trainer.fold",
+            t.fold,
+            f"must be in 0 .. trainer.folds-1 ({t.folds})",
+        ),
     ]
 
 
@@ -614,5 +714,9 @@ def _micro_batch_check(value: Any, batch_size: int) -> tuple[bool, str, Any, str
         return False, key, value, "must be null, auto or a number of images (1 to trainer.batch_size)"
     if value < 1:
         return False, key, value, "must be at least 1 (or null for the whole batch, or auto)"
-    return (value <= batch_size, key, value,
-            f"is larger than trainer.batch_size={batch_size}; use at most {batch_size} (or null for the whole batch)")
+    return (
+        value <= batch_size,
+        key,
+        value,
+        f"is larger than trainer.batch_size={batch_size}; use at most {batch_size} (or null for the whole batch)",
+    )

@@ -32,8 +32,10 @@ def config_dir() -> Path:
     for candidate in (here / "configs", here.parent / "configs"):
         if (candidate / "fit.yaml").is_file():
             return candidate
-    raise UserError(f"cannot find cnntrain's configs (looked in {here / 'configs'} and {here.parent / 'configs'}); "
-                    "reinstall cnntrain")
+    raise UserError(
+        f"cannot find cnntrain's configs (looked in {here / 'configs'} and {here.parent / 'configs'}); "
+        "reinstall cnntrain"
+    )
 
 
 # The user's config folder for this process: unset (look for ./configs), or a folder, or None (none).
@@ -82,8 +84,10 @@ def take_config_dir_flags(args: list[str]) -> list[str]:
         flag, value = given
         folder = Path(value).expanduser()
         if not folder.is_dir():
-            raise UserError(f"{flag} {value}: no such folder; give the folder that holds your config groups "
-                            "(experiment/, model/, ...)")
+            raise UserError(
+                f"{flag} {value}: no such folder; give the folder that holds your config groups "
+                "(experiment/, model/, ...)"
+            )
         _user_dir = folder.resolve()
     else:
         _user_dir = _UNSET
@@ -110,8 +114,9 @@ def clashes() -> list[tuple[str, str]]:
     if folder is None:
         return []
     builtin = config_dir()
-    found = [(g, o) for g, options in user_options(folder).items() for o in options
-             if (builtin / g / f"{o}.yaml").is_file()]
+    found = [
+        (g, o) for g, options in user_options(folder).items() for o in options if (builtin / g / f"{o}.yaml").is_file()
+    ]
     if (folder / "fit.yaml").is_file():
         found.insert(0, ("", "fit"))
     return found
@@ -251,8 +256,10 @@ def hydra_error_message(e: BaseException) -> str | None:
         text = " ".join(str(e).split())
         if "'hydra/sweeper/optuna' is validated against ConfigStore schema" in text:
             # The old plugin's schema of the same name shadows cnntrain's own Optuna sweeper.
-            return ("hydra-optuna-sweeper (for optuna 2.x) is installed and clashes with cnntrain's own Optuna "
-                    "sweeper; pip uninstall hydra-optuna-sweeper && pip install 'cnntrain[optuna]' (optuna>=4)")
+            return (
+                "hydra-optuna-sweeper (for optuna 2.x) is installed and clashes with cnntrain's own Optuna "
+                "sweeper; pip uninstall hydra-optuna-sweeper && pip install 'cnntrain[optuna]' (optuna>=4)"
+            )
         return text
     if isinstance(e, ValueError) and str(e).startswith("Only one of --run"):  # Hydra: `--multirun --cfg job`
         return str(e).strip()

@@ -108,8 +108,11 @@ def groups() -> list[str]:
     from cnntrain.config import FitConfig
 
     hints = typing.get_type_hints(FitConfig)
-    return [f.name for f in dataclasses.fields(FitConfig)
-            if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])]
+    return [
+        f.name
+        for f in dataclasses.fields(FitConfig)
+        if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])
+    ]
 
 
 def help_text(topics: list[str], width: int = 100) -> str:
@@ -122,14 +125,23 @@ def help_text(topics: list[str], width: int = 100) -> str:
     for topic in topics:
         picked = [k for k in every if k.name == topic or k.name.startswith(f"{topic}.")]
         if not picked:
-            raise UserError(f"no config key or group '{topic}'{did_you_mean(topic, [*groups(), *names])}; "
-                            f"groups: {', '.join(groups())}")
+            raise UserError(
+                f"no config key or group '{topic}'{did_you_mean(topic, [*groups(), *names])}; "
+                f"groups: {', '.join(groups())}"
+            )
         chosen += [k for k in picked if k not in chosen]
     lines = []
     for key in chosen:
         lines.append(f"  {key.name}: {key.type} = {key.default}")
         lines += textwrap.wrap(key.description, width=width, initial_indent="      ", subsequent_indent="      ")
-    footer = [f"\nthe options of the group, and what each sets: cnntrain list {topics[0]}"] if topics[0] in groups() else []
-    return "\n".join(["set any of them with KEY=VALUE, e.g. cnntrain fit "
-                      f"{chosen[0].name}={chosen[0].default if chosen[0].default != '(required)' else '...'}",
-                      *lines, *footer])
+    footer = (
+        [f"\nthe options of the group, and what each sets: cnntrain list {topics[0]}"] if topics[0] in groups() else []
+    )
+    return "\n".join(
+        [
+            "set any of them with KEY=VALUE, e.g. cnntrain fit "
+            f"{chosen[0].name}={chosen[0].default if chosen[0].default != '(required)' else '...'}",
+            *lines,
+            *footer,
+        ]
+    )

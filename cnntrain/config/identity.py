@@ -19,41 +19,51 @@ from typing import Any
 from cnntrain.errors import UserError
 
 # Keys that do not change what a run is: where and how fast it runs, how long, what it shows and writes.
-RESUME_FREE = frozenset({
-    "resume",
-    "trainer.epochs",
-    "trainer.early_stopping_patience",
-    "trainer.early_stopping_min_delta",
-    "trainer.device",
-    "trainer.num_threads",
-    "trainer.precision",
-    "trainer.channels_last",
-    "trainer.micro_batch",
-    "trainer.compile",
-    "trainer.deterministic",
-    "trainer.eval_batch_size",
-    "trainer.on_nonfinite",
-    "trainer.progress",
-    "trainer.figures",
-    "trainer.log_every_n_steps",
-    "trainer.checkpoint_every_n_steps",
-    "trainer.dry_run",
-    "dataset.download",
-    "dataset.in_memory",
-    "dataset.memory_limit_mb",
-    "dataset.on_corrupt",
-    # Which records are written; the MLflow store and experiment are not free: a resume continues its run there.
-    "logger.tensorboard",
-    "logger.mlflow",
-    "logger.log_figures",
-    "logger.log_checkpoint",
-    "dataset.flips_change_label",  # what evaluate/predict may do with the model, not how it trains
-})
+RESUME_FREE = frozenset(
+    {
+        "resume",
+        "trainer.epochs",
+        "trainer.early_stopping_patience",
+        "trainer.early_stopping_min_delta",
+        "trainer.device",
+        "trainer.num_threads",
+        "trainer.precision",
+        "trainer.channels_last",
+        "trainer.micro_batch",
+        "trainer.compile",
+        "trainer.deterministic",
+        "trainer.eval_batch_size",
+        "trainer.on_nonfinite",
+        "trainer.progress",
+        "trainer.figures",
+        "trainer.log_every_n_steps",
+        "trainer.checkpoint_every_n_steps",
+        "trainer.dry_run",
+        "dataset.download",
+        "dataset.in_memory",
+        "dataset.memory_limit_mb",
+        "dataset.on_corrupt",
+        # Which records are written; the MLflow store and experiment are not free: a resume continues its run there.
+        "logger.tensorboard",
+        "logger.mlflow",
+        "logger.log_figures",
+        "logger.log_checkpoint",
+        "dataset.flips_change_label",  # what evaluate/predict may do with the model, not how it trains
+    }
+)
 
 
 # Model keys that change how a model is trained, not its tensors: weights of the run still load after them.
-_SAME_TENSORS = frozenset({"model.dropout", "model.pretrained", "model.weights", "model.freeze_backbone",
-                           "model.unfreeze_epoch", "model.backbone_lr_scale"})
+_SAME_TENSORS = frozenset(
+    {
+        "model.dropout",
+        "model.pretrained",
+        "model.weights",
+        "model.freeze_backbone",
+        "model.unfreeze_epoch",
+        "model.backbone_lr_scale",
+    }
+)
 
 
 def changes_tensors(key: str) -> bool:
@@ -91,8 +101,11 @@ def identity_changes(recorded: Mapping[str, Any], requested: Mapping[str, Any]) 
     A key only one side knows (the schema grew since the run was recorded) is not compared.
     """
     old, new = flatten(recorded), flatten(requested)
-    return [(key, old[key], new[key]) for key in old
-            if key in new and key not in RESUME_FREE and not _same(old[key], new[key])]
+    return [
+        (key, old[key], new[key])
+        for key in old
+        if key in new and key not in RESUME_FREE and not _same(old[key], new[key])
+    ]
 
 
 def _what(key: str) -> str:
@@ -103,8 +116,9 @@ def _what(key: str) -> str:
     return "no longer be what its recorded config says"
 
 
-def check_resume(recorded: Mapping[str, Any], requested: Mapping[str, Any], run: str, way_out: str,
-                 fresh_start: str | None = None) -> None:
+def check_resume(
+    recorded: Mapping[str, Any], requested: Mapping[str, Any], run: str, way_out: str, fresh_start: str | None = None
+) -> None:
     """Refuse, in one line that names the key, a resume whose config changes what the run is. The way out
     is a new run from the run's weights (way_out), or, when the change makes a model those weights do not
     fit, a new run from scratch (fresh_start, where the caller knows the requested overrides)."""
@@ -118,8 +132,9 @@ def check_resume(recorded: Mapping[str, Any], requested: Mapping[str, Any], run:
         hint = f"its weights do not fit the model of {tensors[0]}; to train that as a new run: {fresh_start}"
     else:
         hint = f"to train on from its weights as a new run: {way_out}"
-    raise UserError(f"resume cannot change {key} ({_show(was)} -> {_show(now)}){more}: the run in {run} would "
-                    f"{_what(key)}; {hint}")
+    raise UserError(
+        f"resume cannot change {key} ({_show(was)} -> {_show(now)}){more}: the run in {run} would {_what(key)}; {hint}"
+    )
 
 
 def _show(value: Any) -> str:

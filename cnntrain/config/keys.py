@@ -76,10 +76,14 @@ def option_error(arg: str, following: str | None, command: str = "fit") -> UserE
     shown = value if value else "VALUE"
     if found:
         write = " or ".join(f"{k}={shown}" for k in found)
-        return UserError(f"cnntrain {command} takes no option '{name}': overrides are key=value; write {write} "
-                         f"(see `cnntrain {command} --help`)")
-    return UserError(f"cnntrain {command} takes no option '{name}': overrides are key=value, e.g. "
-                     f"trainer.epochs=3 (see `cnntrain {command} --help`)")
+        return UserError(
+            f"cnntrain {command} takes no option '{name}': overrides are key=value; write {write} "
+            f"(see `cnntrain {command} --help`)"
+        )
+    return UserError(
+        f"cnntrain {command} takes no option '{name}': overrides are key=value, e.g. "
+        f"trainer.epochs=3 (see `cnntrain {command} --help`)"
+    )
 
 
 def check_options(args: list[str], command: str = "fit") -> None:

@@ -88,8 +88,13 @@ class StreamedImages:
             workers = min(8, max(1, (os.cpu_count() or 2) - 1))
             self._sampler = _Chunks()
             self._loader = torch.utils.data.DataLoader(
-                _Decode(self), batch_sampler=self._sampler, collate_fn=_first, num_workers=workers,
-                pin_memory=torch.cuda.is_available(), persistent_workers=True, prefetch_factor=4,
+                _Decode(self),
+                batch_sampler=self._sampler,
+                collate_fn=_first,
+                num_workers=workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=True,
+                prefetch_factor=4,
             )
         return self._loader
 
@@ -140,14 +145,22 @@ class FileImages(StreamedImages):
 class DatasetImages(StreamedImages):
     """The images of a user's map-style torch Dataset, read item by item (dataset=custom, plug-ins)."""
 
-    def __init__(self, dataset: Any, indices: Sequence[int], channels: int, size: tuple[int, int],
-                 on_corrupt: str = "skip", label: str = "dataset"):
+    def __init__(
+        self,
+        dataset: Any,
+        indices: Sequence[int],
+        channels: int,
+        size: tuple[int, int],
+        on_corrupt: str = "skip",
+        label: str = "dataset",
+    ):
         self.dataset, self.indices, self.label = dataset, [int(i) for i in indices], label
         super().__init__(len(self.indices), channels, size, on_corrupt)
 
     def subset(self, idx: np.ndarray | torch.Tensor | slice) -> DatasetImages:
-        return DatasetImages(self.dataset, _select(self.indices, idx), self.channels, self.size, self.on_corrupt,
-                             self.label)
+        return DatasetImages(
+            self.dataset, _select(self.indices, idx), self.channels, self.size, self.on_corrupt, self.label
+        )
 
     def read(self, idx: Sequence[int]) -> torch.Tensor:
         """These items' images as one uint8 tensor, converted and resized as resident ones are."""
@@ -162,8 +175,9 @@ class DatasetImages(StreamedImages):
                 if self.on_corrupt == "error":
                     from cnntrain.errors import UserError
 
-                    raise UserError(f"{self.label}[{item}] raised {type(e).__name__}: {e} "
-                                    "(dataset.on_corrupt=error)") from None
+                    raise UserError(
+                        f"{self.label}[{item}] raised {type(e).__name__}: {e} (dataset.on_corrupt=error)"
+                    ) from None
                 log.warning("%s[%d] raised %s: %s; using a black image", self.label, item, type(e).__name__, e)
                 continue
             out[j] = to_uint8_chw(image, self.channels, self.size, f"{self.label}[{item}]")
@@ -171,8 +185,9 @@ class DatasetImages(StreamedImages):
 
     def digest(self) -> bytes:
         """The dataset's type, length and item indices (reading every image would defeat streaming)."""
-        h = hashlib.sha256(f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}:"
-                           f"{len(self.dataset)}".encode())
+        h = hashlib.sha256(
+            f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}:{len(self.dataset)}".encode()
+        )
         h.update(np.asarray(self.indices, dtype=np.int64).tobytes())
         return h.digest()
 
@@ -210,8 +225,9 @@ def _first(items: list[torch.Tensor]) -> torch.Tensor:
     return items[0]
 
 
-def iterate(x: Images, y: torch.Tensor, chunks: Sequence[torch.Tensor],
-            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate(
+    x: Images, y: torch.Tensor, chunks: Sequence[torch.Tensor], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 images and labels on ``device``, one batch per index chunk, in order."""
     if not isinstance(x, StreamedImages):
         for idx in chunks:
@@ -224,8 +240,9 @@ def iterate(x: Images, y: torch.Tensor, chunks: Sequence[torch.Tensor],
         yield batch.to(device, non_blocking=True), y.index_select(0, idx.to(y.device))
 
 
-def sequential(x: Images, y: torch.Tensor, batch_size: int,
-               device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sequential(
+    x: Images, y: torch.Tensor, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole split in order (evaluation)."""
     if not isinstance(x, StreamedImages):
         for start in range(0, len(x), batch_size):

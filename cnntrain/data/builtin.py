@@ -25,13 +25,26 @@ DATA_DIR = Path(__file__).parent
 MNIST5K_FILE = DATA_DIR / "mnist5k.npz"
 
 DIGITS = [str(d) for d in range(10)]
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
+
 
 def cache_dir(name: str) -> Path:
     """Default home of a downloadable dataset: $CNNTRAIN_DATA/<name>, else ~/.cache/cnntrain/<name>."""
     base = os.environ.get("CNNTRAIN_DATA")
     return (Path(base).expanduser() if base else user_cache_dir()) / name
+
 
 def tv_datasets() -> Any:
     """torchvision.datasets, imported only when needed (the import takes seconds)."""
@@ -103,8 +116,10 @@ def read_idx(path: Path | str) -> np.ndarray:
     count = int(np.prod(dims, dtype=np.int64))
     expected, found = count * dtype.itemsize, len(raw) - header
     if found < expected:
-        raise UserError(f"{path}: truncated idx file (header says {dims}, {expected} bytes of data, "
-                        f"but only {found} follow); delete it and fetch it again")
+        raise UserError(
+            f"{path}: truncated idx file (header says {dims}, {expected} bytes of data, "
+            f"but only {found} follow); delete it and fetch it again"
+        )
     if found > expected:
         raise UserError(f"{path}: corrupt idx file ({found - expected} bytes after the {dims} array)")
     return np.frombuffer(raw, dtype, count=count, offset=header).reshape(dims)
@@ -117,8 +132,10 @@ def _read_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> tu
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise UserError(f"{labels_path}: expected uint8 labels [N], found {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
-        raise UserError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
-                        "the files do not belong together")
+        raise UserError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
+            "the files do not belong together"
+        )
     if len(labels) and int(labels.max()) >= num_classes:
         raise UserError(f"{labels_path}: label {int(labels.max())} is out of range for {num_classes} classes")
     # frombuffer arrays are read-only views of the file bytes; torch wants its own writable memory.
@@ -162,8 +179,10 @@ def _download_idx(spec: _IdxSpec, target: Path) -> None:
     try:
         getattr(tv, spec.tv_class)(root=str(target), train=True, download=True)
     except (OSError, RuntimeError) as e:
-        raise UserError(f"could not download {spec.title} into {target} ({oneline(e)}); check the internet connection, "
-                        "or fetch the idx files yourself and pass dataset.root=DIR") from None
+        raise UserError(
+            f"could not download {spec.title} into {target} ({oneline(e)}); check the internet connection, "
+            "or fetch the idx files yourself and pass dataset.root=DIR"
+        ) from None
 
 
 def _idx_loader(spec: _IdxSpec) -> Callable[[DatasetConfig], ImageData]:
@@ -178,8 +197,10 @@ def _idx_loader(spec: _IdxSpec) -> Callable[[DatasetConfig], ImageData]:
         if files is None:
             looked = ", ".join(str(d) for d in candidates)
             names = ", ".join(f"{s}[.gz]" for s in _IDX_STEMS.values())
-            raise UserError(f"{spec.title} not found: looked for {names} in {looked}; "
-                            f"pass dataset.root=DIR (a folder with those files) or dataset.download=true")
+            raise UserError(
+                f"{spec.title} not found: looked for {names} in {looked}; "
+                f"pass dataset.root=DIR (a folder with those files) or dataset.download=true"
+            )
         train_x, train_y = _read_idx_pair(files["train_images"], files["train_labels"], len(spec.classes))
         test = _read_idx_pair(files["test_images"], files["test_labels"], len(spec.classes))
         if train_x.shape[1:] != test[0].shape[1:]:
@@ -206,12 +227,18 @@ def _tv_open(title: str, make: Callable[[], Any], root: Path, cfg: DatasetConfig
         raise UserError(f"{title} needs an extra package ({oneline(e)}); install it with: pip install scipy") from None
     except RuntimeError as e:
         if cfg.download:
-            raise UserError(f"{title} in {root} is incomplete or corrupt ({oneline(e)}); delete that folder and retry") from None
-        raise UserError(f"{title} not found in {root}; pass dataset.root=DIR (the folder torchvision downloaded it "
-                        f"into) or dataset.download=true") from None
+            raise UserError(
+                f"{title} in {root} is incomplete or corrupt ({oneline(e)}); delete that folder and retry"
+            ) from None
+        raise UserError(
+            f"{title} not found in {root}; pass dataset.root=DIR (the folder torchvision downloaded it "
+            f"into) or dataset.download=true"
+        ) from None
     except OSError as e:
-        raise UserError(f"could not download {title} into {root} ({oneline(e)}); check the internet connection, "
-                        "or pass dataset.root=DIR with a copy torchvision downloaded") from None
+        raise UserError(
+            f"could not download {title} into {root} ({oneline(e)}); check the internet connection, "
+            "or pass dataset.root=DIR with a copy torchvision downloaded"
+        ) from None
 
 
 def _cifar_loader(name: str, tv_class: str, title: str) -> Callable[[DatasetConfig], ImageData]:
@@ -254,10 +281,17 @@ def load_svhn(cfg: DatasetConfig) -> ImageData:
 
 DATASETS.register("mnist5k")(load_mnist5k)
 DATASETS.register("mnist")(_idx_loader(_IdxSpec("mnist", "MNIST", "MNIST", DIGITS)))
-DATASETS.register("fashion_mnist")(_idx_loader(
-    _IdxSpec("fashion_mnist", "Fashion-MNIST", "FashionMNIST", FASHION_CLASSES,
-             system_dirs=("/usr/share/datasets/fashion-mnist",))  # Debian package dataset-fashion-mnist
-))
+DATASETS.register("fashion_mnist")(
+    _idx_loader(
+        _IdxSpec(
+            "fashion_mnist",
+            "Fashion-MNIST",
+            "FashionMNIST",
+            FASHION_CLASSES,
+            system_dirs=("/usr/share/datasets/fashion-mnist",),
+        )  # Debian package dataset-fashion-mnist
+    )
+)
 DATASETS.register("kmnist")(_idx_loader(_IdxSpec("kmnist", "Kuzushiji-MNIST", "KMNIST", KMNIST_CLASSES)))
 DATASETS.register("cifar10")(_cifar_loader("cifar10", "CIFAR10", "CIFAR-10"))
 DATASETS.register("cifar100")(_cifar_loader("cifar100", "CIFAR100", "CIFAR-100"))

@@ -52,8 +52,9 @@ def _csv_path(cfg: DatasetConfig, root: Path) -> Path:
     path = Path(str(cfg.file)).expanduser()  # set: config.check_dataset refuses dataset=csv without a file
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise UserError(f"dataset.file={cfg.file}: no such file {path}; give the CSV of labels, relative to "
-                        "dataset.root")
+        raise UserError(
+            f"dataset.file={cfg.file}: no such file {path}; give the CSV of labels, relative to dataset.root"
+        )
     return path
 
 
@@ -73,8 +74,10 @@ def _read_rows(path: Path, root: Path, cfg: DatasetConfig) -> tuple[_Rows, bool]
         names = [h.strip().lower() for h in header]
         missing = [c for c in ("path", "label") if c not in names]
         if missing:
-            raise UserError(f"{path} has no {' and no '.join(repr(c) for c in missing)} column (its first row: "
-                            f"{', '.join(header)}); name the columns path,label[,split] in the first row")
+            raise UserError(
+                f"{path} has no {' and no '.join(repr(c) for c in missing)} column (its first row: "
+                f"{', '.join(header)}); name the columns path,label[,split] in the first row"
+            )
         col = {c: names.index(c) for c in COLUMNS if c in names}
         has_split = "split" in col
         lines = list(enumerate(reader, start=2))
@@ -88,9 +91,11 @@ def _read_rows(path: Path, root: Path, cfg: DatasetConfig) -> tuple[_Rows, bool]
         rel, label = value["path"], value["label"]
         where = f"{path.name} line {line}"
         if not label and multi:
-            raise UserError(f"{where}: the label cell of {rel or 'the row'} is empty; in a multi-label CSV every "
-                            f"row names its labels (a{MULTI_SEPARATOR}b), or {NO_LABELS} for an image with none "
-                            "of them")
+            raise UserError(
+                f"{where}: the label cell of {rel or 'the row'} is empty; in a multi-label CSV every "
+                f"row names its labels (a{MULTI_SEPARATOR}b), or {NO_LABELS} for an image with none "
+                "of them"
+            )
         if not label:
             raise UserError(f"{where}: no label for {rel or 'the row'}; every row needs path and label")
         if multi:
@@ -132,9 +137,11 @@ def _labels_of(cell: str, where: str) -> str:
         return cell
     parts = [p.strip() for p in cell.split(MULTI_SEPARATOR)]
     if not all(parts) or NO_LABELS in parts:
-        raise UserError(f"{where}: the labels '{cell}' have an empty one (or {NO_LABELS} beside labels); join an "
-                        f"image's labels by one {MULTI_SEPARATOR} (a{MULTI_SEPARATOR}b), or write {NO_LABELS} alone "
-                        "for an image with none")
+        raise UserError(
+            f"{where}: the labels '{cell}' have an empty one (or {NO_LABELS} beside labels); join an "
+            f"image's labels by one {MULTI_SEPARATOR} (a{MULTI_SEPARATOR}b), or write {NO_LABELS} alone "
+            "for an image with none"
+        )
     return MULTI_SEPARATOR.join(dict.fromkeys(parts))  # a label given twice is one
 
 
@@ -143,8 +150,9 @@ def _multi_hot(labels: list[str], path: Path) -> tuple[list[str], np.ndarray]:
     rows = [[] if cell == NO_LABELS else cell.split(MULTI_SEPARATOR) for cell in labels]
     names = [name for row in rows for name in row]
     if not names:
-        raise UserError(f"{path}: every row has {NO_LABELS} (none of the labels); a multi-label CSV needs images "
-                        "with labels")
+        raise UserError(
+            f"{path}: every row has {NO_LABELS} (none of the labels); a multi-label CSV needs images with labels"
+        )
     classes, flat = _classes(names, path)
     y = np.zeros((len(rows), len(classes)), dtype=np.float32)
     where = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
@@ -176,10 +184,15 @@ def _check_classes(classes: list[str], train_labels: np.ndarray, cfg: DatasetCon
         return
     listed = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
     if cfg.on_corrupt == "error":
-        raise UserError(f"{path}: class {listed} has no training images; every class from 0 to the largest "
-                        "integer label (or every name) needs some, or set dataset.on_corrupt=skip")
-    warnings.warn(f"csv {path}: {len(empty)} class(es) without training images: {listed}; the model keeps an "
-                  "output for each, never trained", stacklevel=3)
+        raise UserError(
+            f"{path}: class {listed} has no training images; every class from 0 to the largest "
+            "integer label (or every name) needs some, or set dataset.on_corrupt=skip"
+        )
+    warnings.warn(
+        f"csv {path}: {len(empty)} class(es) without training images: {listed}; the model keeps an "
+        "output for each, never trained",
+        stacklevel=3,
+    )
 
 
 @DATASETS.register("csv")
@@ -208,6 +221,14 @@ def load_csv(cfg: DatasetConfig) -> ImageData:
     small_classes(classes, train_labels, cfg, f"csv {path}")
     names = [rows.paths[i] for i in kept.tolist()]
     train, val, test, items, test_split = split_recorded(
-        x, torch.from_numpy(labels), which, present, cfg, f"{path.name} (train rows)" if has_split else str(path),
-        lambda split: f"csv: {path.name} has no {split} rows", names, "path")
+        x,
+        torch.from_numpy(labels),
+        which,
+        present,
+        cfg,
+        f"{path.name} (train rows)" if has_split else str(path),
+        lambda split: f"csv: {path.name} has no {split} rows",
+        names,
+        "path",
+    )
     return finish("csv", classes, train, val, test, cfg, source=str(path.resolve()), items=items, test_split=test_split)

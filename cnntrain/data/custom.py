@@ -52,14 +52,18 @@ def _call_kwargs(fn: Any, label: str, cfg: DatasetConfig) -> dict[str, Any]:
         if key in params or var_kw:
             call[key] = value
         else:
-            raise UserError(f"dataset.{key}={value} is not an argument of {label} (it takes: "
-                            f"{', '.join(sorted(params)) or 'no keyword arguments'}); remove it or add it")
+            raise UserError(
+                f"dataset.{key}={value} is not an argument of {label} (it takes: "
+                f"{', '.join(sorted(params)) or 'no keyword arguments'}); remove it or add it"
+            )
     for key, value in own_keys(cfg, DatasetConfig).items():
         if key in params or var_kw:
             call[key] = value
         else:
-            raise UserError(f"dataset.{key}={value} is not an argument of {label} (it takes: "
-                            f"{', '.join(sorted(params)) or 'no keyword arguments'}); remove it or add it")
+            raise UserError(
+                f"dataset.{key}={value} is not an argument of {label} (it takes: "
+                f"{', '.join(sorted(params)) or 'no keyword arguments'}); remove it or add it"
+            )
     return call
 
 
@@ -68,17 +72,22 @@ def _parts(result: Any, label: str) -> dict[str, Any]:
     if isinstance(result, Mapping):
         unknown = [str(k) for k in result if k not in SPLITS]
         if unknown or "train" not in result:
-            raise UserError(f"{label} returned a dict with keys {', '.join(map(str, result))}; give a dict with "
-                            "key train and optionally val and test (or one dataset, which cnntrain splits)")
+            raise UserError(
+                f"{label} returned a dict with keys {', '.join(map(str, result))}; give a dict with "
+                "key train and optionally val and test (or one dataset, which cnntrain splits)"
+            )
         parts = {k: result[k] for k in SPLITS if k in result and result[k] is not None}
     else:
         parts = {"all": result}
     for split, ds in parts.items():
         where = label if split == "all" else f"{label}['{split}']"
-        if isinstance(ds, torch.utils.data.IterableDataset) or not (hasattr(ds, "__getitem__")
-                                                                    and hasattr(ds, "__len__")):
-            raise UserError(f"{where} is a {type(ds).__name__}, not a map-style torch Dataset (one with "
-                            "__getitem__ and __len__) of (image, label) pairs")
+        if isinstance(ds, torch.utils.data.IterableDataset) or not (
+            hasattr(ds, "__getitem__") and hasattr(ds, "__len__")
+        ):
+            raise UserError(
+                f"{where} is a {type(ds).__name__}, not a map-style torch Dataset (one with "
+                "__getitem__ and __len__) of (image, label) pairs"
+            )
         if len(ds) == 0:
             raise UserError(f"{where} is empty")
     return parts
@@ -97,9 +106,11 @@ def _label(value: Any, what: str) -> Label:
     vector = _multi_hot(value)
     if vector is not None:
         return vector
-    raise UserError(f"{what}: the label is {value!r} ({type(value).__name__}); return the class index as an int, "
-                    "or for a multi-label dataset a vector of 0/1, one per label (class names go in a `classes` "
-                    "attribute of the dataset)")
+    raise UserError(
+        f"{what}: the label is {value!r} ({type(value).__name__}); return the class index as an int, "
+        "or for a multi-label dataset a vector of 0/1, one per label (class names go in a `classes` "
+        "attribute of the dataset)"
+    )
 
 
 def _multi_hot(value: Any) -> tuple[float, ...] | None:
@@ -118,17 +129,20 @@ def _targets(labels: list[Any], label: str) -> torch.Tensor:
         return torch.tensor(labels, dtype=torch.int64)
     if len(vectors) < len(labels) or len({len(v) for v in vectors}) > 1:
         sizes = sorted({len(v) for v in vectors})
-        raise UserError(f"{label} gives multi-hot targets of {' and '.join(map(str, sizes))} labels"
-                        f"{' and class indices' if len(vectors) < len(labels) else ''}; every item of a multi-label "
-                        "dataset returns a 0/1 vector with one entry per label")
+        raise UserError(
+            f"{label} gives multi-hot targets of {' and '.join(map(str, sizes))} labels"
+            f"{' and class indices' if len(vectors) < len(labels) else ''}; every item of a multi-label "
+            "dataset returns a 0/1 vector with one entry per label"
+        )
     return torch.tensor(labels, dtype=torch.float32)
 
 
 def _item(ds: Any, i: int, what: str) -> tuple[Any, Label]:
     item = ds[i]
     if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise UserError(f"{what} is a {type(item).__name__}; items must be (image, label) pairs with images "
-                        f"as {IMAGE_TYPES}")
+        raise UserError(
+            f"{what} is a {type(item).__name__}; items must be (image, label) pairs with images as {IMAGE_TYPES}"
+        )
     return item[0], _label(item[1], what)
 
 
@@ -157,19 +171,23 @@ class _Failures:
         if isinstance(e, UserError):
             raise e
         if self.cfg.on_corrupt == "error":
-            raise UserError(f"{what} raised {type(e).__name__}: {' '.join(str(e).split())} "
-                            "(fix it, or set dataset.on_corrupt=skip to leave such items out)") from None
+            raise UserError(
+                f"{what} raised {type(e).__name__}: {' '.join(str(e).split())} "
+                "(fix it, or set dataset.on_corrupt=skip to leave such items out)"
+            ) from None
         self.items.append(f"{what} ({type(e).__name__}: {' '.join(str(e).split())})")
 
     def warn(self) -> None:
         if self.items:
             listed = "; ".join(self.items[:5]) + (f"; and {len(self.items) - 5} more" if len(self.items) > 5 else "")
-            warnings.warn(f"{self.label}: left out {len(self.items)} item(s) that could not be read: {listed}",
-                          stacklevel=3)
+            warnings.warn(
+                f"{self.label}: left out {len(self.items)} item(s) that could not be read: {listed}", stacklevel=3
+            )
 
 
-def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures
-              ) -> tuple[Images, list[Label], list[int]]:
+def _resident(
+    pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, fails: _Failures
+) -> tuple[Images, list[Label], list[int]]:
     """Read every item: (uint8 [N, C, H, W], labels, kept pool positions)."""
     images, labels, kept = [], [], []
     for k, (what, ds, i) in enumerate(pool):
@@ -191,8 +209,10 @@ def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, 
         sizes = {a.shape[:2]: pool[kept[j]][0] for j, a in enumerate(images)}
         if len(sizes) > 1:
             (s1, w1), (s2, w2) = list(sizes.items())[:2]
-            raise UserError(f"images of {label} differ in size ({s1[0]}x{s1[1]} {w1}, {s2[0]}x{s2[1]} {w2}, ...); "
-                            "set dataset.image_size=N to resize all of them to NxN")
+            raise UserError(
+                f"images of {label} differ in size ({s1[0]}x{s1[1]} {w1}, {s2[0]}x{s2[1]} {w2}, ...); "
+                "set dataset.image_size=N to resize all of them to NxN"
+            )
         size = next(iter(sizes))
     out = np.empty((len(images), channels, *size), dtype=np.uint8)
     for j, a in enumerate(images):
@@ -200,8 +220,9 @@ def _resident(pool: list[tuple[str, Any, int]], cfg: DatasetConfig, label: str, 
     return torch.from_numpy(out), labels, kept
 
 
-def _streamed(pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: DatasetConfig, label: str,
-              first: np.ndarray) -> tuple[Images, list[Label], list[int]]:
+def _streamed(
+    pool: list[tuple[str, Any, int]], parts: dict[str, Any], cfg: DatasetConfig, label: str, first: np.ndarray
+) -> tuple[Images, list[Label], list[int]]:
     """Labels only (from `targets`/`labels`, else one pass); images are read by DataLoader workers."""
     channels = cfg.channels or first.shape[2]
     size = (int(cfg.image_size),) * 2 if cfg.image_size is not None else tuple(first.shape[:2])
@@ -222,8 +243,11 @@ def load_from(fn: Any, label: str, key: str, cfg: DatasetConfig, name: str) -> I
     if not callable(fn):
         raise UserError(f"{key}: {label} is a {type(fn).__name__}, not a function or class")
     parts = _parts(fn(**_call_kwargs(fn, label, cfg)), label)
-    pool = [(f"{label}[{i}]" if split == "all" else f"{label}['{split}'][{i}]", ds, i)
-            for split, ds in parts.items() for i in range(len(ds))]
+    pool = [
+        (f"{label}[{i}]" if split == "all" else f"{label}['{split}'][{i}]", ds, i)
+        for split, ds in parts.items()
+        for i in range(len(ds))
+    ]
     names = [f"{i}" if split == "all" else f"{split}:{i}" for split, ds in parts.items() for i in range(len(ds))]
     which_all = np.concatenate([np.full(len(ds), k) for k, ds in enumerate(parts.values())])
     first_what, first_ds, _ = pool[0]
@@ -238,8 +262,16 @@ def load_from(fn: Any, label: str, key: str, cfg: DatasetConfig, name: str) -> I
     classes = _class_names(parts, y, label) if y.dim() == 1 else _label_names(parts, y.shape[1], label)
     present = list(parts)
     train, val, test, items, test_split = split_recorded(
-        x, y, which_all[kept], present, cfg, label, lambda split: f"{label} has no '{split}' dataset",
-        [names[k] for k in kept], "item")
+        x,
+        y,
+        which_all[kept],
+        present,
+        cfg,
+        label,
+        lambda split: f"{label} has no '{split}' dataset",
+        [names[k] for k in kept],
+        "item",
+    )
     return finish(name, classes, train, val, test, cfg, source=label, items=items, test_split=test_split)
 
 
@@ -278,4 +310,3 @@ def load_plugin(name: str, cfg: DatasetConfig) -> ImageData:
     """dataset=<plug-in name>: the callable an installed package's entry point names."""
     fn, plugin = DATASETS.load_plugin(name)
     return load_from(fn, plugin.label, f"dataset={name}", cfg, name)
-

@@ -93,8 +93,10 @@ def as_hwc(image: Any, what: str) -> np.ndarray:
         if not isinstance(image, torch.Tensor):
             raise UserError(f"{what}: the image is a {type(image).__name__}; return {IMAGE_TYPES}")
         if image.dtype != torch.uint8:
-            raise UserError(f"{what}: the image is a {image.dtype} tensor; return uint8 pixels (0-255) as "
-                            f"{IMAGE_TYPES}; cnntrain normalises them itself (drop ToTensor()/Normalize)")
+            raise UserError(
+                f"{what}: the image is a {image.dtype} tensor; return uint8 pixels (0-255) as "
+                f"{IMAGE_TYPES}; cnntrain normalises them itself (drop ToTensor()/Normalize)"
+            )
         image, chw_first = image.detach().cpu().numpy(), True
     elif not isinstance(image, np.ndarray):
         raise UserError(f"{what}: the image is a {type(image).__name__}; return {IMAGE_TYPES}")
@@ -108,8 +110,10 @@ def as_hwc(image: Any, what: str) -> np.ndarray:
         if a.shape[0] in small and (chw_first or a.shape[2] not in small):
             a = a.transpose(1, 2, 0)
         elif a.shape[2] not in small:
-            raise UserError(f"{what}: cannot tell the channels of an image of shape {tuple(image.shape)}; "
-                            "give 1, 3 or 4 channels first (CHW) or last (HWC)")
+            raise UserError(
+                f"{what}: cannot tell the channels of an image of shape {tuple(image.shape)}; "
+                "give 1, 3 or 4 channels first (CHW) or last (HWC)"
+            )
     else:
         raise UserError(f"{what}: the image has shape {tuple(image.shape)}; give HW, HWC or CHW")
     c = a.shape[2]

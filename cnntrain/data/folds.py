@@ -18,8 +18,9 @@ def fold_parts(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     """The K stratified parts (indices into labels), sizes differing by at most one."""
     n = len(labels)
     if n < folds:
-        raise UserError(f"trainer.folds={folds} needs at least {folds} training and validation images; "
-                        f"the dataset has {n}")
+        raise UserError(
+            f"trainer.folds={folds} needs at least {folds} training and validation images; the dataset has {n}"
+        )
     sizes = [n * (k + 1) // folds - n * k // folds for k in range(folds - 1)]
     return stratified_split(labels, sizes, [seed, 2])  # a seed stream of its own, beside the split's
 
@@ -29,8 +30,10 @@ def take_fold(data: ImageData, folds: int | None, fold: int | None, seed: int) -
     if folds is None:
         return data
     if fold is None:  # validate() lets a lone run of a fold sweep through only with its fold set
-        raise UserError("trainer.folds=K runs as a sweep: `cnntrain fit trainer.folds=K` sets trainer.fold "
-                        "per job; to run one fold alone pass trainer.fold=k as well")
+        raise UserError(
+            "trainer.folds=K runs as a sweep: `cnntrain fit trainer.folds=K` sets trainer.fold "
+            "per job; to run one fold alone pass trainer.fold=k as well"
+        )
     if isinstance(data.train_x, StreamedImages) or isinstance(data.val_x, StreamedImages):  # both, or neither
         raise UserError("trainer.folds needs the images in memory; set dataset.in_memory=true")
     pool_x = torch.cat([data.train_x, data.val_x])
@@ -40,8 +43,16 @@ def take_fold(data: ImageData, folds: int | None, fold: int | None, seed: int) -
     train_idx = np.sort(np.concatenate([p for k, p in enumerate(parts) if k != fold]))
     (train_x, train_y), (val_x, val_y) = take(pool_x, pool_y, train_idx), take(pool_x, pool_y, val_idx)
     mean, std = channel_stats(train_x)
-    return dataclasses.replace(data, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, mean=mean,
-                               std=std, items=_fold_items(data, train_idx, val_idx))
+    return dataclasses.replace(
+        data,
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        mean=mean,
+        std=std,
+        items=_fold_items(data, train_idx, val_idx),
+    )
 
 
 def _fold_items(data: ImageData, train_idx: np.ndarray, val_idx: np.ndarray) -> Items:

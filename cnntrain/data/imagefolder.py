@@ -38,13 +38,15 @@ def _scan(d: Path, classes: list[str] | None, train_dir: Path | None) -> tuple[l
     except FileNotFoundError:
         found = []
     if not found:
-        raise UserError(f"{d} has no class folders; put each class's images in its own subfolder, "
-                        f"e.g. {d / 'cat' / '001.png'}")
+        raise UserError(
+            f"{d} has no class folders; put each class's images in its own subfolder, e.g. {d / 'cat' / '001.png'}"
+        )
     if classes is None:
         classes = found
     elif extra := [c for c in found if c not in classes]:
-        raise UserError(f"{d} has class folders that {train_dir} lacks: {', '.join(extra)}; "
-                        f"every class needs training images")
+        raise UserError(
+            f"{d} has class folders that {train_dir} lacks: {', '.join(extra)}; every class needs training images"
+        )
     samples = make_dataset(str(d), {c: classes.index(c) for c in found}, is_valid_file=_is_image, allow_empty=True)
     counts = np.bincount([label for _, label in samples], minlength=len(classes))
     if empty := [c for c in found if counts[classes.index(c)] == 0]:
@@ -86,11 +88,15 @@ def small_classes(classes: list[str], train_labels: np.ndarray, cfg: DatasetConf
 
     listed = ", ".join(described(i) for i in small[:10]) + (f" and {len(small) - 10} more" if len(small) > 10 else "")
     if cfg.min_class_images > 0:
-        raise UserError(f"{what}: class {listed} has fewer than dataset.min_class_images={cfg.min_class_images} "
-                        "training images; fix the label, or lower dataset.min_class_images")
-    warnings.warn(f"{what}: {len(small)} class(es) with very few training images: {listed}; a misspelt label? "
-                  f"dataset.min_class_images={max(int(counts[i]) for i in small) + 1} makes this an error",
-                  stacklevel=3)
+        raise UserError(
+            f"{what}: class {listed} has fewer than dataset.min_class_images={cfg.min_class_images} "
+            "training images; fix the label, or lower dataset.min_class_images"
+        )
+    warnings.warn(
+        f"{what}: {len(small)} class(es) with very few training images: {listed}; a misspelt label? "
+        f"dataset.min_class_images={max(int(counts[i]) for i in small) + 1} makes this an error",
+        stacklevel=3,
+    )
 
 
 def stream_or_not(cfg: DatasetConfig, nbytes: int) -> bool:
@@ -108,8 +114,7 @@ def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> 
         headers = {i: r for i, r in enumerate(probes) if not isinstance(r, str)}  # (gray, size) of those that read
         ok = list(headers)
         if not ok:  # one error rather than a warning about every file first
-            raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: "
-                            f"{bad[0][1]})")
+            raise UserError(f"no image under {root} could be decoded ({len(bad)} files; e.g. {bad[0][0]}: {bad[0][1]})")
         if cfg.on_corrupt == "error":
             corrupt(bad, cfg, what)
 
@@ -120,14 +125,17 @@ def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> 
             sizes = {size: files[i] for i, (_, size) in headers.items()}
             if len(sizes) > 1:
                 (s1, p1), (s2, p2) = list(sizes.items())[:2]
-                raise UserError(f"images under {root} differ in size ({s1[0]}x{s1[1]} {p1}, {s2[0]}x{s2[1]} {p2}, "
-                                f"...); set dataset.image_size=N to resize all of them to NxN")
+                raise UserError(
+                    f"images under {root} differ in size ({s1[0]}x{s1[1]} {p1}, {s2[0]}x{s2[1]} {p2}, "
+                    f"...); set dataset.image_size=N to resize all of them to NxN"
+                )
             w, h = next(iter(sizes))
 
         nbytes = len(ok) * channels * h * w
         if stream_or_not(cfg, nbytes):
-            logging.getLogger(__name__).info("streaming %d images (%.0f MB decoded) through DataLoader workers",
-                                             len(ok), nbytes / 2**20)
+            logging.getLogger(__name__).info(
+                "streaming %d images (%.0f MB decoded) through DataLoader workers", len(ok), nbytes / 2**20
+            )
             corrupt(bad, cfg, what)
             return FileImages([files[i] for i in ok], channels, (h, w), cfg.on_corrupt), np.asarray(ok, np.int64)
         out = np.empty((len(ok), channels, h, w), dtype=np.uint8)
@@ -141,8 +149,15 @@ def read_files(files: list[Path], cfg: DatasetConfig, root: Path, what: str) -> 
     return x, np.asarray(ok, dtype=np.int64)[good]
 
 
-def assemble_splits(x: Images, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
-                    what: str, missing: Callable[[str], str]) -> tuple[Split, Split, Split, str | None]:
+def assemble_splits(
+    x: Images,
+    y: torch.Tensor,
+    which: np.ndarray,
+    present: list[str],
+    cfg: DatasetConfig,
+    what: str,
+    missing: Callable[[str], str],
+) -> tuple[Split, Split, Split, str | None]:
     """(train, val, test, how the test split was made) from images tagged by `which` (an index into `present`).
 
     present == ["all"]: one pool, split by the fractions (seeded, stratified). Otherwise train is given; a
@@ -150,11 +165,14 @@ def assemble_splits(x: Images, y: torch.Tensor, which: np.ndarray, present: list
     the validation split as the test split: that one picked the best epoch, so a score on it is no test.
     The last value describes a test split cnntrain held out (None when the source gave one).
     """
+
     def part(name: str) -> Split:
         return take(x, y, np.flatnonzero(which == present.index(name)))
 
-    held_out = (f"dataset.test_fraction={cfg.test_fraction} of {{}}, stratified by class, "
-                f"seeded by dataset.split_seed={cfg.split_seed} (no test split given)")
+    held_out = (
+        f"dataset.test_fraction={cfg.test_fraction} of {{}}, stratified by class, "
+        f"seeded by dataset.split_seed={cfg.split_seed} (no test split given)"
+    )
     if present == ["all"]:
         return (*three_way(x, y, cfg, what), held_out.format(what))
     train, test_split = part("train"), None
@@ -169,22 +187,36 @@ def assemble_splits(x: Images, y: torch.Tensor, which: np.ndarray, present: list
         else:
             train, val, test = three_way(*train, cfg, what)
         test_split = held_out.format(what)
-        warnings.warn(f"{missing('test')}; holding out {len(test[1])} images of the train split "
-                      f"(dataset.test_fraction={cfg.test_fraction}) as the test split", stacklevel=3)
+        warnings.warn(
+            f"{missing('test')}; holding out {len(test[1])} images of the train split "
+            f"(dataset.test_fraction={cfg.test_fraction}) as the test split",
+            stacklevel=3,
+        )
     if "val" not in present:
         if "test" in present:
             train, val = carve_val(*train, cfg, what)
-        warnings.warn(f"{missing('val')}; holding out dataset.val_fraction={cfg.val_fraction} "
-                      "of the training images for validation", stacklevel=3)
+        warnings.warn(
+            f"{missing('val')}; holding out dataset.val_fraction={cfg.val_fraction} "
+            "of the training images for validation",
+            stacklevel=3,
+        )
     for split_name, (sx, _) in (("train", train), ("val", val), ("test", test)):
         if len(sx) == 0:
             raise UserError(f"the {split_name} split of {what} has no decodable images")
     return train, val, test, test_split
 
 
-def split_recorded(x: Images, y: torch.Tensor, which: np.ndarray, present: list[str], cfg: DatasetConfig,
-                   what: str, missing: Callable[[str], str], names: list[str],
-                   column: str) -> tuple[Split, Split, Split, Items, str | None]:
+def split_recorded(
+    x: Images,
+    y: torch.Tensor,
+    which: np.ndarray,
+    present: list[str],
+    cfg: DatasetConfig,
+    what: str,
+    missing: Callable[[str], str],
+    names: list[str],
+    column: str,
+) -> tuple[Split, Split, Split, Items, str | None]:
     """assemble_splits, also saying which of `names` (one per image of x) each split holds."""
     ids = torch.arange(len(y))
     *parts, test_split = assemble_splits(ids, y, which, present, cfg, what, missing)
@@ -226,7 +258,9 @@ def load_imagefolder(cfg: DatasetConfig) -> ImageData:
     small_classes(classes, all_labels[kept][which[kept] == 0], cfg, f"imagefolder {root}")  # order[0]: train or all
     what = str(root) if order == ["all"] else str(root / "train")
     names = [files[i].relative_to(root).as_posix() for i in kept.tolist()]
-    train, val, test, items, test_split = split_recorded(x, y, which[kept], order, cfg, what,
-                                                         lambda split: f"imagefolder: no {root / split}", names, "path")
-    return finish("imagefolder", classes, train, val, test, cfg, source=str(root.resolve()), items=items,
-                  test_split=test_split)
+    train, val, test, items, test_split = split_recorded(
+        x, y, which[kept], order, cfg, what, lambda split: f"imagefolder: no {root / split}", names, "path"
+    )
+    return finish(
+        "imagefolder", classes, train, val, test, cfg, source=str(root.resolve()), items=items, test_split=test_split
+    )

@@ -59,10 +59,13 @@ class ImageData:
         # Catch a loader bug here rather than as a shape error deep inside the loop.
         for split in ("train", "val", "test"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
-            assert x.dtype == torch.uint8 and x.dim() == 4 and x.is_contiguous(), f"{split}_x: {x.dtype} {tuple(x.shape)}"
+            assert x.dtype == torch.uint8 and x.dim() == 4 and x.is_contiguous(), (
+                f"{split}_x: {x.dtype} {tuple(x.shape)}"
+            )
             # Class indices, or multi-hot rows of 0/1 (a multi-label dataset: engine.tasks).
             assert (y.dtype == torch.int64 and y.shape == (x.shape[0],)) or (
-                y.dtype == torch.float32 and y.shape == (x.shape[0], len(self.classes))), f"{split}_y: {y.dtype} {tuple(y.shape)}"
+                y.dtype == torch.float32 and y.shape == (x.shape[0], len(self.classes))
+            ), f"{split}_y: {y.dtype} {tuple(y.shape)}"
             assert x.shape[1:] == self.train_x.shape[1:], f"{split}_x shape {tuple(x.shape)} differs from train_x"
 
     @property
@@ -218,8 +221,17 @@ def channel_stats(x: Images) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(means), tuple(stds)
 
 
-def finish(name: str, classes: list[str], train: Split, val: Split, test: Split, cfg: DatasetConfig,
-           source: str, test_split: str | None = None, items: Items | None = None) -> ImageData:
+def finish(
+    name: str,
+    classes: list[str],
+    train: Split,
+    val: Split,
+    test: Split,
+    cfg: DatasetConfig,
+    source: str,
+    test_split: str | None = None,
+    items: Items | None = None,
+) -> ImageData:
     """Apply dataset.subset to the train split, compute normalisation statistics, build the ImageData."""
     train_x, train_y = train
     subset = getattr(cfg, "subset", None)
@@ -231,11 +243,23 @@ def finish(name: str, classes: list[str], train: Split, val: Split, test: Split,
             if items is not None:
                 items.index["train"] = items.index["train"][keep]
         else:
-            warnings.warn(f"dataset.subset={subset} is not below the {len(train_y)} training images; using all",
-                          stacklevel=3)
+            warnings.warn(
+                f"dataset.subset={subset} is not below the {len(train_y)} training images; using all", stacklevel=3
+            )
     mean, std = channel_stats(train_x)
-    return ImageData(name, list(classes), train_x, train_y, *val, *test, mean=mean, std=std, source=source,
-                     test_split=test_split, items=items)
+    return ImageData(
+        name,
+        list(classes),
+        train_x,
+        train_y,
+        *val,
+        *test,
+        mean=mean,
+        std=std,
+        source=source,
+        test_split=test_split,
+        items=items,
+    )
 
 
 def warn_ignored(cfg: DatasetConfig, keys: Sequence[str]) -> None:
@@ -245,4 +269,3 @@ def warn_ignored(cfg: DatasetConfig, keys: Sequence[str]) -> None:
         value = getattr(cfg, key, None)
         if value != getattr(defaults, key):
             warnings.warn(f"dataset.{key}={value} has no effect on dataset '{cfg.name}'; ignored", stacklevel=3)
-

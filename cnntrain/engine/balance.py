@@ -31,15 +31,19 @@ def loss_weights(spec: ClassWeights, counts: torch.Tensor, classes: Sequence[str
     if spec == "balanced":
         if bool((counts == 0).any()):  # needs the training split's labels, as the count of weights below does
             empty = [classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
-            raise UserError(f"trainer.class_weights=balanced: the training split has no images of "
-                            f"{', '.join(empty[:5])}; give explicit weights or add images")
+            raise UserError(
+                f"trainer.class_weights=balanced: the training split has no images of "
+                f"{', '.join(empty[:5])}; give explicit weights or add images"
+            )
         return (counts.sum() / (k * counts)).float()
     weights = [float(v) for v in spec]
     # config.validate checks the values (numbers >= 0, one of them > 0); their count needs the dataset's classes,
     # known only once it is loaded, so it is checked here.
     if len(weights) != k:
-        raise UserError(f"trainer.class_weights has {len(weights)} weights but the dataset has {k} classes "
-                        f"({', '.join(classes[:10])}{', ...' if k > 10 else ''}); give one weight per class")
+        raise UserError(
+            f"trainer.class_weights has {len(weights)} weights but the dataset has {k} classes "
+            f"({', '.join(classes[:10])}{', ...' if k > 10 else ''}); give one weight per class"
+        )
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -50,8 +54,9 @@ def sample_weights(sampler: str, y: torch.Tensor, counts: torch.Tensor) -> torch
     return (1.0 / counts.clamp(min=1).double())[y.cpu()]
 
 
-def imbalance_warning(counts: torch.Tensor, classes: Sequence[str], class_weights: ClassWeights, sampler: str
-                      ) -> str | None:
+def imbalance_warning(
+    counts: torch.Tensor, classes: Sequence[str], class_weights: ClassWeights, sampler: str
+) -> str | None:
     """One line when the largest class has >= 10x the images of the smallest and nothing compensates (neither
     trainer.class_weights nor dataset.sampler)."""
     if class_weights is not None or sampler != "shuffle" or len(counts) < 2:
@@ -61,6 +66,8 @@ def imbalance_warning(counts: torch.Tensor, classes: Sequence[str], class_weight
     if n_small > 0 and n_big < IMBALANCE_WARN_RATIO * n_small:
         return None
     ratio = f"{n_big / n_small:.1f}x" if n_small else "all"
-    return (f"the training classes are imbalanced: '{classes[big]}' has {ratio} the images of "
-            f"'{classes[small]}' ({n_big} vs {n_small}); consider trainer.class_weights=balanced or "
-            "dataset.sampler=balanced, and judge the run by balanced accuracy and macro F1")
+    return (
+        f"the training classes are imbalanced: '{classes[big]}' has {ratio} the images of "
+        f"'{classes[small]}' ({n_big} vs {n_small}); consider trainer.class_weights=balanced or "
+        "dataset.sampler=balanced, and judge the run by balanced accuracy and macro F1"
+    )

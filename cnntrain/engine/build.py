@@ -50,8 +50,11 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
     task = tasks.build_task(t, cfg.dataset, data.train_y)  # one class per image, or a set of labels (multi-hot)
     counts = balance.class_counts(data.train_y, data.num_classes)
     class_weights = task.loss_weights(t.class_weights, counts, len(data.train_y), data.classes)
-    note = (balance.imbalance_warning(counts, data.classes, t.class_weights, cfg.dataset.sampler)
-            if task.name == tasks.SINGLE else None)
+    note = (
+        balance.imbalance_warning(counts, data.classes, t.class_weights, cfg.dataset.sampler)
+        if task.name == tasks.SINGLE
+        else None
+    )
     if note is not None and dist.main:
         warnings.warn(note, stacklevel=2)
     model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
@@ -67,26 +70,50 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
         average = get_ema_multi_avg_fn(t.ema_decay)  # type: ignore[no-untyped-call]  # unannotated in torch
         ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
     step = TrainStep(
-        model=model, forward=model, optimizer=optimizer,
+        model=model,
+        forward=model,
+        optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
-        normalise=Normalise.of(data.mean, data.std, device), precision=precision,
-        augment=build_augment(cfg.augment, data.num_classes), label_smoothing=t.label_smoothing,
-        grad_clip=t.grad_clip, seed=t.seed, rank=dist.rank,
-        class_weights=None if class_weights is None else class_weights.to(device), task=task,
-        scheduler=scheduler, ema=ema, skip_nonfinite=t.on_nonfinite == "skip",
-        unfreeze_epoch=cfg.model.unfreeze_epoch if cfg.model.freeze_backbone else None, lr=cfg.optimizer.lr,
+        normalise=Normalise.of(data.mean, data.std, device),
+        precision=precision,
+        augment=build_augment(cfg.augment, data.num_classes),
+        label_smoothing=t.label_smoothing,
+        grad_clip=t.grad_clip,
+        seed=t.seed,
+        rank=dist.rank,
+        class_weights=None if class_weights is None else class_weights.to(device),
+        task=task,
+        scheduler=scheduler,
+        ema=ema,
+        skip_nonfinite=t.on_nonfinite == "skip",
+        unfreeze_epoch=cfg.model.unfreeze_epoch if cfg.model.freeze_backbone else None,
+        lr=cfg.optimizer.lr,
     )
     resumed = None if cfg.resume is None else find_checkpoint(cfg.resume)
     progress = Progress() if resumed is None else restore(resumed, cfg, step, scheduler, ema, data, device)
     shape = (data.channels, *data.image_size)
-    choice = tuning.decide(t, cfg.model, resumed is not None, step, device, shape, data.num_classes,
-                           progress.tuning, dist.enabled, steps * max(1, t.epochs - progress.epoch))
+    choice = tuning.decide(
+        t,
+        cfg.model,
+        resumed is not None,
+        step,
+        device,
+        shape,
+        data.num_classes,
+        progress.tuning,
+        dist.enabled,
+        steps * max(1, t.epochs - progress.epoch),
+    )
     # Weights and optimizer state keep their values in either layout, so a resume restores before this.
     tuning.apply(choice, step, [model] + ([ema.module] if ema is not None else []))
     progress.tuning = choice.record()
     last = RunDir(run_dir).last
     keep_last = resumed is None or (last.is_file() and resumed.resolve() == last.resolve())
-    if cfg.model.freeze_backbone and cfg.model.unfreeze_epoch is not None and progress.epoch + 1 >= cfg.model.unfreeze_epoch:
+    if (
+        cfg.model.freeze_backbone
+        and cfg.model.unfreeze_epoch is not None
+        and progress.epoch + 1 >= cfg.model.unfreeze_epoch
+    ):
         set_backbone_trainable(model, True)
     # Resident data: moved once; non_blocking lets the copies overlap on CUDA.
     tensors = {name: getattr(data, name).to(device, non_blocking=True) for name in SPLITS}
@@ -95,12 +122,25 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
     if dist.enabled:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         step.forward = _compiled(ddp) if t.compile else ddp
-    return Run(cfg=cfg, run_dir=run_dir, data=data, tensors=tensors, step=step, plain=plain, ema=ema,
-               scheduler=scheduler, dist=dist, steps=steps, progress=progress,
-               reporter=make_reporter(t.progress if dist.main else "none"), threads_note=threads_note,
-               keep_last=keep_last, data_fingerprint=data.fingerprint(),
-               sample_weights=balance.sample_weights(cfg.dataset.sampler, data.train_y, counts),
-               record={**tasks.record(task, t.monitor), **_record(cfg, data, class_weights)})
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        data=data,
+        tensors=tensors,
+        step=step,
+        plain=plain,
+        ema=ema,
+        scheduler=scheduler,
+        dist=dist,
+        steps=steps,
+        progress=progress,
+        reporter=make_reporter(t.progress if dist.main else "none"),
+        threads_note=threads_note,
+        keep_last=keep_last,
+        data_fingerprint=data.fingerprint(),
+        sample_weights=balance.sample_weights(cfg.dataset.sampler, data.train_y, counts),
+        record={**tasks.record(task, t.monitor), **_record(cfg, data, class_weights)},
+    )
 
 
 def _compiled(module: nn.Module) -> nn.Module:
@@ -127,30 +167,58 @@ def start_rows(run: Run) -> list[tuple[str, str]]:
     t = cfg.trainer
     h, w = data.image_size
     rows = [
-        ("dataset", f"{data.name}: {len(data.train_x):,} train / {len(data.val_x):,} val / {len(data.test_x):,} test, "
-                    f"{data.channels}x{h}x{w}, {data.num_classes} {'labels' if data.multilabel else 'classes'} "
-                    f"({data.source})"),
-        ("model", f"{chosen_label(chosen_option('model'), model_label(cfg.model))}: "
-                  f"{count_parameters(model):,} parameters"),
+        (
+            "dataset",
+            f"{data.name}: {len(data.train_x):,} train / {len(data.val_x):,} val / {len(data.test_x):,} test, "
+            f"{data.channels}x{h}x{w}, {data.num_classes} {'labels' if data.multilabel else 'classes'} "
+            f"({data.source})",
+        ),
+        (
+            "model",
+            f"{chosen_label(chosen_option('model'), model_label(cfg.model))}: {count_parameters(model):,} parameters",
+        ),
         ("augment", cfg.augment.name),
         ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g} weight decay {cfg.optimizer.weight_decay:g}"),
         ("scheduler", cfg.scheduler.name),
-        ("trainer", f"{t.epochs} epochs x {steps} steps of {t.batch_size}, seed {t.seed}"
-                    f"{', deterministic' if t.deterministic else ''}"),
-        ("device", f"{describe(run.device)}, precision {precision.label}"
-                   f"{', channels_last' if channels_last else ''}{', compiled' if t.compile else ''}"
-                   f"{f'; threads: {run.threads_note}' if run.threads_note and run.device.type == 'cpu' else ''}"),
+        (
+            "trainer",
+            f"{t.epochs} epochs x {steps} steps of {t.batch_size}, seed {t.seed}"
+            f"{', deterministic' if t.deterministic else ''}",
+        ),
+        (
+            "device",
+            f"{describe(run.device)}, precision {precision.label}"
+            f"{', channels_last' if channels_last else ''}{', compiled' if t.compile else ''}"
+            f"{f'; threads: {run.threads_note}' if run.threads_note and run.device.type == 'cpu' else ''}",
+        ),
         ("layout", layout_row(run.progress.tuning, channels_last, run.step.micro_batch)),
         ("run dir", str(run.run_dir)),
     ]
     if dist.enabled:
-        rows.insert(-1, ("distributed", f"{dist.world} processes, global batch {t.batch_size} "
-                                        f"({t.batch_size // dist.world} per rank)"))
+        rows.insert(
+            -1,
+            (
+                "distributed",
+                f"{dist.world} processes, global batch {t.batch_size} ({t.batch_size // dist.world} per rank)",
+            ),
+        )
     if run.record.get("class_weights") is not None or cfg.dataset.sampler != "shuffle":
         weights = run.record.get("class_weights")
-        rows.insert(-1, ("classes", ", ".join(filter(None, [
-            f"loss weights {', '.join(f'{w:.3g}' for w in weights.values())}" if weights else "",
-            f"{cfg.dataset.sampler} sampler" if cfg.dataset.sampler != "shuffle" else ""]))))
+        rows.insert(
+            -1,
+            (
+                "classes",
+                ", ".join(
+                    filter(
+                        None,
+                        [
+                            f"loss weights {', '.join(f'{w:.3g}' for w in weights.values())}" if weights else "",
+                            f"{cfg.dataset.sampler} sampler" if cfg.dataset.sampler != "shuffle" else "",
+                        ],
+                    )
+                ),
+            ),
+        )
     if (task_row := tasks.start_row(run.step.task, t.monitor)) is not None:
         rows.insert(-1, task_row)
     if t.folds is not None and t.fold is not None:  # validate: trainer.folds comes with a fold

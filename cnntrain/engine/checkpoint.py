@@ -82,10 +82,19 @@ class Progress:
 
     @classmethod
     def from_dict(cls, p: dict[str, Any], device: torch.device) -> Progress:
-        return cls(p["epoch"], p["step_in_epoch"], p["global_step"], p["best_metric"], p["best_epoch"],
-                   p.get("epochs_without_improvement", 0), p.get("skipped_steps", 0),
-                   {k: v.to(device) for k, v in p["sums"].items()}, dict(p["times"]),
-                   float(p.get("train_seconds", 0.0)), dict(p.get("tuning", {})))
+        return cls(
+            p["epoch"],
+            p["step_in_epoch"],
+            p["global_step"],
+            p["best_metric"],
+            p["best_epoch"],
+            p.get("epochs_without_improvement", 0),
+            p.get("skipped_steps", 0),
+            {k: v.to(device) for k, v in p["sums"].items()},
+            dict(p["times"]),
+            float(p.get("train_seconds", 0.0)),
+            dict(p.get("tuning", {})),
+        )
 
 
 class RunState(Protocol):
@@ -113,12 +122,20 @@ def meta(m: ModelConfig, dataset: DatasetConfig, threshold: float, data: ImageDa
     arguments included) is the checkpoint's "config"."""
     from cnntrain.models import model_source  # torch: not before it is needed
 
-    return {"model": m.name, "arch": m.arch, "option": chosen_option("model"), **model_source(m),
-            "classes": list(data.classes),
-            "channels": data.channels, "image_size": list(data.image_size), "mean": list(data.mean),
-            "std": list(data.std), "dataset": data.name,
-            "flips_change_label": bool(dataset.flips_change_label),
-            **({"task": "multilabel", "threshold": threshold} if data.multilabel else {})}
+    return {
+        "model": m.name,
+        "arch": m.arch,
+        "option": chosen_option("model"),
+        **model_source(m),
+        "classes": list(data.classes),
+        "channels": data.channels,
+        "image_size": list(data.image_size),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "dataset": data.name,
+        "flips_change_label": bool(dataset.flips_change_label),
+        **({"task": "multilabel", "threshold": threshold} if data.multilabel else {}),
+    }
 
 
 def save(run: RunState, name: str) -> None:
@@ -128,15 +145,21 @@ def save(run: RunState, name: str) -> None:
     validated = run.ema.module if run.ema is not None else run.model
     state = {
         "model": (validated if name == BEST else run.model).state_dict(),
-        "meta": {**meta(run.cfg.model, run.cfg.dataset, run.cfg.trainer.threshold, run.data),
-                 "data_fingerprint": run.data_fingerprint},
+        "meta": {
+            **meta(run.cfg.model, run.cfg.dataset, run.cfg.trainer.threshold, run.data),
+            "data_fingerprint": run.data_fingerprint,
+        },
         "config": plain(run.cfg),
         "progress": run.progress.to_dict(),
     }
     files, previous = RunDir(run.run_dir), None
     if name == LAST:
-        state.update(optimizer=run.step.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                     scaler=run.step.scaler.state_dict(), rng=capture_rng())
+        state.update(
+            optimizer=run.step.optimizer.state_dict(),
+            scheduler=run.scheduler.state_dict(),
+            scaler=run.step.scaler.state_dict(),
+            rng=capture_rng(),
+        )
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
         previous = files.previous if run.keep_last else None
@@ -158,8 +181,13 @@ def capture_rng() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -176,7 +204,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -261,22 +291,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         text = str(e)
         refused = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), None)
         if refused is not None:
-            raise UserError(f"refusing to load {path}: it holds pickled objects that could run code when loaded "
-                            f"({refused.rstrip('.')}); cnntrain checkpoints hold only tensors and plain values, "
-                            "so this file was not written by cnntrain") from None
+            raise UserError(
+                f"refusing to load {path}: it holds pickled objects that could run code when loaded "
+                f"({refused.rstrip('.')}); cnntrain checkpoints hold only tensors and plain values, "
+                "so this file was not written by cnntrain"
+            ) from None
         first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: it is corrupt or not a cnntrain checkpoint "
-                        f"({first[:160]})") from None
+        raise UserError(
+            f"cannot read checkpoint {path}: it is corrupt or not a cnntrain checkpoint ({first[:160]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise UserError(f"{path} is not a cnntrain checkpoint (no model state in it)")
     if state["format_version"] != FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {state['format_version']}; this cnntrain reads format "
-                        f"{FORMAT_VERSION}")
+        raise UserError(
+            f"{path} has checkpoint format {state['format_version']}; this cnntrain reads format {FORMAT_VERSION}"
+        )
     if "optimizer" in state:
         missing = [k for k in TRAINER_KEYS if k not in state]
         if missing:
-            raise UserError(f"{path} is an incomplete trainer checkpoint (no {', '.join(missing)}); "
-                            "it cannot continue a run")
+            raise UserError(
+                f"{path} is an incomplete trainer checkpoint (no {', '.join(missing)}); it cannot continue a run"
+            )
     return state
 
 
@@ -288,17 +323,23 @@ def _check_container(path: Path) -> None:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         size = path.stat().st_size
-        raise UserError(f"cannot read checkpoint {path} ({size:,} bytes): it is truncated or not a torch "
-                        f"checkpoint ({' '.join(str(e).split())[:120]})") from None
+        raise UserError(
+            f"cannot read checkpoint {path} ({size:,} bytes): it is truncated or not a torch "
+            f"checkpoint ({' '.join(str(e).split())[:120]})"
+        ) from None
     if damaged is not None:
-        raise UserError(f"checkpoint {path} is corrupt: the checksum of its record '{damaged}' does not match "
-                        "(the file changed after it was written)")
+        raise UserError(
+            f"checkpoint {path} is corrupt: the checksum of its record '{damaged}' does not match "
+            "(the file changed after it was written)"
+        )
     if any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in names):
-        raise UserError(f"{path} is a TorchScript program (as `cnntrain export format=torchscript` writes), not a "
-                        "checkpoint: it holds a traced graph for torch.jit.load, without the model config, class "
-                        "names and input recipe that cnntrain needs, so it cannot be used here; use the run's "
-                        "checkpoints/best.pt, or the model.state_dict.pt or model.safetensors of "
-                        "`cnntrain export format=state_dict`")
+        raise UserError(
+            f"{path} is a TorchScript program (as `cnntrain export format=torchscript` writes), not a "
+            "checkpoint: it holds a traced graph for torch.jit.load, without the model config, class "
+            "names and input recipe that cnntrain needs, so it cannot be used here; use the run's "
+            "checkpoints/best.pt, or the model.state_dict.pt or model.safetensors of "
+            "`cnntrain export format=state_dict`"
+        )
 
 
 def find_checkpoint(spec: str) -> Path:
@@ -309,7 +350,9 @@ def find_checkpoint(spec: str) -> Path:
         candidate = run.last
         if not candidate.is_file():
             previous = run.previous
-            hint = f"; resume from the checkpoint before it: cnntrain fit resume={previous}" if previous.is_file() else ""
+            hint = (
+                f"; resume from the checkpoint before it: cnntrain fit resume={previous}" if previous.is_file() else ""
+            )
             raise UserError(f"no checkpoint in run directory {path} (looked for {candidate}){hint}")
         return candidate
     if not path.exists():
@@ -325,8 +368,10 @@ def resolve_checkpoint(spec: str) -> Path:
             for name in (BEST, LAST):
                 if (folder / name).is_file():
                     return folder / name
-        raise UserError(f"no checkpoint in {path} (looked for checkpoints/{BEST} and checkpoints/{LAST}); "
-                        "ckpt= takes a run directory of cnntrain fit or a .pt checkpoint")
+        raise UserError(
+            f"no checkpoint in {path} (looked for checkpoints/{BEST} and checkpoints/{LAST}); "
+            "ckpt= takes a run directory of cnntrain fit or a .pt checkpoint"
+        )
     if not path.exists():
         raise UserError(f"checkpoint or run directory not found: {path}")
     return path
@@ -335,19 +380,24 @@ def resolve_checkpoint(spec: str) -> Path:
 # ----------------------------------------------------------------------------- checked and compared on resume
 
 
-def load_weights_checked(cfg: ModelConfig, model: nn.Module, state: dict[str, Any], path: Path,
-                         data: ImageData) -> None:
+def load_weights_checked(
+    cfg: ModelConfig, model: nn.Module, state: dict[str, Any], path: Path, data: ImageData
+) -> None:
     """Load a checkpoint's weights into the configured model, naming the mismatch if they do not fit."""
     from cnntrain.models import model_label
 
     saved = state.get("meta", {})
-    if (saved.get("model") not in (None, cfg.name) or saved.get("arch") not in (None, cfg.arch)
-            or saved.get("target") not in (None, cfg._target_)):
+    if (
+        saved.get("model") not in (None, cfg.name)
+        or saved.get("arch") not in (None, cfg.arch)
+        or saved.get("target") not in (None, cfg._target_)
+    ):
         held = saved.get("target") or saved.get("model")
         raise UserError(f"checkpoint {path} holds a {held} model, but the config asks for {model_label(cfg)}")
     if saved.get("classes") is not None and len(saved["classes"]) != data.num_classes:
-        raise UserError(f"checkpoint {path} was trained for {len(saved['classes'])} classes, "
-                        f"the dataset has {data.num_classes}")
+        raise UserError(
+            f"checkpoint {path} was trained for {len(saved['classes'])} classes, the dataset has {data.num_classes}"
+        )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -355,8 +405,15 @@ def load_weights_checked(cfg: ModelConfig, model: nn.Module, state: dict[str, An
         raise UserError(f"checkpoint {path} does not match the configured model ({detail})") from None
 
 
-def restore(path: Path, cfg: FitConfig, step: TrainStep, scheduler: LRScheduler, ema: AveragedModel | None,
-            data: ImageData, device: torch.device) -> Progress:
+def restore(
+    path: Path,
+    cfg: FitConfig,
+    step: TrainStep,
+    scheduler: LRScheduler,
+    ema: AveragedModel | None,
+    data: ImageData,
+    device: torch.device,
+) -> Progress:
     """Put the trainer checkpoint at `path` (cfg.resume's, find_checkpoint) back into what was just built, after
     checking that it is this run's; return where it stood."""
     run_dir = RunDir.of(path).path
@@ -365,8 +422,10 @@ def restore(path: Path, cfg: FitConfig, step: TrainStep, scheduler: LRScheduler,
     except UserError as e:
         raise UserError(f"{e}; {_other_checkpoint(path, run_dir)}") from None
     if "optimizer" not in state:
-        raise UserError(f"{path} holds model weights only; resume needs a trainer checkpoint ({LAST} or {PREV}); "
-                        f"to start a new run from these weights: {weights_command(path, job_overrides(run_dir) or [])}")
+        raise UserError(
+            f"{path} holds model weights only; resume needs a trainer checkpoint ({LAST} or {PREV}); "
+            f"to start a new run from these weights: {weights_command(path, job_overrides(run_dir) or [])}"
+        )
     check_same_run(cfg, state, path, run_dir, data)
     load_weights_checked(cfg.model, step.model, state, path, data)
     try:
@@ -406,7 +465,9 @@ def check_same_run(cfg: FitConfig, state: dict[str, Any], path: Path, run_dir: P
         recorded = (read_json(RunDir(run_dir).provenance) or {}).get("data_fingerprint")
     now = data.fingerprint() if recorded else None
     if recorded and recorded != now:
-        raise UserError(f"resume: the {data.name} data ({data.source}) are not the data the run in {run_dir} "
-                        f"was trained on (data fingerprint {str(now)[:12]}, recorded "
-                        f"{str(recorded)[:12]}), so it would mix two datasets; to train on from its weights as a "
-                        f"new run: {way_out}")
+        raise UserError(
+            f"resume: the {data.name} data ({data.source}) are not the data the run in {run_dir} "
+            f"was trained on (data fingerprint {str(now)[:12]}, recorded "
+            f"{str(recorded)[:12]}), so it would mix two datasets; to train on from its weights as a "
+            f"new run: {way_out}"
+        )

@@ -30,7 +30,9 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     if spec == "mps":
         if not torch.backends.mps.is_available():
-            raise UserError("trainer.device=mps but MPS (Apple GPU) is not available here; use trainer.device=auto or cpu")
+            raise UserError(
+                "trainer.device=mps but MPS (Apple GPU) is not available here; use trainer.device=auto or cpu"
+            )
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
@@ -80,7 +82,9 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
         if spec == "auto":
             return BF16 if bf16_ok else FP16
         if spec == "bf16" and not bf16_ok:
-            raise UserError(f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or 32")
+            raise UserError(
+                f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or 32"
+            )
         return BF16 if spec == "bf16" else FP16
     if device.type == "mps":
         if spec == "bf16":
@@ -106,8 +110,9 @@ def resolve_channels_last(spec: str, device: torch.device, precision: Precision)
     return precision.dtype is not None and device.type in ("cuda", "cpu")
 
 
-def configure_torch(device: torch.device, deterministic: bool, num_threads: int | None, seed: int,
-                    auto_threads: bool = True) -> str:
+def configure_torch(
+    device: torch.device, deterministic: bool, num_threads: int | None, seed: int, auto_threads: bool = True
+) -> str:
     """Process-wide settings: threads, determinism, cuDNN autotuning, seeds. Returns why the thread count.
 
     trainer.num_threads=null on a CPU: the usable cores less those other processes keep busy (cnntrain.io.cpus),

@@ -34,8 +34,12 @@ class Dist:
 
 def from_env() -> Dist:
     env = os.environ
-    return Dist(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
+    return Dist(
+        int(env.get("RANK", 0)),
+        int(env.get("WORLD_SIZE", 1)),
+        int(env.get("LOCAL_RANK", 0)),
+        int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
+    )
 
 
 def setup(d: Dist, device: torch.device, batch_size: int) -> torch.device:
@@ -43,8 +47,10 @@ def setup(d: Dist, device: torch.device, batch_size: int) -> torch.device:
     if not d.enabled:
         return device
     if batch_size % d.world:
-        raise UserError(f"trainer.batch_size={batch_size} must be divisible by the {d.world} processes "
-                        "(it is the global batch, split evenly across ranks)")
+        raise UserError(
+            f"trainer.batch_size={batch_size} must be divisible by the {d.world} processes "
+            "(it is the global batch, split evenly across ranks)"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)

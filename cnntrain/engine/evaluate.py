@@ -70,14 +70,20 @@ def evaluate(
     if multilabel is not None:
         return multilabel.result(y_all.shape[1], device, dist)
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
-    totals = torch.stack([loss_sum, (pred == y_all).sum().double(), torch.tensor(len(y_all), device=device).double(),
-                          top5.double()])
+    totals = torch.stack(
+        [loss_sum, (pred == y_all).sum().double(), torch.tensor(len(y_all), device=device).double(), top5.double()]
+    )
     if dist is not None:
         distributed.all_reduce_sum(dist, totals)
     loss_total, correct, n, top5_total = totals.tolist()
     n = max(1.0, n)
-    return {"loss": loss_total / n, "acc": correct / n, "top5_acc": top5_total / n if with_top5 else None,
-            "pred": pred, "conf": torch.cat(confs) if confs else torch.zeros(0, device=device)}
+    return {
+        "loss": loss_total / n,
+        "acc": correct / n,
+        "top5_acc": top5_total / n if with_top5 else None,
+        "pred": pred,
+        "conf": torch.cat(confs) if confs else torch.zeros(0, device=device),
+    }
 
 
 def class_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
@@ -95,6 +101,9 @@ def class_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict
     f1 = torch.where(present, f1, torch.nan)
     if not bool(present.any()):
         return {"balanced_acc": None, "macro_f1": None, "precision": [], "recall": []}
-    return {"balanced_acc": float(recall[present].mean()), "macro_f1": float(f1[present].mean()),
-            "precision": [None if v != v else round(float(v), 6) for v in precision.tolist()],
-            "recall": [None if v != v else round(float(v), 6) for v in recall.tolist()]}
+    return {
+        "balanced_acc": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "precision": [None if v != v else round(float(v), 6) for v in precision.tolist()],
+        "recall": [None if v != v else round(float(v), 6) for v in recall.tolist()],
+    }

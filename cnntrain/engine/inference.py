@@ -22,8 +22,10 @@ from cnntrain.errors import UserError
 from cnntrain.io.files import RunDir, call_dir, given_output_dir, output_dir, slug
 from cnntrain.io.logs import log_to
 
-CKPT_HELP = ("checkpoint file (best.pt, last.pt, or export's model.pt2, model.state_dict.pt or model.safetensors), "
-             "or a run directory (its checkpoints/best.pt: the weights fit tested)")
+CKPT_HELP = (
+    "checkpoint file (best.pt, last.pt, or export's model.pt2, model.state_dict.pt or model.safetensors), "
+    "or a run directory (its checkpoints/best.pt: the weights fit tested)"
+)
 # The archive member of an exported .pt2 that holds what a checkpoint's meta and config hold.
 EXPORTED_RECORD = "cnntrain.json"
 _META_KEYS = ("classes", "channels", "image_size", "mean", "std")
@@ -39,9 +41,14 @@ class Preprocess:
     std: tuple[float, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"channels": self.channels, "image_size": list(self.image_size), "mean": list(self.mean),
-                "std": list(self.std), "input": "float32 NCHW, (pixel/255 - mean) / std per channel",
-                "resize": "bilinear to image_size, no crop; grayscale/RGB conversion as in training"}
+        return {
+            "channels": self.channels,
+            "image_size": list(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input": "float32 NCHW, (pixel/255 - mean) / std per channel",
+            "resize": "bilinear to image_size, no crop; grayscale/RGB conversion as in training",
+        }
 
     def normalise(self, device: torch.device | str, channels_last: bool = False) -> Normalise:
         """The training-time conversion uint8 -> model input, on ``device``: ``.from_uint8(x)`` converts a batch."""
@@ -83,8 +90,11 @@ class Trained:
 
     def out_dir(self, command: str, out: str | None, default: Path | None = None) -> Path:
         """out= (created), or by default <run dir>/<command>; a path that cannot be used is a one-line error."""
-        path = output_dir(Path(out).expanduser(), "out") if out else output_dir(default or self.run_dir / command,
-                                                                                  "out", given=False)
+        path = (
+            output_dir(Path(out).expanduser(), "out")
+            if out
+            else output_dir(default or self.run_dir / command, "out", given=False)
+        )
         log_to(path / f"{command}.log")  # the command's warnings and info, beside what it writes
         return path
 
@@ -92,8 +102,11 @@ class Trained:
         """Where one call of evaluate, predict or explain writes: out= (new, or an earlier call's results
         folder with overwrite=true), else a new <run dir>/<command>/<label>-<date>_<time>, so no call
         replaces or mixes into another's results."""
-        path = (given_output_dir(Path(out).expanduser(), overwrite) if out
-                else call_dir(self.run_dir / command, slug(label, 60)))
+        path = (
+            given_output_dir(Path(out).expanduser(), overwrite)
+            if out
+            else call_dir(self.run_dir / command, slug(label, 60))
+        )
         log_to(path / f"{command}.log")
         return path
 
@@ -102,8 +115,9 @@ class Trained:
         from cnntrain.models import chosen_label
 
         arch = self.meta.get("arch")
-        name = self.meta.get("target") or chosen_label(self.meta.get("option"),
-                                                      f"{self.meta.get('model')}{'/' + arch if arch else ''}")
+        name = self.meta.get("target") or chosen_label(
+            self.meta.get("option"), f"{self.meta.get('model')}{'/' + arch if arch else ''}"
+        )
         return f"{name} trained on {self.meta.get('dataset')}"
 
 
@@ -121,8 +135,9 @@ def model_config(config: dict[str, Any], path: Path) -> ModelConfig:
         cfg = OmegaConf.merge(base, config["model"])
     except (OmegaConfBaseException, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot read its model config ({first}); was it written by another "
-                        "cnntrain version?") from None
+        raise UserError(
+            f"{path}: cannot read its model config ({first}); was it written by another cnntrain version?"
+        ) from None
     cfg.weights, cfg.pretrained, cfg.freeze_backbone = None, False, False
     return open_part(cfg, ModelConfig)
 
@@ -134,7 +149,9 @@ def model_record(cfg: ModelConfig) -> dict[str, Any]:
     return {**{k: getattr(cfg, k) for k in declared(ModelConfig)}, **own_keys(cfg, ModelConfig)}
 
 
-def _rebuild(config: dict[str, Any], meta: dict[str, Any], path: Path, pre: Preprocess, classes: list[str]) -> nn.Module:
+def _rebuild(
+    config: dict[str, Any], meta: dict[str, Any], path: Path, pre: Preprocess, classes: list[str]
+) -> nn.Module:
     """The checkpoint's model, built again; a custom model whose module is not importable here is one line."""
     from cnntrain.models import build_model
     from cnntrain.registry import TargetImportError
@@ -148,20 +165,25 @@ def _rebuild(config: dict[str, Any], meta: dict[str, Any], path: Path, pre: Prep
         folder = Path(file).parent
         for _ in range(len(str(meta.get("module", "")).split(".")) - 1):
             folder = folder.parent  # the folder above a package
-        raise UserError(f"checkpoint {path} holds model {meta.get('target')}, whose module '{e.module}' cannot be "
-                        f"imported here; it was {file} when the run trained: run from {folder} or add it to "
-                        f"PYTHONPATH (PYTHONPATH={folder})") from None
+        raise UserError(
+            f"checkpoint {path} holds model {meta.get('target')}, whose module '{e.module}' cannot be "
+            f"imported here; it was {file} when the run trained: run from {folder} or add it to "
+            f"PYTHONPATH (PYTHONPATH={folder})"
+        ) from None
 
 
 def _preprocess_of(meta: Any, path: Path) -> tuple[Preprocess, list[str]]:
     if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
         missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
-        raise UserError(f"{path} lacks the preprocessing record (meta: {', '.join(missing)}) that cnntrain fit "
-                        "writes; it cannot be used for inference")
+        raise UserError(
+            f"{path} lacks the preprocessing record (meta: {', '.join(missing)}) that cnntrain fit "
+            "writes; it cannot be used for inference"
+        )
     classes = [str(c) for c in meta["classes"]]
     size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-    return Preprocess(int(meta["channels"]), size, tuple(float(v) for v in meta["mean"]),
-                      tuple(float(v) for v in meta["std"])), classes
+    return Preprocess(
+        int(meta["channels"]), size, tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+    ), classes
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -185,8 +207,10 @@ def load_trained(spec: str, device: str | torch.device = "cpu") -> Trained:
     pre, classes = _preprocess_of(meta, path)
     assert isinstance(meta, dict)  # _preprocess_of refuses any other
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise UserError(f"{path} lacks the model config (config or model_config) that cnntrain fit and export "
-                        "write, so the architecture cannot be rebuilt; it cannot be used for inference")
+        raise UserError(
+            f"{path} lacks the model config (config or model_config) that cnntrain fit and export "
+            "write, so the architecture cannot be rebuilt; it cannot be used for inference"
+        )
     model = _rebuild(config, meta, path, pre, classes)
     try:
         model.load_state_dict(state["model"])
@@ -218,8 +242,13 @@ class ExportedModule(nn.Module):
 def exported_record(trained: Trained) -> dict[str, Any]:
     """What a .pt2 carries beside its program: the checkpoint's meta and the run's config (evaluate finds the
     dataset in it, predict the precision)."""
-    return {"meta": trained.meta, "config": trained.config, "checkpoint": str(trained.checkpoint),
-            "preprocess": trained.preprocess.to_dict(), "classes": trained.classes}
+    return {
+        "meta": trained.meta,
+        "config": trained.config,
+        "checkpoint": str(trained.checkpoint),
+        "preprocess": trained.preprocess.to_dict(),
+        "classes": trained.classes,
+    }
 
 
 def is_exported(path: Path) -> bool:
@@ -247,8 +276,10 @@ def load_exported(path: Path, device: str | torch.device) -> Trained:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {path} as a torch.export program ({first[:200]})") from None
     if not extra[EXPORTED_RECORD]:
-        raise UserError(f"{path} is a torch.export program without cnntrain's record ({EXPORTED_RECORD}: classes, "
-                        "input size, normalisation); write it with cnntrain export format=exported")
+        raise UserError(
+            f"{path} is a torch.export program without cnntrain's record ({EXPORTED_RECORD}: classes, "
+            "input size, normalisation); write it with cnntrain export format=exported"
+        )
     try:
         record = json.loads(extra[EXPORTED_RECORD])
     except ValueError as e:
@@ -267,15 +298,20 @@ def load_exported(path: Path, device: str | torch.device) -> Trained:
             out = model(x)
     except Exception as e:  # the program's input guards refuse the record's image shape
         first = " ".join(str(e).split())[:200]
-        raise UserError(f"{path}: its program does not take the {pre.channels}x{pre.image_size[0]}x"
-                        f"{pre.image_size[1]} images its record describes ({first}); was the .pt2 of another "
-                        "model put with this record?") from None
+        raise UserError(
+            f"{path}: its program does not take the {pre.channels}x{pre.image_size[0]}x"
+            f"{pre.image_size[1]} images its record describes ({first}); was the .pt2 of another "
+            "model put with this record?"
+        ) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, len(classes)):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"{path}: its program gives outputs of shape {shape} for a batch of 2, but its record "
-                        f"names {len(classes)} classes; was the .pt2 of another model put with this record?")
-    return Trained(model, pre, classes, meta, config if isinstance(config, dict) else {}, {}, path, device,
-                   exported=True)
+        raise UserError(
+            f"{path}: its program gives outputs of shape {shape} for a batch of 2, but its record "
+            f"names {len(classes)} classes; was the .pt2 of another model put with this record?"
+        )
+    return Trained(
+        model, pre, classes, meta, config if isinstance(config, dict) else {}, {}, path, device, exported=True
+    )
 
 
 def is_safetensors(path: Path) -> bool:
@@ -285,8 +321,9 @@ def is_safetensors(path: Path) -> bool:
             head = f.read(9)
     except OSError:
         return False
-    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little")
-                                             < path.stat().st_size)
+    return path.suffix == ".safetensors" or (
+        len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    )
 
 
 def read_safetensors(path: Path) -> dict[str, Any]:
@@ -310,8 +347,11 @@ def read_safetensors(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: its metadata is not valid JSON ({e})") from None
     if "preprocess" in info and "classes" in info:
         pre = info["preprocess"]
-        meta = {**meta, "classes": info["classes"], **{k: pre[k] for k in ("channels", "image_size", "mean", "std")
-                                                        if k in pre}}
+        meta = {
+            **meta,
+            "classes": info["classes"],
+            **{k: pre[k] for k in ("channels", "image_size", "mean", "std") if k in pre},
+        }
     else:
         meta = None  # a safetensors file from elsewhere: refused as lacking the record
     state: dict[str, Any] = {"model": tensors, "meta": meta}

@@ -30,11 +30,15 @@ class Normalise:
     channels_last: bool = False
 
     @classmethod
-    def of(cls, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-           channels_last: bool = False) -> Normalise:
+    def of(
+        cls, mean: Sequence[float], std: Sequence[float], device: torch.device | str, channels_last: bool = False
+    ) -> Normalise:
         shape = (1, len(mean), 1, 1)
-        return cls(torch.tensor(tuple(mean), device=device).view(shape),
-                   torch.tensor(tuple(std), device=device).view(shape), channels_last)
+        return cls(
+            torch.tensor(tuple(mean), device=device).view(shape),
+            torch.tensor(tuple(std), device=device).view(shape),
+            channels_last,
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """float [0, 1] batch (maybe augmented) -> model input."""
@@ -50,8 +54,9 @@ class Normalise:
         return x * self.std + self.mean
 
 
-def epoch_order(n: int, seed: int, epoch: int, device: torch.device,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+def epoch_order(
+    n: int, seed: int, epoch: int, device: torch.device, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The shuffle of an epoch is a pure function of (seed, epoch), so resume needs no generator state.
     With per-image `weights` (dataset.sampler=balanced) n images are drawn with replacement instead."""
     g = torch.Generator(device=device)
@@ -61,9 +66,16 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device,
     return torch.randperm(n, generator=g, device=device)
 
 
-def epoch_batches(x: torch.Tensor | StreamedImages, y: torch.Tensor, order: torch.Tensor, batch_size: int,
-                  steps: range, device: torch.device, rank: int = 0, world: int = 1
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_batches(
+    x: torch.Tensor | StreamedImages,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    steps: range,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The uint8 batches of an epoch's `steps` (a resumed epoch's are the rest of them), taken in `order`;
     under torchrun each rank gets its share of the same global batch."""
     from cnntrain.data import batches  # here: predict and export use this module without the datasets

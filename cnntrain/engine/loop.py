@@ -61,8 +61,10 @@ def dry_run(run: Run) -> float:
     x, target = run.step.prepare(x_u8, run.tensors["train_y"][: len(x_u8)], 0)
     _, loss = run.step.accumulate(x, target)  # in trainer.micro_batch chunks, as training would
     run.reporter.start("cnntrain fit --dry-run", start_rows(run))
-    run.reporter.print(f"dry run ok: one batch of {len(x)} through forward and backward, loss {loss.item():.4f}; "
-                       "nothing was trained or written")
+    run.reporter.print(
+        f"dry run ok: one batch of {len(x)} through forward and backward, loss {loss.item():.4f}; "
+        "nothing was trained or written"
+    )
     return float("nan")
 
 
@@ -105,10 +107,19 @@ def _epoch(run: Run, s: Session) -> bool:
     t_eval = time.perf_counter()
     val = _validate(run, s, epoch)
     eval_time, train_time = time.perf_counter() - t_eval, p.times["wall"]
-    row = {"epoch": epoch, "step": p.global_step, "train_loss": train_loss, "val_loss": val["loss"],
-           **step.task.row(train_acc, val), "lr": step.optimizer.param_groups[0]["lr"],
-           "images_per_s": seen / max(train_time, 1e-9), "epoch_s": train_time + eval_time,
-           "data_s": p.times["data"], "compute_s": p.times["compute"], "eval_s": eval_time}
+    row = {
+        "epoch": epoch,
+        "step": p.global_step,
+        "train_loss": train_loss,
+        "val_loss": val["loss"],
+        **step.task.row(train_acc, val),
+        "lr": step.optimizer.param_groups[0]["lr"],
+        "images_per_s": seen / max(train_time, 1e-9),
+        "epoch_s": train_time + eval_time,
+        "data_s": p.times["data"],
+        "compute_s": p.times["compute"],
+        "eval_s": eval_time,
+    }
     # The row goes out before the checkpoint: if we die in between, resume redoes this epoch and the
     # row is rewritten, never lost.
     rec.epoch(row)
@@ -130,8 +141,16 @@ def _steps(run: Run, epoch: int, s: Session) -> None:
     """The training steps of an epoch, from where it stands; raises Interrupted on a signal."""
     t, p, d, step, rec = run.cfg.trainer, run.progress, run.dist, run.step, s.records
     order = epoch_order(len(run.tensors["train_x"]), t.seed, epoch, run.device, run.sample_weights)
-    batches = epoch_batches(run.tensors["train_x"], run.tensors["train_y"], order, t.batch_size,
-                            range(p.step_in_epoch, run.steps), run.device, d.rank, d.world)
+    batches = epoch_batches(
+        run.tensors["train_x"],
+        run.tensors["train_y"],
+        order,
+        t.batch_size,
+        range(p.step_in_epoch, run.steps),
+        run.device,
+        d.rank,
+        d.world,
+    )
     # Wall time of the training steps, logging and display included: the honest images/s.
     t_epoch, wall_before = time.perf_counter(), p.times["wall"]
     for i in range(p.step_in_epoch, run.steps):
@@ -167,9 +186,17 @@ def _validate(run: Run, s: Session, epoch: int) -> dict[str, Any]:
     """The epoch's validation, of the weight average when there is one."""
     t = run.cfg.trainer
     # Ranks cannot abandon a sharded validation one by one; a signal is seen at the next step.
-    val = evaluate(run.ema.module if run.ema is not None else run.plain, run.tensors["val_x"], run.tensors["val_y"],
-                   run.step.normalise, t.eval_batch_size, run.step.precision, None if run.dist.enabled else s.stop,
-                   run.dist, run.step.task.threshold)
+    val = evaluate(
+        run.ema.module if run.ema is not None else run.plain,
+        run.tensors["val_x"],
+        run.tensors["val_y"],
+        run.step.normalise,
+        t.eval_batch_size,
+        run.step.precision,
+        None if run.dist.enabled else s.stop,
+        run.dist,
+        run.step.task.threshold,
+    )
     if s.stop and not run.dist.enabled:
         s.records.epoch_interrupted(epoch, "during validation")
         raise Interrupted
@@ -181,8 +208,9 @@ def _track_best(p: Progress, metric: float, monitor_max: bool, margin: float) ->
     """Update the best metric and the early-stopping count, which only an improvement by more than `margin`
     (trainer.early_stopping_min_delta) resets; whether this epoch is the new best."""
     improved = p.best_metric is None or (metric > p.best_metric if monitor_max else metric < p.best_metric)
-    clearly = p.best_metric is None or (metric > p.best_metric + margin if monitor_max
-                                        else metric < p.best_metric - margin)
+    clearly = p.best_metric is None or (
+        metric > p.best_metric + margin if monitor_max else metric < p.best_metric - margin
+    )
     p.epochs_without_improvement = 0 if clearly else p.epochs_without_improvement + 1
     if improved:
         p.best_metric, p.best_epoch = metric, p.epoch
@@ -208,8 +236,16 @@ def _test(run: Run, s: Session) -> None:
     """The test of the best checkpoint, and the records of the finished run."""
     elapsed = s.seconds()
     best = load_best(run)
-    test = evaluate(run.plain, run.tensors["test_x"], run.tensors["test_y"], run.step.normalise,
-                    run.cfg.trainer.eval_batch_size, run.step.precision, s.stop, threshold=run.step.task.threshold)
+    test = evaluate(
+        run.plain,
+        run.tensors["test_x"],
+        run.tensors["test_y"],
+        run.step.normalise,
+        run.cfg.trainer.eval_batch_size,
+        run.step.precision,
+        s.stop,
+        threshold=run.step.task.threshold,
+    )
     if s.stop:  # training is complete and checkpointed; a resume runs only the test
         s.records.test_interrupted(s.stop.signum or signal.SIGTERM)
         raise SystemExit(s.stop.exit_code)

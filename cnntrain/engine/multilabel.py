@@ -75,13 +75,20 @@ def multilabel_metrics(logits: torch.Tensor, truth: torch.Tensor, threshold: flo
     present = support > 0
     micro = 2 * tp_all + fp_all + fn_all
     return {
-        "loss": loss_sum / max(1, n * k), "map": float(ap[present].mean()) if bool(present.any()) else None,
+        "loss": loss_sum / max(1, n * k),
+        "map": float(ap[present].mean()) if bool(present.any()) else None,
         "micro_f1": 2 * tp_all / micro if micro else None,
         "macro_f1": float(f1[present].mean()) if bool(present.any()) else None,
         "exact_match": exact_count / max(1, n),
-        "per_label": {"ap": _listed(ap), "precision": _listed(precision), "recall": _listed(recall),
-                      "f1": _listed(f1), "support": [int(v) for v in support.tolist()]},
-        "pred": pred, "scores": probs,
+        "per_label": {
+            "ap": _listed(ap),
+            "precision": _listed(precision),
+            "recall": _listed(recall),
+            "f1": _listed(f1),
+            "support": [int(v) for v in support.tolist()],
+        },
+        "pred": pred,
+        "scores": probs,
     }
 
 

@@ -48,8 +48,10 @@ def open_records(run: Run) -> Records:
     that already trained all its epochs and was tested is refused: there is nothing to add to it."""
     t, p = run.cfg.trainer, run.progress
     if p.epoch >= t.epochs and completed(run.run_dir):
-        raise UserError(f"the run in {run.run_dir} already finished {p.epoch} epochs; "
-                        f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further")
+        raise UserError(
+            f"the run in {run.run_dir} already finished {p.epoch} epochs; "
+            f"pass trainer.epochs=N (N > {p.epoch}) with resume to train further"
+        )
     return RunRecords(run) if run.dist.main else Records()
 
 
@@ -61,8 +63,9 @@ class Records:
     def __enter__(self) -> Records:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         """Training ended; `error` is why, when it raised."""
 
     def epoch_begin(self, epoch: int) -> None:
@@ -113,8 +116,13 @@ class RunRecords(Records):
         self.task = run.step.task
         self.monitor = self.task.monitor(t.monitor)  # a multi-label run's val/acc is its val/map
         self.log = _open_log(run)
-        self.summary: dict[str, Any] = {"status": "running", "run_dir": str(run.run_dir), "epochs": t.epochs,
-                                        **run.record, "tuning": dict(p.tuning)}
+        self.summary: dict[str, Any] = {
+            "status": "running",
+            "run_dir": str(run.run_dir),
+            "epochs": t.epochs,
+            **run.record,
+            "tuning": dict(p.tuning),
+        }
         # CPU runs: says so once if other processes make the threads collapse.
         self.watch = CollapseWatch(torch.get_num_threads(), run.reporter.print) if run.device.type == "cpu" else None
         self.last_refresh = time.monotonic()
@@ -123,17 +131,20 @@ class RunRecords(Records):
         # sweep.pruner: the Optuna trial this job reports its epochs to
         self.trial = pruning.open_trial(run.cfg.sweep, run.cfg.trainer.epochs) if not run.dist.enabled else None
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if isinstance(error, TrainingDiverged):
             self._status("diverged")
         elif isinstance(error, pruning.Pruned):
             self.summary.update(status=pruning.PRUNED, pruned_epoch=error.epoch)
             self._write()
             cfg = self.run.cfg
-            self.run.reporter.print(f"trial {cfg.sweep.trial} pruned by the study's {cfg.sweep.pruner} pruner after "
-                                    f"epoch {error.epoch}: {self.monitor.name} {error.value:.4f} falls behind "
-                                    "the other trials")
+            self.run.reporter.print(
+                f"trial {cfg.sweep.trial} pruned by the study's {cfg.sweep.pruner} pruner after "
+                f"epoch {error.epoch}: {self.monitor.name} {error.value:.4f} falls behind "
+                "the other trials"
+            )
         self.log.close(self.summary.get("status"))
 
     def epoch_begin(self, epoch: int) -> None:
@@ -159,13 +170,16 @@ class RunRecords(Records):
             self.last_refresh = now
             loss, acc, seen = run.step.means(run.step.totals())
             busy = max(1e-9, p.times["data"] + p.times["compute"])
-            run.reporter.epoch_update(p.step_in_epoch, {"loss": loss, self.task.train_key: acc, "img/s": seen / busy,
-                                                        "data": p.times["data"] / busy})
+            run.reporter.epoch_update(
+                p.step_in_epoch,
+                {"loss": loss, self.task.train_key: acc, "img/s": seen / busy, "data": p.times["data"] / busy},
+            )
             run.step.check_finite(loss, p.global_step)  # the loss reached the host for the display
 
     def skipped(self, loss: torch.Tensor) -> None:
-        self.run.reporter.print(f"step {self.run.progress.global_step}: the loss is {loss.item()}; step skipped "
-                                "(trainer.on_nonfinite=skip)")
+        self.run.reporter.print(
+            f"step {self.run.progress.global_step}: the loss is {loss.item()}; step skipped (trainer.on_nonfinite=skip)"
+        )
 
     def flush(self) -> None:
         self.log.flush()
@@ -178,8 +192,12 @@ class RunRecords(Records):
 
     def epoch_end(self, row: dict[str, Any], improved: bool) -> None:
         run, t, p = self.run, self.run.cfg.trainer, self.run.progress
-        self.summary.update(status="running", epochs_done=p.epoch, best_epoch=p.best_epoch,
-                            **{_best_key(self.monitor.name): p.best_metric})
+        self.summary.update(
+            status="running",
+            epochs_done=p.epoch,
+            best_epoch=p.best_epoch,
+            **{_best_key(self.monitor.name): p.best_metric},
+        )
         self._write()
         train_time = p.times["wall"]
         run.reporter.epoch_end(
@@ -193,15 +211,21 @@ class RunRecords(Records):
     def early_stopped(self) -> None:
         t, p = self.run.cfg.trainer, self.run.progress
         self.summary["early_stopped_epoch"] = p.epoch
-        self.run.reporter.print(f"early stopping: {self.monitor.name} has not improved for {t.early_stopping_patience} "
-                                f"epochs (best {p.best_metric:.4f} at epoch {p.best_epoch})")
+        self.run.reporter.print(
+            f"early stopping: {self.monitor.name} has not improved for {t.early_stopping_patience} "
+            f"epochs (best {p.best_metric:.4f} at epoch {p.best_epoch})"
+        )
 
     def interrupted(self, signum: int, seconds: float) -> None:
         """What the run got to, in the shape of the final table (no test: that needs the whole run)."""
         run, t, p = self.run, self.run.cfg.trainer, self.run.progress
         self._status("interrupted")
-        rows = [("epochs done", f"{p.epoch} of {t.epochs}" + (f", and {p.step_in_epoch} steps of the next"
-                                                              if p.step_in_epoch else ""))]
+        rows = [
+            (
+                "epochs done",
+                f"{p.epoch} of {t.epochs}" + (f", and {p.step_in_epoch} steps of the next" if p.step_in_epoch else ""),
+            )
+        ]
         if p.best_metric is not None:
             rows.append((f"best {self.monitor.name}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"))
         rows += [("time", f"{seconds:.1f}s"), ("run dir", str(run.run_dir))]
@@ -220,10 +244,18 @@ class RunRecords(Records):
         for tag, value in tested["scalars"].items():
             log.scalar(tag, value, p.global_step)
         key = _best_key(self.monitor.name)
-        summary.update(status="completed", epochs_done=p.epoch, best_epoch=p.best_epoch, **{key: p.best_metric},
-                       **tested["summary"], train_seconds=round(seconds, 2),
-                       global_step=p.global_step, skipped_steps=p.skipped_steps, parameters=count_parameters(run.model),
-                       checkpoint=str(checkpoint))
+        summary.update(
+            status="completed",
+            epochs_done=p.epoch,
+            best_epoch=p.best_epoch,
+            **{key: p.best_metric},
+            **tested["summary"],
+            train_seconds=round(seconds, 2),
+            global_step=p.global_step,
+            skipped_steps=p.skipped_steps,
+            parameters=count_parameters(run.model),
+            checkpoint=str(checkpoint),
+        )
         resumed = run.cfg.resume is not None
         if resumed:
             summary["train_seconds_after_resume"] = round(elapsed, 2)
@@ -237,16 +269,28 @@ class RunRecords(Records):
         # draws them while this one prints its last lines and exits (trainer.figures). MLflow uploads the PNGs
         # with the summary, so there they are drawn first.
         how = "end" if t.figures == "background" and run.cfg.logger.mlflow and run.cfg.logger.log_figures else t.figures
-        figures.hand_over(run.run_dir, p.global_step, run.cfg.name, list(run.data.classes), run.tensors["test_x"],
-                          run.tensors["test_y"], test, how, tensorboard=run.cfg.logger.tensorboard)
+        figures.hand_over(
+            run.run_dir,
+            p.global_step,
+            run.cfg.name,
+            list(run.data.classes),
+            run.tensors["test_x"],
+            run.tensors["test_y"],
+            test,
+            how,
+            tensorboard=run.cfg.logger.tensorboard,
+        )
         log.summary(summary)
-        run.reporter.final("done", [
-            (f"best {self.monitor.name}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
-            *tested["rows"],
-            ("time", f"{seconds:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
-            ("run dir", str(run.run_dir)),
-            *log.viewers(),
-        ])
+        run.reporter.final(
+            "done",
+            [
+                (f"best {self.monitor.name}", f"{p.best_metric:.4f} (epoch {p.best_epoch})"),
+                *tested["rows"],
+                ("time", f"{seconds:.1f}s" + (f" ({elapsed:.1f}s since the resume)" if resumed else "")),
+                ("run dir", str(run.run_dir)),
+                *log.viewers(),
+            ],
+        )
 
     def _status(self, status: str) -> None:
         self.summary["status"] = status
@@ -259,16 +303,22 @@ class RunRecords(Records):
 def _open_log(run: Run) -> RunLog:
     """provenance.json and splits.csv, then metrics.csv and the loggers (a resume continues them)."""
     t, p, resumed = run.cfg.trainer, run.progress, run.cfg.resume is not None
-    write_json(run.run_dir / "provenance.json",
-               provenance(describe(run.device), t.seed, run.data_fingerprint, sys.argv))
+    write_json(
+        run.run_dir / "provenance.json", provenance(describe(run.device), t.seed, run.data_fingerprint, sys.argv)
+    )
     if run.data.items is not None:  # the splits this run trained, validated and tested on
         write_splits(run.run_dir / "splits.csv", run.data.items.column, run.data.split_rows())
     resume_step = p.global_step + 1 if resumed else None
     hydra = sweep_jobs.hydra_config() if sweep_jobs.in_sweep() else None
     sweep_dir = Path(hydra.sweep.dir).resolve() if hydra is not None else None
     trackers = open_trackers(run.cfg.logger, run.run_dir, run.cfg.name, flat(run.cfg), resumed, resume_step, sweep_dir)
-    return RunLog(run.run_dir, resume_epoch=p.epoch if resumed else None, resume_step=resume_step, trackers=trackers,
-                  columns=run.step.task.columns(METRIC_COLUMNS))
+    return RunLog(
+        run.run_dir,
+        resume_epoch=p.epoch if resumed else None,
+        resume_step=resume_step,
+        trackers=trackers,
+        columns=run.step.task.columns(METRIC_COLUMNS),
+    )
 
 
 def _best_key(monitor: str) -> str:

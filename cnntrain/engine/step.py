@@ -102,14 +102,16 @@ class TrainStep:
             logits = self.forward(x)
         return logits, self.task.loss(logits.float(), target, self.class_weights, self.label_smoothing)
 
-    def loss(self, x_u8: torch.Tensor, y: torch.Tensor, global_step: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(
+        self, x_u8: torch.Tensor, y: torch.Tensor, global_step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(model input, logits, loss) of a uint8 batch."""
         x, target = self.prepare(x_u8, y, global_step)
         return (x, *self.forward_loss(x, target))
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor, global_step: int
-                 ) -> tuple[torch.Tensor, bool]:
+    def __call__(
+        self, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor, global_step: int
+    ) -> tuple[torch.Tensor, bool]:
         """fit's step on a prepared batch (y: its hard labels): the optimisation, the schedule, the weight
         average and the epoch's sums. (loss, whether the optimizer stepped): with skip_nonfinite a non-finite
         loss is passed over, which raises TrainingDiverged after MAX_SKIPS_IN_A_ROW in a row."""
@@ -124,8 +126,9 @@ class TrainStep:
         self._tally(logits, loss, y)
         return loss, True
 
-    def train(self, x: torch.Tensor, target: torch.Tensor, skip_nonfinite: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def train(
+        self, x: torch.Tensor, target: torch.Tensor, skip_nonfinite: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimisation step on a prepared batch (forward, backward, clipping, the optimizer step; no
         schedule, average or sums): (logits, loss, whether the optimizer stepped).
 

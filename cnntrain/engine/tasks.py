@@ -52,8 +52,9 @@ class SingleLabel:
     threshold = 0.5  # no meaning here; the multi-label task's
     train_key = "acc"  # the running count of the training steps, as the progress line names it
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-             label_smoothing: float) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float
+    ) -> torch.Tensor:
         return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
 
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -64,12 +65,15 @@ class SingleLabel:
 
     def monitor(self, name: str) -> Monitor:
         if name == "val/map":
-            raise UserError("trainer.monitor=val/map is the mean average precision of multi-label runs; this dataset "
-                            "gives one class per image: use val/acc or val/loss")
+            raise UserError(
+                "trainer.monitor=val/map is the mean average precision of multi-label runs; this dataset "
+                "gives one class per image: use val/acc or val/loss"
+            )
         return Monitor(name, name.removeprefix("val/"), name != "val/loss")
 
-    def loss_weights(self, spec: balance.ClassWeights, counts: torch.Tensor, images: int, classes: list[str]
-                     ) -> torch.Tensor | None:
+    def loss_weights(
+        self, spec: balance.ClassWeights, counts: torch.Tensor, images: int, classes: list[str]
+    ) -> torch.Tensor | None:
         return balance.loss_weights(spec, counts, classes)
 
     def columns(self, columns: list[str]) -> list[str]:
@@ -81,20 +85,30 @@ class SingleLabel:
 
     def epoch_text(self, row: dict[str, Any]) -> str:
         """The console's line of an epoch's row (its metrics.csv row)."""
-        return (f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}")
+        return (
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+        )
 
     def test_record(self, test: dict[str, Any], y: torch.Tensor, num_classes: int) -> dict[str, Any]:
         """What the test gives summary.json, the scalars, the final table and the HParams table."""
         balanced = class_metrics(test["pred"], y, num_classes)
         return {
-            "summary": {"test_loss": test["loss"], "test_acc": test["acc"],
-                        "test_balanced_acc": balanced["balanced_acc"], "test_macro_f1": balanced["macro_f1"]},
+            "summary": {
+                "test_loss": test["loss"],
+                "test_acc": test["acc"],
+                "test_balanced_acc": balanced["balanced_acc"],
+                "test_macro_f1": balanced["macro_f1"],
+            },
             "scalars": {"test/loss": test["loss"], "test/acc": test["acc"]},
-            "rows": [("test acc", f"{test['acc']:.4f}"),
-                     ("test balanced acc / macro F1",
-                      f"{balanced['balanced_acc'] or 0:.4f} / {balanced['macro_f1'] or 0:.4f}"),
-                     ("test loss", f"{test['loss']:.4f}")],
+            "rows": [
+                ("test acc", f"{test['acc']:.4f}"),
+                (
+                    "test balanced acc / macro F1",
+                    f"{balanced['balanced_acc'] or 0:.4f} / {balanced['macro_f1'] or 0:.4f}",
+                ),
+                ("test loss", f"{test['loss']:.4f}"),
+            ],
             "hparams": {"hparam/test_acc": test["acc"], "hparam/test_loss": test["loss"]},
         }
 
@@ -108,8 +122,9 @@ class MultiLabel:
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = float(threshold)
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-             label_smoothing: float) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float
+    ) -> torch.Tensor:
         """Mean binary cross-entropy over images and labels. Label smoothing pulls each 0/1 target towards 0.5
         (y (1 - e) + e / 2); class weights weigh each label's positives (BCE's pos_weight)."""
         if label_smoothing:
@@ -133,8 +148,9 @@ class MultiLabel:
             return Monitor(name, "loss", False)
         return Monitor("val/map", "map", True)
 
-    def loss_weights(self, spec: balance.ClassWeights, counts: torch.Tensor, images: int, classes: list[str]
-                     ) -> torch.Tensor | None:
+    def loss_weights(
+        self, spec: balance.ClassWeights, counts: torch.Tensor, images: int, classes: list[str]
+    ) -> torch.Tensor | None:
         """trainer.class_weights as BCE's pos_weight: balanced is negatives / positives of each label in the
         training split (a label's positives weigh what its negatives do); a list gives one weight per label."""
         if spec is None:
@@ -142,14 +158,18 @@ class MultiLabel:
         if spec == "balanced":
             if bool((counts == 0).any()):
                 empty = [classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
-                raise UserError(f"trainer.class_weights=balanced: no training image has the label "
-                                f"{', '.join(empty[:5])}; give explicit weights or add images")
+                raise UserError(
+                    f"trainer.class_weights=balanced: no training image has the label "
+                    f"{', '.join(empty[:5])}; give explicit weights or add images"
+                )
             return ((images - counts) / counts).float()
         weights = [float(v) for v in spec]
         if len(weights) != len(classes):
-            raise UserError(f"trainer.class_weights has {len(weights)} weights but the dataset has {len(classes)} "
-                            f"labels ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); give one "
-                            "weight per label (it weighs the label's positives)")
+            raise UserError(
+                f"trainer.class_weights has {len(weights)} weights but the dataset has {len(classes)} "
+                f"labels ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); give one "
+                "weight per label (it weighs the label's positives)"
+            )
         return torch.tensor(weights, dtype=torch.float32)
 
     def columns(self, columns: list[str]) -> list[str]:
@@ -168,19 +188,23 @@ class MultiLabel:
         return {"train_exact_match": train_ratio, **{f"val_{m}": val[m] for m in MULTILABEL_METRICS}}
 
     def epoch_text(self, row: dict[str, Any]) -> str:
-        return (f"train loss {row['train_loss']:.4f} exact {row['train_exact_match']:.4f}  "
-                f"val loss {row['val_loss']:.4f} mAP {_f(row['val_map'])} F1 {_f(row['val_micro_f1'])} "
-                f"exact {_f(row['val_exact_match'])}")
+        return (
+            f"train loss {row['train_loss']:.4f} exact {row['train_exact_match']:.4f}  "
+            f"val loss {row['val_loss']:.4f} mAP {_f(row['val_map'])} F1 {_f(row['val_micro_f1'])} "
+            f"exact {_f(row['val_exact_match'])}"
+        )
 
     def test_record(self, test: dict[str, Any], y: torch.Tensor, num_classes: int) -> dict[str, Any]:
         values = {m: test[m] for m in MULTILABEL_METRICS}
         return {
             "summary": {"test_loss": test["loss"], **{f"test_{m}": v for m, v in values.items()}},
             "scalars": {"test/loss": test["loss"], **{f"test/{m}": v for m, v in values.items() if v is not None}},
-            "rows": [("test mAP", _f(values["map"])),
-                     ("test F1 micro / macro", f"{_f(values['micro_f1'])} / {_f(values['macro_f1'])}"),
-                     ("test exact match", _f(values["exact_match"])),
-                     ("test loss", f"{test['loss']:.4f}")],
+            "rows": [
+                ("test mAP", _f(values["map"])),
+                ("test F1 micro / macro", f"{_f(values['micro_f1'])} / {_f(values['macro_f1'])}"),
+                ("test exact match", _f(values["exact_match"])),
+                ("test loss", f"{test['loss']:.4f}"),
+            ],
             "hparams": {"hparam/test_map": _nan(values["map"]), "hparam/test_loss": test["loss"]},
         }
 
@@ -202,14 +226,18 @@ def build_task(t: TrainerConfig, d: DatasetConfig, y: torch.Tensor) -> Task:
     if task_of(y) == SINGLE:
         task: Task = SingleLabel()
         if t.threshold != 0.5:
-            raise UserError(f"trainer.threshold={t.threshold} applies to multi-label data (a CSV with `a|b` labels, a "
-                            "dataset of multi-hot targets); this dataset gives one class per image")
+            raise UserError(
+                f"trainer.threshold={t.threshold} applies to multi-label data (a CSV with `a|b` labels, a "
+                "dataset of multi-hot targets); this dataset gives one class per image"
+            )
     else:
         task = MultiLabel(t.threshold)
         if d.sampler != "shuffle":
-            raise UserError(f"dataset.sampler={d.sampler} draws images by their class, and a multi-label "
-                            "image has none or several; use trainer.class_weights=balanced (it weighs each label's "
-                            "positives) with dataset.sampler=shuffle")
+            raise UserError(
+                f"dataset.sampler={d.sampler} draws images by their class, and a multi-label "
+                "image has none or several; use trainer.class_weights=balanced (it weighs each label's "
+                "positives) with dataset.sampler=shuffle"
+            )
     task.monitor(str(t.monitor))  # refuses val/map for single-label data
     return task
 
@@ -226,8 +254,11 @@ def start_row(task: Task, monitor: str) -> tuple[str, str] | None:
     if task.name == SINGLE:
         return None
     m = task.monitor(monitor)
-    return ("task", f"multi-label: a sigmoid per label, binary cross-entropy, labels above {task.threshold:g}; "
-                    f"best epoch by {m.name}")
+    return (
+        "task",
+        f"multi-label: a sigmoid per label, binary cross-entropy, labels above {task.threshold:g}; "
+        f"best epoch by {m.name}",
+    )
 
 
 # --------------------------------------------------------------------------- after training

@@ -79,11 +79,15 @@ def apply(trained: Trained, tta: str) -> tuple[str, ...]:
     """Wrap trained.model for `tta` (after it is prepared for its device); the views used. Flips are refused
     for a model whose dataset says a flip changes the label (digits: a mirrored 2 is not a 2)."""
     if tta not in VIEWS:
-        raise UserError(f"tta={tta} is not a valid choice; use one of: {', '.join(CHOICES)}{did_you_mean(tta, CHOICES)}")
+        raise UserError(
+            f"tta={tta} is not a valid choice; use one of: {', '.join(CHOICES)}{did_you_mean(tta, CHOICES)}"
+        )
     views = VIEWS[tta]
     if "hflip" in views and flips_change_label(trained.meta, trained.config):
-        raise UserError(f"tta={tta} flips images, but the model's dataset ({trained.meta.get('dataset')}) says a flip "
-                        "changes the label (dataset.flips_change_label=true); use tta=crops or tta=none")
+        raise UserError(
+            f"tta={tta} flips images, but the model's dataset ({trained.meta.get('dataset')}) says a flip "
+            "changes the label (dataset.flips_change_label=true); use tta=crops or tta=none"
+        )
     if len(views) > 1:
         trained.model = AveragedViews(trained.model, views, trained.task.name == "multilabel").eval()
     return views

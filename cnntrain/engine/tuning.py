@@ -80,12 +80,26 @@ def write_cache(entries: dict[str, Any]) -> None:
         pass
 
 
-def cache_keys(model_cfg: ModelConfig, batch_size: int, device: torch.device, precision: Precision,
-               shape: tuple[int, ...], channels_last: bool) -> tuple[str, str]:
+def cache_keys(
+    model_cfg: ModelConfig,
+    batch_size: int,
+    device: torch.device,
+    precision: Precision,
+    shape: tuple[int, ...],
+    channels_last: bool,
+) -> tuple[str, str]:
     """(layout key, chunk key): the chunk's verdict also depends on the layout it was timed in."""
     model = json.dumps(plain(model_cfg), sort_keys=True, default=str)
-    what = "|".join([describe(device), f"torch {torch.__version__}", hashlib.sha256(model.encode()).hexdigest()[:16],
-                     "x".join(map(str, shape)), f"batch {batch_size}", f"precision {precision.label}"])
+    what = "|".join(
+        [
+            describe(device),
+            f"torch {torch.__version__}",
+            hashlib.sha256(model.encode()).hexdigest()[:16],
+            "x".join(map(str, shape)),
+            f"batch {batch_size}",
+            f"precision {precision.label}",
+        ]
+    )
     return f"layout|{what}", f"chunk|{what}|{'channels_last' if channels_last else 'contiguous'}"
 
 
@@ -100,9 +114,18 @@ def chunk_candidates(batch: int) -> list[int]:
     return [c for c in (batch // 4, batch // 8) if c >= SMALLEST_CHUNK]
 
 
-def decide(t: TrainerConfig, model_cfg: ModelConfig, resuming: bool, step: TrainStep, device: torch.device,
-           shape: tuple[int, ...], num_classes: int, recorded: dict[str, Any], distributed: bool,
-           total_steps: int) -> Tuning:
+def decide(
+    t: TrainerConfig,
+    model_cfg: ModelConfig,
+    resuming: bool,
+    step: TrainStep,
+    device: torch.device,
+    shape: tuple[int, ...],
+    num_classes: int,
+    recorded: dict[str, Any],
+    distributed: bool,
+    total_steps: int,
+) -> Tuning:
     """The layout and chunk this run trains with, and why (see the module's docstring); the model's config is
     part of the cache's keys."""
     cl_spec, mb_spec = str(t.channels_last).lower(), t.micro_batch
@@ -110,21 +133,35 @@ def decide(t: TrainerConfig, model_cfg: ModelConfig, resuming: bool, step: Train
     rule_cl = resolve_channels_last(cl_spec, device, step.precision)
     mb_fixed = None if mb_auto or mb_spec is None or int(mb_spec) >= t.batch_size else int(mb_spec)
     if mb_fixed is not None and has_batch_norm(step.model):
-        warnings.warn(f"trainer.micro_batch={mb_fixed}: the model's BatchNorm layers normalise each chunk of "
-                      f"{mb_fixed} by its own statistics (ghost batch norm), not the batch of {t.batch_size} "
-                      "as a whole", stacklevel=2)
+        warnings.warn(
+            f"trainer.micro_batch={mb_fixed}: the model's BatchNorm layers normalise each chunk of "
+            f"{mb_fixed} by its own statistics (ghost batch norm), not the batch of {t.batch_size} "
+            "as a whole",
+            stacklevel=2,
+        )
     if not (cl_auto or mb_auto):
         return Tuning(rule_cl, mb_fixed, "set")
     if recorded:
-        return Tuning(recorded["channels_last"] if cl_auto else rule_cl,
-                      recorded["micro_batch"] if mb_auto else mb_fixed, "as recorded in the checkpoint")
+        return Tuning(
+            recorded["channels_last"] if cl_auto else rule_cl,
+            recorded["micro_batch"] if mb_auto else mb_fixed,
+            "as recorded in the checkpoint",
+        )
     if resuming:  # a checkpoint from before the record: it trained by the rule, so go on by it
         return Tuning(rule_cl, mb_fixed, "rule: the checkpoint has no record of its own")
     if mb_auto and has_batch_norm(step.model):
         mb_auto = False  # per-chunk batch statistics (ghost batch norm) would change what the model learns
-    why_not = ("deterministic runs do not time" if t.deterministic else "not timed under torch.compile"
-               if t.compile else "not timed under torchrun" if distributed else "not timed in a dry run"
-               if t.dry_run else "")
+    why_not = (
+        "deterministic runs do not time"
+        if t.deterministic
+        else "not timed under torch.compile"
+        if t.compile
+        else "not timed under torchrun"
+        if distributed
+        else "not timed in a dry run"
+        if t.dry_run
+        else ""
+    )
     if why_not or not (cl_auto or mb_auto):
         return Tuning(rule_cl, mb_fixed, f"rule: {why_not}" if why_not else "rule: BatchNorm keeps the whole batch")
     cache = read_cache()
@@ -138,8 +175,9 @@ def decide(t: TrainerConfig, model_cfg: ModelConfig, resuming: bool, step: Train
         return Tuning(channels_last, micro, "cached")
     if total_steps < MIN_STEPS:
         return Tuning(channels_last, micro, "rule: too short a run to time")
-    return _probe(model_cfg, t.batch_size, step, device, shape, num_classes, cl_todo, channels_last, mb_todo, micro,
-                  total_steps)
+    return _probe(
+        model_cfg, t.batch_size, step, device, shape, num_classes, cl_todo, channels_last, mb_todo, micro, total_steps
+    )
 
 
 def _holds(cache: dict[str, Any], key: str, name: str, kind: type | tuple[type, ...]) -> bool:
@@ -148,9 +186,19 @@ def _holds(cache: dict[str, Any], key: str, name: str, kind: type | tuple[type, 
     return isinstance(entry, dict) and name in entry and isinstance(entry[name], kind)
 
 
-def _probe(model_cfg: ModelConfig, batch: int, step: TrainStep, device: torch.device, shape: tuple[int, ...],
-           num_classes: int, cl_todo: bool, channels_last: bool, mb_todo: bool, micro: int | None,
-           total_steps: int) -> Tuning:
+def _probe(
+    model_cfg: ModelConfig,
+    batch: int,
+    step: TrainStep,
+    device: torch.device,
+    shape: tuple[int, ...],
+    num_classes: int,
+    cl_todo: bool,
+    channels_last: bool,
+    mb_todo: bool,
+    micro: int | None,
+    total_steps: int,
+) -> Tuning:
     """Time what is still to decide (cl_todo, mb_todo), starting from the defaults (channels_last, micro)."""
     started = time.perf_counter()
     probe = _Probe(step, device, shape, batch, num_classes)
@@ -194,8 +242,11 @@ def _probe(model_cfg: ModelConfig, batch: int, step: TrainStep, device: torch.de
         return Tuning(channels_last, micro, f"measured in {seconds:.1f} s")
     # Nothing fitted the budget. For a short run, a longer one may time it, so nothing is cached; a step too slow
     # for the probe's own budget stays so, and the defaults are cached to spare later runs the attempt.
-    return Tuning(channels_last, micro, f"rule: {'too short a run' if short else 'a step too slow'} to time "
-                                        f"({seconds:.1f} s spent)")
+    return Tuning(
+        channels_last,
+        micro,
+        f"rule: {'too short a run' if short else 'a step too slow'} to time ({seconds:.1f} s spent)",
+    )
 
 
 Candidate = tuple[bool, int | None]  # (channels_last, micro_batch)
@@ -209,8 +260,9 @@ def _pick(times: dict[Candidate, float], default: Candidate) -> Candidate:
 class _Probe:
     """Optimisation steps of copies of the model (one per layout), with an optimizer like the run's."""
 
-    def __init__(self, step: TrainStep, device: torch.device, shape: tuple[int, ...], batch: int,
-                 num_classes: int) -> None:
+    def __init__(
+        self, step: TrainStep, device: torch.device, shape: tuple[int, ...], batch: int, num_classes: int
+    ) -> None:
         self.step, self.device = step, device
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn((batch, *shape), generator=gen).to(device)
@@ -267,19 +319,30 @@ def _nothing() -> None:
 
 def _copy_step(step: TrainStep, channels_last: bool) -> TrainStep:
     """A TrainStep of its own on a copy of the model, so timing it leaves the run's weights and optimizer alone."""
-    model = copy.deepcopy(step.model).to(memory_format=torch.channels_last if channels_last
-                                         else torch.contiguous_format)
+    model = copy.deepcopy(step.model).to(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     twin = dict(zip(map(id, step.model.parameters()), model.parameters(), strict=True))
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [twin[id(p)] for p in g["params"]]}
-              for g in step.optimizer.param_groups]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [twin[id(p)] for p in g["params"]]}
+        for g in step.optimizer.param_groups
+    ]
     optimizer = type(step.optimizer)(groups, **step.optimizer.defaults)
     # Only fp16 needs a real scaler. Elsewhere a disabled GradScaler is pure bookkeeping, and whatever counts the
     # run's optimisation steps by it (tests/faults.py kills and signals runs at step N) must not count these.
     device = step.normalise.mean.device.type
     scaler = torch.amp.GradScaler(device) if step.scaler.is_enabled() else _NoScaler(device)
-    return dataclasses.replace(step, model=model, forward=model, optimizer=optimizer, scaler=scaler, augment=None,
-                               normalise=dataclasses.replace(step.normalise, channels_last=channels_last),
-                               scheduler=None, ema=None)
+    return dataclasses.replace(
+        step,
+        model=model,
+        forward=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        augment=None,
+        normalise=dataclasses.replace(step.normalise, channels_last=channels_last),
+        scheduler=None,
+        ema=None,
+    )
 
 
 class _NoScaler(torch.amp.GradScaler):
@@ -301,4 +364,3 @@ def apply(tuning: Tuning, step: TrainStep, modules: list[nn.Module]) -> None:
         m.to(memory_format=fmt)
     step.normalise = dataclasses.replace(step.normalise, channels_last=tuning.channels_last)
     step.micro_batch = tuning.micro_batch
-

@@ -142,7 +142,9 @@ def choose_threads(torch_default: int, deterministic: bool = False) -> ThreadCho
     cores = usable_cores()
     cap = max(1, min(cores, torch_default))
     quota = cgroup_quota()
-    limit = f"{cores} usable cores" + (f" (CPU quota {quota:g})" if quota is not None and quota < len(affinity() or []) else "")
+    limit = f"{cores} usable cores" + (
+        f" (CPU quota {quota:g})" if quota is not None and quota < len(affinity() or []) else ""
+    )
     # Each reason starts with the count it explains, so the line never reads as two different numbers.
     base = f"all {limit}" if cap == cores else f"{cap} of {limit}, one per physical core (torch's default)"
     if deterministic or cap == 1:
@@ -155,8 +157,11 @@ def choose_threads(torch_default: int, deterministic: bool = False) -> ThreadCho
     threads = max(1, min(cap, int(free + 0.5)))
     if threads == cap:
         return ThreadChoice(cap, base)
-    return ThreadChoice(threads, f"{threads} of {limit}: other processes keep {busy:.1f} of {cpus} cores busy; "
-                                 "trainer.num_threads=N to override")
+    return ThreadChoice(
+        threads,
+        f"{threads} of {limit}: other processes keep {busy:.1f} of {cpus} cores busy; "
+        "trainer.num_threads=N to override",
+    )
 
 
 class CollapseWatch:
@@ -195,7 +200,9 @@ class CollapseWatch:
         self.best = max(self.best, ips)
         if self.slow_windows >= 2:
             self.done = True
-            self.say(f"throughput fell from {self.best:,.0f} to {ips:,.0f} images/s while other processes keep "
-                     f"{busy:.1f} cores busy: {self.threads} torch threads wait on each other; "
-                     "trainer.num_threads=1 avoids it")
+            self.say(
+                f"throughput fell from {self.best:,.0f} to {ips:,.0f} images/s while other processes keep "
+                f"{busy:.1f} cores busy: {self.threads} torch threads wait on each other; "
+                "trainer.num_threads=1 avoids it"
+            )
         self.resume()

@@ -81,8 +81,10 @@ def curves_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
     axes = fig.subplots(1, 2)
     marker = "o" if len(epochs) <= 30 else None
     multilabel = bool(rows) and "train_exact_match" in rows[0]
-    panels = ((axes[0], "loss", "binary cross-entropy loss" if multilabel else "cross-entropy loss"),
-              (axes[1], "exact_match" if multilabel else "acc", "exact match" if multilabel else "accuracy"))
+    panels = (
+        (axes[0], "loss", "binary cross-entropy loss" if multilabel else "cross-entropy loss"),
+        (axes[1], "exact_match" if multilabel else "acc", "exact match" if multilabel else "accuracy"),
+    )
     for ax, metric, label in panels:
         for split, style in (("train", "-"), ("val", "--")):
             values = [_number(r[f"{split}_{metric}"]) for r in rows]
@@ -114,8 +116,13 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], title: str) -> Any:
     step = max(1, int(np.ceil(n / MAX_LABELLED_CLASSES)))
     ticks = np.arange(0, n, step)
     names = [_short(classes[i]) for i in ticks]
-    ax.set_xticks(ticks, names, rotation=45 if max(len(s) for s in names) > 2 else 0, ha="right" if max(
-        len(s) for s in names) > 2 else "center", rotation_mode="anchor")
+    ax.set_xticks(
+        ticks,
+        names,
+        rotation=45 if max(len(s) for s in names) > 2 else 0,
+        ha="right" if max(len(s) for s in names) > 2 else "center",
+        rotation_mode="anchor",
+    )
     ax.set_yticks(ticks, names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -124,8 +131,15 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], title: str) -> Any:
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
-                            color="white" if share[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(int(cm[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
     return fig
 
 
@@ -148,8 +162,9 @@ def per_class_figure(classes: Sequence[str], precision: np.ndarray, recall: np.n
     return fig
 
 
-def mistakes_figure(images: Any, true: Sequence[int], pred: Sequence[int], conf: Sequence[float],
-                    classes: Sequence[str], title: str) -> Any:
+def mistakes_figure(
+    images: Any, true: Sequence[int], pred: Sequence[int], conf: Sequence[float], classes: Sequence[str], title: str
+) -> Any:
     """A grid of images (uint8 [N, C, H, W], a CPU tensor or an array), each titled with its true and predicted
     class."""
     n = len(images)
@@ -159,8 +174,9 @@ def mistakes_figure(images: Any, true: Sequence[int], pred: Sequence[int], conf:
     fig = new_figure(width, height)
     # A fixed layout: image cells have no tick labels to fit, and constrained layout would cost a second here.
     fig.set_layout_engine(None)
-    fig.subplots_adjust(left=0.2 / width, right=1 - 0.2 / width, bottom=0.1 / height, top=1 - 0.55 / height,
-                        wspace=0.15, hspace=0.3)
+    fig.subplots_adjust(
+        left=0.2 / width, right=1 - 0.2 / width, bottom=0.1 / height, top=1 - 0.55 / height, wspace=0.15, hspace=0.3
+    )
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -172,8 +188,9 @@ def mistakes_figure(images: Any, true: Sequence[int], pred: Sequence[int], conf:
             axes[k].imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
             axes[k].imshow(img, interpolation="nearest")
-        axes[k].set_title(f"true: {_short(classes[true[k]], 14)}\npred: {_short(classes[pred[k]], 14)} "
-                          f"({conf[k]:.1%})", fontsize=8)
+        axes[k].set_title(
+            f"true: {_short(classes[true[k]], 14)}\npred: {_short(classes[pred[k]], 14)} ({conf[k]:.1%})", fontsize=8
+        )
     fig.suptitle(title)
     return fig
 
@@ -216,8 +233,17 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- end of fit
 
 
-def hand_over(run_dir: Path, step: int, name: str, classes: list[str], x: torch.Tensor, y: torch.Tensor,
-              test: dict[str, Any], how: str, tensorboard: bool = True) -> None:
+def hand_over(
+    run_dir: Path,
+    step: int,
+    name: str,
+    classes: list[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    test: dict[str, Any],
+    how: str,
+    tensorboard: bool = True,
+) -> None:
     """figures/ of a finished run (curves, test confusion matrix, most confidently wrong test images) and the same
     images in TensorBoard. What they need is written to figures/.pending.npz; `how` (trainer.figures) says who
     draws them: `background` a child process that the command does not wait for, `end` this process, now;
@@ -232,14 +258,24 @@ def hand_over(run_dir: Path, step: int, name: str, classes: list[str], x: torch.
         elif how == "background":
             _spawn_drawer(run_dir)
         else:
-            log.info("figures not drawn (trainer.figures=off); draw them with: cnntrain report %s figures=true",
-                     pending.parent.parent)
+            log.info(
+                "figures not drawn (trainer.figures=off); draw them with: cnntrain report %s figures=true",
+                pending.parent.parent,
+            )
     except Exception as e:  # figures are a by-product: report, keep the trained run
         log.warning("could not draw the run's figures: %s: %s", type(e).__name__, e)
 
 
-def _write_pending(run_dir: Path, step: int, name: str, classes: list[str], x: torch.Tensor, y: torch.Tensor,
-                   test: dict[str, Any], tensorboard: bool = True) -> Path:
+def _write_pending(
+    run_dir: Path,
+    step: int,
+    name: str,
+    classes: list[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    test: dict[str, Any],
+    tensorboard: bool = True,
+) -> Path:
     if y.dim() == 2:
         return _write_pending_labels(run_dir, step, name, classes, len(y), test, tensorboard)
     pred, y = test["pred"].cpu(), y.cpu()
@@ -248,27 +284,48 @@ def _write_pending(run_dir: Path, step: int, name: str, classes: list[str], x: t
     out = RunDir(run_dir).figures / PENDING
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".pending.{os.getpid()}.tmp.npz")
-    np.savez(tmp, step=step, name=name, classes=np.array(classes, dtype=str), images=len(y),
-             correct=int((pred == y).sum()), cm=confusion_matrix(y, pred, len(classes)),
-             mistakes=x[idx.to(x.device)].cpu().numpy(), true=y[idx].numpy(), pred=pred[idx].numpy(),
-             conf=(conf.cpu()[idx].float().numpy() if conf is not None else np.zeros(0)),
-             has_conf=conf is not None, tensorboard=tensorboard)
+    np.savez(
+        tmp,
+        step=step,
+        name=name,
+        classes=np.array(classes, dtype=str),
+        images=len(y),
+        correct=int((pred == y).sum()),
+        cm=confusion_matrix(y, pred, len(classes)),
+        mistakes=x[idx.to(x.device)].cpu().numpy(),
+        true=y[idx].numpy(),
+        pred=pred[idx].numpy(),
+        conf=(conf.cpu()[idx].float().numpy() if conf is not None else np.zeros(0)),
+        has_conf=conf is not None,
+        tensorboard=tensorboard,
+    )
     os.replace(tmp, out)
     return out
 
 
-def _write_pending_labels(run_dir: Path, step: int, name: str, classes: list[str], images: int,
-                          test: dict[str, Any], tensorboard: bool) -> Path:
+def _write_pending_labels(
+    run_dir: Path, step: int, name: str, classes: list[str], images: int, test: dict[str, Any], tensorboard: bool
+) -> Path:
     """A multi-label run's: no confusion matrix or single mistakes, the test's precision and recall per label."""
+
     def floats(key: str) -> np.ndarray:
         return np.array([np.nan if v is None else v for v in test["per_label"][key]], dtype=np.float64)
 
     out = run_dir / "figures" / PENDING
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".pending.{os.getpid()}.tmp.npz")
-    np.savez(tmp, step=step, name=name, classes=np.array(classes, dtype=str), images=images, task="multilabel",
-             precision=floats("precision"), recall=floats("recall"),
-             map=np.nan if test["map"] is None else test["map"], tensorboard=tensorboard)
+    np.savez(
+        tmp,
+        step=step,
+        name=name,
+        classes=np.array(classes, dtype=str),
+        images=images,
+        task="multilabel",
+        precision=floats("precision"),
+        recall=floats("recall"),
+        map=np.nan if test["map"] is None else test["map"],
+        tensorboard=tensorboard,
+    )
     os.replace(tmp, out)
     return out
 
@@ -279,8 +336,15 @@ def _spawn_drawer(run_dir: Path) -> None:
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(RunDir(run_dir).figures / "draw.log", "ab") as err:
-        subprocess.Popen([sys.executable, "-m", "cnntrain.io.draw", str(run_dir)], stdin=subprocess.DEVNULL,
-                         stdout=err, stderr=err, env=env, close_fds=True, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "cnntrain.io.draw", str(run_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+        )
 
 
 def figures_pending(run_dir: Path) -> bool:
@@ -302,22 +366,38 @@ def draw_pending(run_dir: Path) -> None:
         save_png(curves_figure(rows, f"{data['name']}: {run_dir.name}"), folder / "curves.png")
         pngs["curves"] = folder / "curves.png"
     if str(data.get("task", "")) == "multilabel":
-        save_png(per_class_figure(classes, data["precision"], data["recall"],
-                                  f"Per label: test ({images:,} images, mAP {float(data['map']):.4f})"),
-                 folder / "per_label_test.png")
+        save_png(
+            per_class_figure(
+                classes,
+                data["precision"],
+                data["recall"],
+                f"Per label: test ({images:,} images, mAP {float(data['map']):.4f})",
+            ),
+            folder / "per_label_test.png",
+        )
         pngs["per_label_test"] = folder / "per_label_test.png"
         if bool(data.get("tensorboard", True)):
             _png_events(run_dir / "tensorboard", {f"figures/{k}": p for k, p in pngs.items()}, step)
         (folder / PENDING).unlink(missing_ok=True)
         return
     acc = int(data["correct"]) / images if images else 0.0
-    save_png(confusion_figure(data["cm"], classes, f"Test confusion matrix ({images:,} images, accuracy {acc:.2%})"),
-             folder / "confusion_test.png")
+    save_png(
+        confusion_figure(data["cm"], classes, f"Test confusion matrix ({images:,} images, accuracy {acc:.2%})"),
+        folder / "confusion_test.png",
+    )
     pngs["confusion_test"] = folder / "confusion_test.png"
     if bool(data["has_conf"]):
-        save_png(mistakes_figure(data["mistakes"], data["true"].tolist(), data["pred"].tolist(),
-                                 data["conf"].tolist(), classes, "Most confidently wrong test images"),
-                 folder / "mistakes_test.png")
+        save_png(
+            mistakes_figure(
+                data["mistakes"],
+                data["true"].tolist(),
+                data["pred"].tolist(),
+                data["conf"].tolist(),
+                classes,
+                "Most confidently wrong test images",
+            ),
+            folder / "mistakes_test.png",
+        )
         pngs["mistakes_test"] = folder / "mistakes_test.png"
     if bool(data.get("tensorboard", True)):  # logger.tensorboard: the run keeps event files
         _png_events(run.tensorboard, {f"figures/{k}": p for k, p in pngs.items()}, step)
@@ -339,8 +419,11 @@ def _png_events(log_dir: Path, pngs: dict[str, Path], step: int) -> None:
         data = path.read_bytes()
         with Image.open(path) as im:
             width, height, channels = im.width, im.height, len(im.getbands())
-        values.append(Summary.Value(tag=tag, image=Summary.Image(
-            height=height, width=width, colorspace=channels, encoded_image_string=data)))
+        values.append(
+            Summary.Value(
+                tag=tag, image=Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=data)
+            )
+        )
     writer = EventFileWriter(str(log_dir), filename_suffix=".figures")
     try:
         writer.add_event(Event(summary=Summary(value=values), wall_time=time.time(), step=step))
@@ -398,8 +481,9 @@ def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
     return _tile(w.mean(1), size)
 
 
-def feature_maps(model: nn.Module, x: torch.Tensor, max_layers: int = 4, max_channels: int = 16
-                 ) -> list[tuple[str, torch.Tensor]]:
+def feature_maps(
+    model: nn.Module, x: torch.Tensor, max_layers: int = 4, max_channels: int = 16
+) -> list[tuple[str, torch.Tensor]]:
     """Grids of the first channels of a few convolutions (first to last) for one input [1, C, H, W]."""
     import torch
     from torch import nn
@@ -410,8 +494,7 @@ def feature_maps(model: nn.Module, x: torch.Tensor, max_layers: int = 4, max_cha
     pick = sorted({round(i) for i in np.linspace(0, len(convs) - 1, min(max_layers, len(convs)))})
     chosen = [convs[i] for i in pick]
     outputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.setdefault(n, out.detach()))
-               for n, m in chosen]
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.setdefault(n, out.detach())) for n, m in chosen]
     was_training = model.training
     model.eval()
     try:

@@ -163,8 +163,10 @@ def output_dir(path: Path, key: str = "out", given: bool = True, create: bool = 
     except OSError as e:
         if given:
             raise path_error(e, key, path, "cannot create the folder") from None
-        raise UserError(f"cannot create the folder {e.filename or path} for the results: {os_reason(e)}; "
-                        f"pass {key}=DIR to write elsewhere") from None
+        raise UserError(
+            f"cannot create the folder {e.filename or path} for the results: {os_reason(e)}; "
+            f"pass {key}=DIR to write elsewhere"
+        ) from None
     return path
 
 
@@ -211,8 +213,9 @@ def call_dir(parent: Path, label: str) -> Path:
         except FileExistsError:
             continue
         except OSError as e:
-            raise UserError(f"cannot create the folder {path} for the results: {os_reason(e)}; "
-                            "pass out=DIR to write elsewhere") from None
+            raise UserError(
+                f"cannot create the folder {path} for the results: {os_reason(e)}; pass out=DIR to write elsewhere"
+            ) from None
         return path
     raise UserError(f"too many result folders named {base} in {parent}; pass out=DIR")
 
@@ -226,12 +229,16 @@ def given_output_dir(path: Path, overwrite: bool) -> Path:
     if not entries:
         return path
     if not overwrite:
-        raise UserError(f"out={path} already holds {len(entries)} file(s) or folder(s); name a new folder, or add "
-                        "overwrite=true to replace an earlier call's results there")
+        raise UserError(
+            f"out={path} already holds {len(entries)} file(s) or folder(s); name a new folder, or add "
+            "overwrite=true to replace an earlier call's results there"
+        )
     if not any((path / f"{command}.log").is_file() for command in RESULT_COMMANDS):
-        raise UserError(f"out={path} holds files that evaluate, predict or explain did not write (it has no "
-                        "evaluate.log, predict.log or explain.log); overwrite=true only replaces their results: "
-                        "name a new folder")
+        raise UserError(
+            f"out={path} holds files that evaluate, predict or explain did not write (it has no "
+            "evaluate.log, predict.log or explain.log); overwrite=true only replaces their results: "
+            "name a new folder"
+        )
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

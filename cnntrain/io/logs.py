@@ -206,8 +206,10 @@ class _PipeSafe:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
             os.close(devnull)
-        logging.getLogger(LOGGER).warning("the standard output was closed (its reader, such as `head`, exited); "
-                                          "the display stops here, the command goes on and writes its files and log")
+        logging.getLogger(LOGGER).warning(
+            "the standard output was closed (its reader, such as `head`, exited); "
+            "the display stops here, the command goes on and writes its files and log"
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -12,8 +12,19 @@ from typing import Any
 import torch
 
 # The optional libraries a run may use are recorded too (None when not installed): a timm model depends on its version.
-PACKAGES = ("cnntrain", "torch", "torchvision", "hydra-core", "omegaconf", "numpy", "rich", "tensorboard", "safetensors",
-            "timm", "mlflow")
+PACKAGES = (
+    "cnntrain",
+    "torch",
+    "torchvision",
+    "hydra-core",
+    "omegaconf",
+    "numpy",
+    "rich",
+    "tensorboard",
+    "safetensors",
+    "timm",
+    "mlflow",
+)
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -53,7 +64,8 @@ def provenance(device_name: str, seed: int, data_fingerprint: str, argv: list[st
         "packages": package_versions(),
         "torch_cuda": torch.version.cuda,
         # Asking loads libcudnn (about 50 MB of a CPU run's memory): only where a GPU can use it.
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() and torch.backends.cudnn.is_available()
+        "cudnn": torch.backends.cudnn.version()
+        if torch.cuda.is_available() and torch.backends.cudnn.is_available()
         else None,
         "device": device_name,
         "torch_threads": torch.get_num_threads(),

@@ -15,8 +15,18 @@ from cnntrain.io.files import RunDir
 from cnntrain.io.trackers import TensorBoardTracker, Tracker, Trackers
 
 METRIC_COLUMNS = [
-    "epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-    "images_per_s", "epoch_s", "data_s", "compute_s", "eval_s",
+    "epoch",
+    "step",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "images_per_s",
+    "epoch_s",
+    "data_s",
+    "compute_s",
+    "eval_s",
 ]
 
 
@@ -28,8 +38,14 @@ class RunLog:
     anything an earlier process logged at or after the resumed step, MLflow continues the same run.
     """
 
-    def __init__(self, run_dir: Path, resume_epoch: int | None = None, resume_step: int | None = None,
-                 trackers: Tracker | None = None, columns: list[str] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_epoch: int | None = None,
+        resume_step: int | None = None,
+        trackers: Tracker | None = None,
+        columns: list[str] | None = None,
+    ):
         self.run_dir = run_dir
         # A multi-label run has its own metrics where a single-label run has accuracy (engine.tasks).
         self.columns = list(columns or METRIC_COLUMNS)
@@ -61,10 +77,19 @@ class RunLog:
         self._csv_file.flush()
         os.fsync(self._csv_file.fileno())
         # train_loss -> train/loss, val_micro_f1 -> val/micro_f1: each column of a split's metric as a curve.
-        metrics = {key.replace("_", "/", 1): row[key] for key in self.columns
-                   if key.startswith(("train_", "val_")) and row.get(key) is not None}
-        metrics.update({"lr": row["lr"], "throughput/images_per_s": row["images_per_s"],
-                        "time/data_s": row["data_s"], "time/compute_s": row["compute_s"]})
+        metrics = {
+            key.replace("_", "/", 1): row[key]
+            for key in self.columns
+            if key.startswith(("train_", "val_")) and row.get(key) is not None
+        }
+        metrics.update(
+            {
+                "lr": row["lr"],
+                "throughput/images_per_s": row["images_per_s"],
+                "time/data_s": row["data_s"],
+                "time/compute_s": row["compute_s"],
+            }
+        )
         self.trackers.epoch(metrics, step, int(row["epoch"]))
 
     def images(self, tag: str, batch: torch.Tensor, step: int) -> None:

@@ -68,8 +68,12 @@ class Trackers(Tracker):
             try:
                 getattr(t, method)(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - a tracking store that fails must not stop training
-                log.warning("logger %s failed (%s: %s); the run goes on without it (metrics.csv has every epoch)",
-                            t.name, type(e).__name__, " ".join(str(e).split())[:200])
+                log.warning(
+                    "logger %s failed (%s: %s); the run goes on without it (metrics.csv has every epoch)",
+                    t.name,
+                    type(e).__name__,
+                    " ".join(str(e).split())[:200],
+                )
                 self.trackers.remove(t)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
@@ -221,7 +225,7 @@ def _client(uri: str) -> Any:
     mlflow_module()
     from mlflow.tracking import MlflowClient
 
-    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
     if db is not None:
         with contextlib.suppress(OSError):
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -230,9 +234,11 @@ def _client(uri: str) -> Any:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as e:  # MlflowException, requests' ConnectionError, SQLAlchemy's OperationalError
-        raise UserError(f"logger.tracking_uri={uri}: the MLflow tracking store cannot be reached "
-                        f"({_first_line(e)}); start the server, fix the URI, or leave it unset for "
-                        "runs/mlflow.db") from None
+        raise UserError(
+            f"logger.tracking_uri={uri}: the MLflow tracking store cannot be reached "
+            f"({_first_line(e)}); start the server, fix the URI, or leave it unset for "
+            "runs/mlflow.db"
+        ) from None
     return client
 
 
@@ -248,7 +254,7 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever folder this ran from
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlflow-artifacts").as_uri()
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlflow-artifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - a parallel job created it first
@@ -295,8 +301,9 @@ class MlflowTracker(Tracker):
 
     name = "mlflow"
 
-    def __init__(self, cfg: Any, run_dir: Path, name: str, params: dict[str, Any], resumed: bool,
-                 sweep_dir: Path | None = None) -> None:
+    def __init__(
+        self, cfg: Any, run_dir: Path, name: str, params: dict[str, Any], resumed: bool, sweep_dir: Path | None = None
+    ) -> None:
         from mlflow.entities import Metric, Param
 
         self._metric, self._param = Metric, Param
@@ -316,8 +323,10 @@ class MlflowTracker(Tracker):
                 tags["mlflow.parentRunId"] = _sweep_parent(self.client, experiment, sweep_dir)
             run = self.client.create_run(experiment, run_name=run_dir.name, tags=tags)
             self.run_id = run.info.run_id
-            record.write_text(json.dumps({"tracking_uri": self.uri, "experiment_id": experiment,
-                                          "run_id": self.run_id}, indent=1) + "\n")
+            record.write_text(
+                json.dumps({"tracking_uri": self.uri, "experiment_id": experiment, "run_id": self.run_id}, indent=1)
+                + "\n"
+            )
         # A resume may change a few keys (trainer.epochs, resume): MLflow refuses to change a logged param,
         # so the values of the first session stand and only new keys are added.
         have = self.client.get_run(self.run_id).data.params
@@ -391,8 +400,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("run_id") else None
 
 
-def open_trackers(cfg: Any, run_dir: Path, name: str, params: dict[str, Any], resumed: bool,
-                  resume_step: int | None, sweep_dir: Path | None = None) -> Trackers:
+def open_trackers(
+    cfg: Any,
+    run_dir: Path,
+    name: str,
+    params: dict[str, Any],
+    resumed: bool,
+    resume_step: int | None,
+    sweep_dir: Path | None = None,
+) -> Trackers:
     """The backends `cfg` (the logger node) turns on."""
     trackers: list[Tracker] = []
     if cfg.tensorboard:

@@ -32,8 +32,18 @@ from cnntrain.models.surgery import (
 )
 from cnntrain.registry import MODELS
 
-__all__ = ["backbone_parameters", "build_model", "count_parameters", "find_head", "freeze_norm_stats",
-           "chosen_label", "head_module", "head_parameters", "model_label", "set_backbone_trainable"]
+__all__ = [
+    "backbone_parameters",
+    "build_model",
+    "count_parameters",
+    "find_head",
+    "freeze_norm_stats",
+    "chosen_label",
+    "head_module",
+    "head_parameters",
+    "model_label",
+    "set_backbone_trainable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +64,9 @@ def builder_kwargs(cfg: ModelConfig, builder: Any, name: str) -> dict[str, Any]:
                 kwargs[key] = value
         elif value != getattr(defaults, key):
             takes = [k for k in ARCH_KEYS if k in params]
-            raise UserError(f"model.{key}={value} does not apply to model {name} (it takes: {', '.join(takes)}); "
-                            f"remove it")
+            raise UserError(
+                f"model.{key}={value} does not apply to model {name} (it takes: {', '.join(takes)}); remove it"
+            )
     return kwargs
 
 
@@ -108,8 +119,6 @@ def check_shapes(model: nn.Module, label: str, in_channels: int, image_size: tup
         raise UserError(f"model {label} gives outputs of shape {shape} for a batch of 2; expected (2, {num_classes})")
 
 
-
-
 def model_label(cfg: ModelConfig) -> str:
     """How a model config is named in messages and tables: resnet8, torchvision/resnet18, mynets.TinyNet."""
     if cfg.name == "custom" and cfg._target_:
@@ -138,8 +147,11 @@ def model_source(cfg: ModelConfig) -> dict[str, Any]:
         for i in range(len(parts) - 1, 0, -1):
             module = sys.modules.get(".".join(parts[:i]))
             if module is not None:
-                return {"target": str(cfg._target_), "module": module.__name__,
-                        "module_file": getattr(module, "__file__", None)}
+                return {
+                    "target": str(cfg._target_),
+                    "module": module.__name__,
+                    "module_file": getattr(module, "__file__", None),
+                }
         return {"target": str(cfg._target_)}
     plugin = MODELS.plugin(cfg.name)
     if plugin is not None:
@@ -150,18 +162,22 @@ def model_source(cfg: ModelConfig) -> dict[str, Any]:
 def _construct(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:
     own = own_keys(cfg, ModelConfig)
     if cfg.name == "custom":
-        return custom.custom(in_channels, image_size, num_classes, _target_=cfg._target_,
-                             **custom.user_kwargs(cfg, own))
+        return custom.custom(
+            in_channels, image_size, num_classes, _target_=cfg._target_, **custom.user_kwargs(cfg, own)
+        )
     if cfg.name not in MODELS and MODELS.plugin(cfg.name) is not None:
         return custom.build_plugin(cfg.name, cfg, own, in_channels, image_size, num_classes)
     if cfg.name not in MODELS and cfg.name in tv.torchvision_names():
-        raise UserError(f"unknown model '{cfg.name}'; torchvision architectures are used as "
-                        f"model=torchvision model.arch={cfg.name}")
+        raise UserError(
+            f"unknown model '{cfg.name}'; torchvision architectures are used as model=torchvision model.arch={cfg.name}"
+        )
     builder = MODELS.get(cfg.name)
     if own:
         key, value = next(iter(own.items()))
-        raise UserError(f"model.{key}={value} does not apply to model {cfg.name}, a built-in model (keys of your "
-                        f"own go with model=custom or an installed plug-in); remove it")
+        raise UserError(
+            f"model.{key}={value} does not apply to model {cfg.name}, a built-in model (keys of your "
+            f"own go with model=custom or an installed plug-in); remove it"
+        )
     return builder(in_channels, image_size, num_classes, **builder_kwargs(cfg, builder, cfg.name))
 
 
@@ -169,12 +185,16 @@ def _check_head_options(cfg: ModelConfig, model: nn.Module, label: str) -> None:
     """Freezing and a separate backbone lr need a classifier layer; say so in one line when there is none."""
     if find_head(model) is not None:
         return
-    for key, value, active in (("freeze_backbone", "true", cfg.freeze_backbone),
-                               ("backbone_lr_scale", cfg.backbone_lr_scale, cfg.backbone_lr_scale != 1.0)):
+    for key, value, active in (
+        ("freeze_backbone", "true", cfg.freeze_backbone),
+        ("backbone_lr_scale", cfg.backbone_lr_scale, cfg.backbone_lr_scale != 1.0),
+    ):
         if active:
-            raise UserError(f"model.{key}={value} does not apply to model {label}: it has no classifier layer "
-                            "(a `head` attribute or an nn.Linear) to tell from the backbone; remove it or give "
-                            "the model a `head` attribute")
+            raise UserError(
+                f"model.{key}={value} does not apply to model {label}: it has no classifier layer "
+                "(a `head` attribute or an nn.Linear) to tell from the backbone; remove it or give "
+                "the model a `head` attribute"
+            )
 
 
 def build_model(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:

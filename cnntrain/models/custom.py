@@ -46,8 +46,7 @@ def _parameters(fn: Any) -> tuple[dict[str, inspect.Parameter], bool] | None:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return None  # a builtin without a signature: pass nothing it did not ask for
-    params = {n: p for n, p in sig.parameters.items()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    params = {n: p for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return params, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
 
 
@@ -55,14 +54,24 @@ def user_kwargs(cfg: ModelConfig, own: dict[str, Any]) -> dict[str, Any]:
     """The model keys the user set for a custom model: built-in ones that differ from the schema's
     defaults (so the callable's own defaults hold otherwise), and the keys of its own."""
     defaults = ModelConfig()
-    out = {key: getattr(cfg, key) for key in ("arch", "width", "hidden", "dropout", "pretrained")
-           if getattr(cfg, key) != getattr(defaults, key)}
+    out = {
+        key: getattr(cfg, key)
+        for key in ("arch", "width", "hidden", "dropout", "pretrained")
+        if getattr(cfg, key) != getattr(defaults, key)
+    }
     out.update(own)
     return out
 
 
-def instantiate(fn: Any, label: str, key: str, in_channels: int, image_size: tuple[int, int], num_classes: int,
-                kwargs: dict[str, Any]) -> nn.Module:
+def instantiate(
+    fn: Any,
+    label: str,
+    key: str,
+    in_channels: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    kwargs: dict[str, Any],
+) -> nn.Module:
     """Call the user's class or factory with what its signature takes; refuse, in one line, what it does not."""
     if not callable(fn):
         raise UserError(f"{key}: {label} is a {type(fn).__name__}, not an nn.Module class or a function")
@@ -78,36 +87,43 @@ def instantiate(fn: Any, label: str, key: str, in_channels: int, image_size: tup
             dropout = v  # applied to the classifier's input below
         else:
             takes = [p for p in params if p not in DATASET_ARGS]
-            raise UserError(f"model.{k}={v} is not an argument of {label} (it takes: "
-                            f"{', '.join(takes) or 'no keyword arguments'}); remove it or add it to the signature")
+            raise UserError(
+                f"model.{k}={v} is not an argument of {label} (it takes: "
+                f"{', '.join(takes) or 'no keyword arguments'}); remove it or add it to the signature"
+            )
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in call]
     if missing:
-        raise UserError(f"{label} needs the argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
-                        f"set {' '.join(f'+model.{m}=...' for m in missing)} (or give it a default)")
+        raise UserError(
+            f"{label} needs the argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+            f"set {' '.join(f'+model.{m}=...' for m in missing)} (or give it a default)"
+        )
     model = fn(**call)
     if not isinstance(model, nn.Module):
         raise UserError(f"{key}: {label} returned a {type(model).__name__}, not a torch.nn.Module")
     if dropout:
         head = find_head(model)
         if head is None:
-            raise UserError(f"model.dropout={dropout} does not apply to {label}: it takes no dropout argument and "
-                            "has no classifier layer (a `head` attribute or an nn.Linear) to put dropout before; "
-                            "remove it or add a dropout argument")
+            raise UserError(
+                f"model.dropout={dropout} does not apply to {label}: it takes no dropout argument and "
+                "has no classifier layer (a `head` attribute or an nn.Linear) to put dropout before; "
+                "remove it or add a dropout argument"
+            )
         head.register_forward_pre_hook(InputDropout(dropout))
     return model
 
 
 @MODELS.register("custom")
-def custom(in_channels: int, image_size: tuple[int, int], num_classes: int, _target_: str | None = None,
-           **kwargs: Any) -> nn.Module:
+def custom(
+    in_channels: int, image_size: tuple[int, int], num_classes: int, _target_: str | None = None, **kwargs: Any
+) -> nn.Module:
     """model=custom: the nn.Module class or factory that model._target_ names, with the user's model keys."""
     fn = import_target(_target_, "model._target_")
     return instantiate(fn, str(_target_), "model._target_", in_channels, image_size, num_classes, kwargs)
 
 
-def build_plugin(name: str, cfg: ModelConfig, own: dict[str, Any], in_channels: int, image_size: tuple[int, int],
-                 num_classes: int) -> nn.Module:
+def build_plugin(
+    name: str, cfg: ModelConfig, own: dict[str, Any], in_channels: int, image_size: tuple[int, int], num_classes: int
+) -> nn.Module:
     """model=<plug-in name>: the callable an installed package's entry point names, like a _target_."""
     fn, plugin = MODELS.load_plugin(name)
-    return instantiate(fn, plugin.label, f"model={name}", in_channels, image_size, num_classes,
-                       user_kwargs(cfg, own))
+    return instantiate(fn, plugin.label, f"model={name}", in_channels, image_size, num_classes, user_kwargs(cfg, own))

@@ -106,7 +106,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[
     # Files saved from a torch.compile or DataParallel wrapper carry a prefix on every key.
     for prefix in ("_orig_mod.", "module."):
         if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in model_keys):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -182,7 +182,9 @@ def load_weights(model: nn.Module, path: str, label: str) -> list[str]:
     if fresh:
         log.warning(
             "model.weights=%s: head tensors %s do not fit this model (another class count?); "
-            "the head starts from scratch", path, _examples(skipped or fresh),
+            "the head starts from scratch",
+            path,
+            _examples(skipped or fresh),
         )
     return skipped
 

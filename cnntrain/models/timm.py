@@ -16,8 +16,18 @@ from cnntrain.registry import MODELS
 
 TIMM_HINT = "pip install 'cnntrain[timm]'"
 # A few small-to-medium families per kind of network, for `cnntrain list model`: the full list is ~1,300.
-SAMPLE_PATTERNS = ("resnet1*", "resnet50*", "mobilenetv3_*", "mobilenetv4_conv_small*", "efficientnet_b[0-2]",
-                   "convnext_atto*", "convnext_tiny", "regnety_00*", "vit_tiny_patch16*", "deit_tiny*")
+SAMPLE_PATTERNS = (
+    "resnet1*",
+    "resnet50*",
+    "mobilenetv3_*",
+    "mobilenetv4_conv_small*",
+    "efficientnet_b[0-2]",
+    "convnext_atto*",
+    "convnext_tiny",
+    "regnety_00*",
+    "vit_tiny_patch16*",
+    "deit_tiny*",
+)
 
 
 def timm_module() -> Any:
@@ -47,31 +57,44 @@ def _head_name(model: nn.Module) -> str | None:
 
 
 @MODELS.register("timm")
-def build_timm(in_channels: int, image_size: tuple[int, int], num_classes: int, arch: str | None = None,
-               pretrained: bool = False, dropout: float = 0.0) -> nn.Module:
+def build_timm(
+    in_channels: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    arch: str | None = None,
+    pretrained: bool = False,
+    dropout: float = 0.0,
+) -> nn.Module:
     """timm.create_model(arch) with the dataset's input channels and class count; pretrained=true loads the
     published weights through timm (Hugging Face Hub, cached), with the first conv and head adapted by timm."""
     timm = timm_module()
     if not arch:
-        raise UserError("model=timm needs model.arch, the timm architecture (e.g. model.arch=resnet10t); "
-                        "`cnntrain list model` shows a sample, timm.list_models('*pattern*') all of them")
+        raise UserError(
+            "model=timm needs model.arch, the timm architecture (e.g. model.arch=resnet10t); "
+            "`cnntrain list model` shows a sample, timm.list_models('*pattern*') all of them"
+        )
     names = timm.list_models()
     if arch.split(".")[0] not in names:  # "resnet10t.c3_in1k" names a weight tag of resnet10t
         # did-you-mean over timm's whole list; the list itself (~1,300 names) is too long for one line
-        raise UserError(f"unknown timm architecture (model.arch) '{arch}'{did_you_mean(arch, names)}; "
-                        f"`cnntrain list model` shows a sample, timm.list_models('*{arch[:4]}*') all "
-                        "that match a pattern")
+        raise UserError(
+            f"unknown timm architecture (model.arch) '{arch}'{did_you_mean(arch, names)}; "
+            f"`cnntrain list model` shows a sample, timm.list_models('*{arch[:4]}*') all "
+            "that match a pattern"
+        )
     label = f"timm {arch}"
     h, w = image_size
     try:
-        model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels,
-                                  drop_rate=dropout)
+        model = timm.create_model(
+            arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, drop_rate=dropout
+        )
     except Exception as err:  # Hub errors (offline, no weights for the tag) and timm's own asserts
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if pretrained:
-            raise UserError(f"model.pretrained=true: could not get the published weights of timm {arch} "
-                            f"({first[:200]}); download them once with internet access (Hugging Face cache), or "
-                            "pass a local file as model.weights") from None
+            raise UserError(
+                f"model.pretrained=true: could not get the published weights of timm {arch} "
+                f"({first[:200]}); download them once with internet access (Hugging Face cache), or "
+                "pass a local file as model.weights"
+            ) from None
         raise UserError(f"model {label} cannot be built for {in_channels}x{h}x{w} images: {first[:200]}") from None
     head = _head_name(model)
     if head is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -14,7 +14,6 @@ from cnntrain.models.zoo import Classifier, ConvClassifier
 from cnntrain.registry import MODELS
 
 log = logging.getLogger(__name__)
-
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -29,14 +28,24 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+Pair = tuple[int, int]  # a conv's (height, width) sizes, as its constructor takes them
+
+
 def _adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> None:
     name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
     if conv is None or name is None or conv.in_channels == in_channels:
         return
     # torch types a conv's sizes as tuple[int, ...], which its own constructor does not take
     new = nn.Conv2d(
-        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
-        conv.groups, conv.bias is not None, conv.padding_mode,
+        in_channels,
+        conv.out_channels,
+        cast(Pair, conv.kernel_size),
+        cast(Pair, conv.stride),
+        cast("str | Pair", conv.padding),
+        cast(Pair, conv.dilation),
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
     )
     if pretrained:
         with torch.no_grad():
@@ -63,14 +72,22 @@ def _replace_head(model: nn.Module, label: str, num_classes: int, dropout: float
 
 
 @MODELS.register("torchvision")
-def build_torchvision(in_channels: int, image_size: tuple[int, int], num_classes: int, arch: str | None = None,
-                      pretrained: bool = False, dropout: float = 0.0) -> nn.Module:
+def build_torchvision(
+    in_channels: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    arch: str | None = None,
+    pretrained: bool = False,
+    dropout: float = 0.0,
+) -> nn.Module:
     """Any torchvision classifier, named by model.arch, adapted to the dataset's channels and classes."""
     from torchvision.models import get_model
 
     names = torchvision_names()
     if not arch:
-        raise UserError("model.name=torchvision needs model.arch, the torchvision architecture (e.g. model.arch=resnet18)")
+        raise UserError(
+            "model.name=torchvision needs model.arch, the torchvision architecture (e.g. model.arch=resnet18)"
+        )
     if arch not in names:
         raise unknown_choice("torchvision architecture (model.arch)", arch, names)
     label = f"torchvision {arch}"

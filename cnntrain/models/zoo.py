@@ -8,7 +8,7 @@ classifier head (``head_name``), the one layer that depends on the class count.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from torch import nn
 
 from cnntrain.errors import UserError
 from cnntrain.registry import MODELS
+
+Pair = tuple[int, int]  # a conv's (height, width) sizes, as its constructor takes them
 
 
 class Classifier(nn.Linear):
@@ -45,8 +47,15 @@ class ConvClassifier(nn.Conv2d):
     def __init__(self, template: nn.Conv2d, out_channels: int, dropout: float = 0.0) -> None:
         # torch types a conv's sizes as tuple[int, ...], which its own constructor does not take
         super().__init__(
-            template.in_channels, out_channels, template.kernel_size, template.stride, template.padding,  # type: ignore[arg-type]
-            template.dilation, 1, template.bias is not None, template.padding_mode,  # type: ignore[arg-type]
+            template.in_channels,
+            out_channels,
+            cast(Pair, template.kernel_size),
+            cast(Pair, template.stride),
+            cast("str | Pair", template.padding),
+            cast(Pair, template.dilation),
+            1,
+            template.bias is not None,
+            template.padding_mode,
         )
         self.dropout = float(dropout)
 
@@ -100,14 +109,20 @@ class SimpleCNN(nn.Module):
     head_name = "head"
     OPS: Ops = (("conv", 3, 0), ("pool", 2), ("conv", 3, 0), ("pool", 2), ("conv", 3, 0))
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int,
-                 width: int, hidden: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, image_size: tuple[int, int], num_classes: int, width: int, hidden: int, dropout: float
+    ) -> None:
         super().__init__()
         flat = _flat_features("simple_cnn", 2 * width, image_size, self.OPS)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3),
+            nn.ReLU(),
         )
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU())
         self.head = Classifier(hidden, num_classes, dropout)
@@ -136,13 +151,15 @@ class SimpleCNNBN(nn.Module):
 
     head_name = "head"
 
-    def __init__(self, in_channels: int, num_classes: int, width: int, hidden: int,
-                 dropout: float) -> None:
+    def __init__(self, in_channels: int, num_classes: int, width: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_bn(in_channels, width), nn.MaxPool2d(2),
-            _conv_bn(width, 2 * width), nn.MaxPool2d(2),
-            _conv_bn(2 * width, 4 * width), nn.AdaptiveMaxPool2d(3),
+            _conv_bn(in_channels, width),
+            nn.MaxPool2d(2),
+            _conv_bn(width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_bn(2 * width, 4 * width),
+            nn.AdaptiveMaxPool2d(3),
         )
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 9, hidden), nn.ReLU())
         self.head = Classifier(hidden, num_classes, dropout)
@@ -161,14 +178,19 @@ class LeNet5(nn.Module):
     head_name = "head"
     OPS: Ops = (("conv", 5, 2), ("pool", 2), ("conv", 5, 0), ("pool", 2))
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int,
-                 width: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, image_size: tuple[int, int], num_classes: int, width: int, dropout: float
+    ) -> None:
         super().__init__()
         c1, c3 = width, 16 * width // 6
         flat = _flat_features("lenet5", c3, image_size, self.OPS)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c3, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, c1, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c3, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
         self.head = Classifier(84, num_classes, dropout)
@@ -252,11 +274,17 @@ class ResNet9(nn.Module):
         w = width
         self.features = nn.Sequential(
             _conv_bn(in_channels, w),
-            _conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
-            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
-            _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+            _conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
+            Residual(2 * w),
+            _conv_bn(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            _conv_bn(4 * w, 8 * w),
+            nn.MaxPool2d(2),
+            Residual(8 * w),
             # Global max-pool instead of the original fixed 4x4 pool: works for any size >= 8.
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
         )
         self.head = Classifier(8 * w, num_classes, dropout)
 
@@ -269,36 +297,52 @@ class ResNet9(nn.Module):
 
 
 @MODELS.register("simple_cnn")
-def simple_cnn(in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 32, hidden: int = 64,
-               dropout: float = 0.0) -> nn.Module:
+def simple_cnn(
+    in_channels: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    width: int = 32,
+    hidden: int = 64,
+    dropout: float = 0.0,
+) -> nn.Module:
     return SimpleCNN(in_channels, image_size, num_classes, width, hidden, dropout)
 
 
 @MODELS.register("simple_cnn_bn")
-def simple_cnn_bn(in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 32,
-                  hidden: int = 64, dropout: float = 0.0) -> nn.Module:
+def simple_cnn_bn(
+    in_channels: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    width: int = 32,
+    hidden: int = 64,
+    dropout: float = 0.0,
+) -> nn.Module:
     return SimpleCNNBN(in_channels, num_classes, width, hidden, dropout)
 
 
 @MODELS.register("lenet5")
-def lenet5(in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 6,
-           dropout: float = 0.0) -> nn.Module:
+def lenet5(
+    in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 6, dropout: float = 0.0
+) -> nn.Module:
     return LeNet5(in_channels, image_size, num_classes, width, dropout)
 
 
 @MODELS.register("resnet8")
-def resnet8(in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16,
-            dropout: float = 0.0) -> nn.Module:
+def resnet8(
+    in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16, dropout: float = 0.0
+) -> nn.Module:
     return CifarResNet(1, in_channels, num_classes, width, dropout)
 
 
 @MODELS.register("resnet20")
-def resnet20(in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16,
-             dropout: float = 0.0) -> nn.Module:
+def resnet20(
+    in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16, dropout: float = 0.0
+) -> nn.Module:
     return CifarResNet(3, in_channels, num_classes, width, dropout)
 
 
 @MODELS.register("resnet9")
-def resnet9(in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 64,
-            dropout: float = 0.0) -> nn.Module:
+def resnet9(
+    in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 64, dropout: float = 0.0
+) -> nn.Module:
     return ResNet9(in_channels, num_classes, width, dropout)

@@ -151,13 +151,18 @@ def prepare_job(cfg: Any, run_dir: Path) -> tuple[Path, str | None, float | None
         summary = RunDir(d).summary
         return summary.stat().st_mtime if summary.exists() else 0.0
 
-    done = [d for d in candidates
-            if status(d) == "completed" and (read_json(RunDir(d).summary) or {}).get(best_key(d)) is not None]
+    done = [
+        d
+        for d in candidates
+        if status(d) == "completed" and (read_json(RunDir(d).summary) or {}).get(best_key(d)) is not None
+    ]
     if done:
         best = max(done, key=age)
         _point_to(run_dir, best, "completed earlier: not run again (resume=auto)")
-        _log(f"{'resume=auto' if auto else 'requeued job'}: this job completed in {best}; "
-             f"returning its recorded {cfg.trainer.monitor}")
+        _log(
+            f"{'resume=auto' if auto else 'requeued job'}: this job completed in {best}; "
+            f"returning its recorded {cfg.trainer.monitor}"
+        )
         return best, None, float(read_json(RunDir(best).summary)[best_key(best)])  # type: ignore[index]
     unfinished = [d for d in candidates if resumable(d)]
     if unfinished:
@@ -250,9 +255,12 @@ def weights_command(checkpoint: Path, overrides: Iterable[str]) -> str:
 
 def new_run_command(overrides: Iterable[str], *more: str) -> str:
     """`cnntrain fit` with a run's overrides (less resume, model.weights and Hydra's own), as a new run."""
-    kept = [str(o) for o in overrides
-            if str(o).split("=", 1)[0].lstrip("+~") not in ("resume", "model.weights")
-            and not str(o).lstrip("+~").startswith("hydra")]
+    kept = [
+        str(o)
+        for o in overrides
+        if str(o).split("=", 1)[0].lstrip("+~") not in ("resume", "model.weights")
+        and not str(o).lstrip("+~").startswith("hydra")
+    ]
     return shlex.join(["cnntrain", "fit", *kept, *more])
 
 
@@ -284,5 +292,13 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
         # the one-line error says it all); in a sweep keep a record so the report shows the job.
         overrides = [str(o) for o in hydra_config().overrides.task]
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"status": "failed", "run_dir": str(run_dir), "error": message,
-                          "overrides": overrides, "command": rerun_command(overrides)})
+        write_json(
+            path,
+            {
+                "status": "failed",
+                "run_dir": str(run_dir),
+                "error": message,
+                "overrides": overrides,
+                "command": rerun_command(overrides),
+            },
+        )

@@ -61,8 +61,9 @@ class TrialReport:
         import optuna
 
         assert sweep.trial is not None  # open_trial opens the trial of a sweeper's job alone
-        study = optuna.load_study(study_name=sweep.study, storage=open_storage(sweep.storage),
-                                  pruner=make_pruner(sweep, epochs))
+        study = optuna.load_study(
+            study_name=sweep.study, storage=open_storage(sweep.storage), pruner=make_pruner(sweep, epochs)
+        )
         # Optuna has no public "trial by number"; the storage maps it, and Trial() wraps a running trial's id.
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, sweep.trial)
         self.trial = optuna.trial.Trial(study, trial_id)
@@ -81,6 +82,8 @@ def open_trial(sweep: SweepConfig, epochs: int) -> TrialReport | None:
     if sweep.trial is None or sweep.pruner == "none":
         return None
     if sweep.storage is None or sweep.study is None:
-        raise UserError("sweep.trial is set by the Optuna sweeper together with sweep.storage and sweep.study; "
-                        "do not set it by hand")
+        raise UserError(
+            "sweep.trial is set by the Optuna sweeper together with sweep.storage and sweep.study; "
+            "do not set it by hand"
+        )
     return TrialReport(sweep, epochs)

@@ -51,13 +51,15 @@ def _stored_trials(storage: str, study_name: str) -> int:
         import sqlite3
         from urllib.parse import quote
 
-        file = Path(storage[len("sqlite:///"):])
+        file = Path(storage[len("sqlite:///") :])
         if not file.is_file():
             return 0
         try:
             with sqlite3.connect(f"file:{quote(str(file))}?mode=ro", uri=True) as con:
-                row = con.execute("select count(*) from trials join studies using (study_id) "
-                                  "where studies.study_name = ?", (study_name,)).fetchone()
+                row = con.execute(
+                    "select count(*) from trials join studies using (study_id) where studies.study_name = ?",
+                    (study_name,),
+                ).fetchone()
         except sqlite3.Error:  # not an Optuna file yet (no tables)
             return 0
         return int(row[0])

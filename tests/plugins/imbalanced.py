@@ -36,6 +36,8 @@ def _pick(x: torch.Tensor, y: torch.Tensor, counts: dict[int, int]) -> Split:
 def build(major: int = 1000, ratio: int = 10, held: int = 300):
     data = load_dataset(DatasetConfig(name="fashion_mnist", root=ROOT, val_fraction=0.1))
     train = {c: major // ratio if c == MINORITY else major for c in CLASSES}
-    return {"train": _pick(data.train_x, data.train_y, train),
-            "val": _pick(data.val_x, data.val_y, dict.fromkeys(CLASSES, held // 2)),
-            "test": _pick(data.test_x, data.test_y, dict.fromkeys(CLASSES, held))}
+    return {
+        "train": _pick(data.train_x, data.train_y, train),
+        "val": _pick(data.val_x, data.val_y, dict.fromkeys(CLASSES, held // 2)),
+        "test": _pick(data.test_x, data.test_y, dict.fromkeys(CLASSES, held)),
+    }

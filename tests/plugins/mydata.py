@@ -43,8 +43,11 @@ def build(root: str | None = None, n: int = 90, size: int = 12, splits: bool = T
         assert root == "unused-root", root  # the tests pass a root to check it arrives
     if not splits:
         return Blobs(n, size, 0, tensors)
-    return {"train": Blobs(n, size, 0, tensors), "val": Blobs(n // 3, size, 1, tensors),
-            "test": Blobs(n // 3, size, 2, tensors)}
+    return {
+        "train": Blobs(n, size, 0, tensors),
+        "val": Blobs(n // 3, size, 1, tensors),
+        "test": Blobs(n // 3, size, 2, tensors),
+    }
 
 
 class FloatImages(torch.utils.data.Dataset):
