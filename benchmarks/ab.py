@@ -47,9 +47,13 @@ def main() -> None:
                 work.mkdir()
                 # Each checkout's own code, and its own empty probe cache, as on a first run.
                 env = {"PYTHONPATH": str(checkouts[name]), "XDG_CACHE_HOME": str(work / "cache")}
-                _, rows, wall, _ = suite.cnntrain_fit(fit, work, env=env)
+                summary, rows, wall, _ = suite.cnntrain_fit(fit, work, env=env)
                 figures[name].append((suite.steady_ips(rows), wall))
-                print(f"round {r + 1} {name}: {figures[name][-1][0]:,.0f} img/s, {wall:.1f} s wall", flush=True)
+                # The layout/chunk probe decides per run: a different verdict explains a different figure.
+                chose = ", ".join(f"{k} {v}" for k, v in summary.get("tuning", {}).items())
+                print(
+                    f"round {r + 1} {name}: {figures[name][-1][0]:,.0f} img/s, {wall:.1f} s wall ({chose})", flush=True
+                )
     med = {n: (statistics.median(f[0] for f in v), statistics.median(f[1] for f in v)) for n, v in figures.items()}
     print(f"\nA {checkouts['A']}\nB {checkouts['B']}")
     for n in ("A", "B"):

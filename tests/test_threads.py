@@ -3,6 +3,10 @@ and the one-line notice when throughput collapses mid-run. Timing-free: load and
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from cnntrain.engine.device import configure_torch
@@ -152,3 +156,36 @@ def test_the_start_table_says_why_the_thread_count(one_epoch_smoke):
     assert "thread" in device_line
     (run_dir,) = run_dirs(cwd)
     assert (run_dir / "provenance.json").exists()
+
+
+def test_niced_work_is_not_load_that_takes_threads_away(tmp_path, monkeypatch):
+    """A finished fit's figure drawer runs niced: the next fit (a sweep's next job) must keep every core."""
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal, in clock ticks
+    stat.write_text("cpu  900 700 100 0 0 0 0 0\ncpu0 400 300 50 0 0 0 0 0\ncpu1 500 400 50 0 0 0 0 0\n")
+    tick = os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(cpus, "_priority", lambda: 0)
+    assert cpus.sample({0, 1}, str(stat)).busy == 1000 / tick  # the 700 niced ticks left out
+    monkeypatch.setattr(cpus, "_priority", lambda: 10)  # niced itself: its own time is in that column
+    assert cpus.sample({0, 1}, str(stat)).busy == 1700 / tick
+
+
+def test_the_background_figure_drawer_runs_niced(tmp_path, monkeypatch):
+    """trainer.figures=background leaves a drawer behind; it yields the cores to whatever runs next."""
+    from cnntrain.io import figures
+
+    children = []
+    real = subprocess.Popen
+
+    def stand_in(*args, **kwargs):  # the drawer's place in the process table, without drawing
+        children.append(real([sys.executable, "-c", "import time; time.sleep(30)"]))
+        return children[-1]
+
+    monkeypatch.setattr(figures.subprocess, "Popen", stand_in)
+    (tmp_path / "figures").mkdir()
+    try:
+        figures._spawn_drawer(tmp_path)
+        assert os.getpriority(os.PRIO_PROCESS, children[0].pid) == 19
+    finally:
+        for child in children:
+            child.kill()

@@ -78,15 +78,18 @@ class CpuSample:
     own: float  # CPU-seconds spent by this process (all its threads)
 
 
-def sample(cpus: set[int] | None = None) -> CpuSample | None:
+def sample(cpus: set[int] | None = None, stat: str = "/proc/stat") -> CpuSample | None:
     """Busy CPU-seconds of the machine (only `cpus` when given) and of this process; None without /proc/stat."""
     cpus = affinity() if cpus is None else cpus
     try:
-        with open("/proc/stat") as f:
+        with open(stat) as f:
             lines = [ln for ln in f if ln.startswith("cpu")]
     except OSError:
         return None
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    # Niced processes (a finished fit's figure drawer, a user's `nice` jobs) yield the cores to us, so their time
+    # is not load that competes: left out, unless this process is niced itself and so counts in that column.
+    skip_nice = _priority() <= 0
     busy = 0
     for ln in lines:
         name, *fields = ln.split()
@@ -94,8 +97,18 @@ def sample(cpus: set[int] | None = None) -> CpuSample | None:
             continue
         values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
         busy += sum(values) - values[3] - values[4]  # all but idle and iowait (steal: the host took it)
+        if skip_nice:
+            busy -= values[1]
     t = os.times()
     return CpuSample(time.monotonic(), busy / tick, t.user + t.system)
+
+
+def _priority() -> int:
+    """This process's nice value (0 where it cannot be read)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (OSError, AttributeError):
+        return 0
 
 
 _START: CpuSample | None = None

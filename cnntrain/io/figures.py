@@ -9,6 +9,7 @@ process (`python -m cnntrain.io.draw RUN_DIR`, see `hand_over`) that needs neith
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -336,7 +337,7 @@ def _spawn_drawer(run_dir: Path) -> None:
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(RunDir(run_dir).figures / "draw.log", "ab") as err:
-        subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-m", "cnntrain.io.draw", str(run_dir)],
             stdin=subprocess.DEVNULL,
             stdout=err,
@@ -345,6 +346,11 @@ def _spawn_drawer(run_dir: Path) -> None:
             close_fds=True,
             start_new_session=True,
         )
+    # Lowest priority: the next fit (a sweep's next job, a shell loop) gets the cores, and its thread count
+    # does not count the drawer as load (io.cpus leaves niced work out). Set from here, not with preexec_fn,
+    # which is unsafe in a process that runs torch's threads.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, child.pid, 19)
 
 
 def figures_pending(run_dir: Path) -> bool:
