@@ -24,7 +24,7 @@ from cnntrain.data.folds import take_fold
 from cnntrain.data.images import ImageData
 from cnntrain.engine import balance, distributed, tasks, tuning
 from cnntrain.engine.checkpoint import Progress, find_checkpoint, restore
-from cnntrain.engine.device import configure_torch, describe, resolve_device, resolve_precision
+from cnntrain.engine.device import Precision, configure_torch, describe, resolve_device, resolve_precision
 from cnntrain.engine.inputs import Normalise
 from cnntrain.engine.state import Run
 from cnntrain.engine.step import TrainStep
@@ -65,30 +65,7 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
     if steps == 0:
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the {len(data.train_x)} training images")
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, steps, t.epochs)
-    ema = None
-    if t.ema_decay is not None:
-        average = get_ema_multi_avg_fn(t.ema_decay)  # type: ignore[no-untyped-call]  # unannotated in torch
-        ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
-    step = TrainStep(
-        model=model,
-        forward=model,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
-        normalise=Normalise.of(data.mean, data.std, device),
-        precision=precision,
-        augment=build_augment(cfg.augment, data.num_classes),
-        label_smoothing=t.label_smoothing,
-        grad_clip=t.grad_clip,
-        seed=t.seed,
-        rank=dist.rank,
-        class_weights=None if class_weights is None else class_weights.to(device),
-        task=task,
-        scheduler=scheduler,
-        ema=ema,
-        skip_nonfinite=t.on_nonfinite == "skip",
-        unfreeze_epoch=cfg.model.unfreeze_epoch if cfg.model.freeze_backbone else None,
-        lr=cfg.optimizer.lr,
-    )
+    step, ema = _train_step(cfg, model, optimizer, scheduler, data, task, class_weights, device, precision, dist)
     resumed = None if cfg.resume is None else find_checkpoint(cfg.resume)
     progress = Progress() if resumed is None else restore(resumed, cfg, step, scheduler, ema, data, device)
     shape = (data.channels, *data.image_size)
@@ -117,11 +94,7 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
         set_backbone_trainable(model, True)
     # Resident data: moved once; non_blocking lets the copies overlap on CUDA.
     tensors = {name: getattr(data, name).to(device, non_blocking=True) for name in SPLITS}
-    plain = _compiled(model) if t.compile else model
-    step.forward = plain
-    if dist.enabled:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        step.forward = _compiled(ddp) if t.compile else ddp
+    plain = _forwards(step, t.compile, dist, device)
     return Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -141,6 +114,59 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
         sample_weights=balance.sample_weights(cfg.dataset.sampler, data.train_y, counts),
         record={**tasks.record(task, t.monitor), **_record(cfg, data, class_weights)},
     )
+
+
+def _train_step(
+    cfg: FitConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: ImageData,
+    task: tasks.Task,
+    class_weights: torch.Tensor | None,
+    device: torch.device,
+    precision: Precision,
+    dist: distributed.Dist,
+) -> tuple[TrainStep, AveragedModel | None]:
+    """fit's whole optimisation step, and the weight average it updates (trainer.ema_decay)."""
+    t = cfg.trainer
+    ema = None
+    if t.ema_decay is not None:
+        average = get_ema_multi_avg_fn(t.ema_decay)  # type: ignore[no-untyped-call]  # unannotated in torch
+        ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+    step = TrainStep(
+        model=model,
+        forward=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler),
+        normalise=Normalise.of(data.mean, data.std, device),
+        precision=precision,
+        augment=build_augment(cfg.augment, data.num_classes),
+        label_smoothing=t.label_smoothing,
+        grad_clip=t.grad_clip,
+        seed=t.seed,
+        rank=dist.rank,
+        class_weights=None if class_weights is None else class_weights.to(device),
+        task=task,
+        scheduler=scheduler,
+        ema=ema,
+        skip_nonfinite=t.on_nonfinite == "skip",
+        unfreeze_epoch=cfg.model.unfreeze_epoch if cfg.model.freeze_backbone else None,
+        lr=cfg.optimizer.lr,
+    )
+    return step, ema
+
+
+def _forwards(step: TrainStep, compile: bool, dist: distributed.Dist, device: torch.device) -> nn.Module:
+    """What the step trains through (compiled, DDP-wrapped under torchrun) and what evaluation calls (the model,
+    compiled when asked, never the DDP wrapper)."""
+    model = step.model
+    plain = _compiled(model) if compile else model
+    step.forward = plain
+    if dist.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step.forward = _compiled(ddp) if compile else ddp
+    return plain
 
 
 def _compiled(module: nn.Module) -> nn.Module:
