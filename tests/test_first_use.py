@@ -428,3 +428,14 @@ def test_a_narrow_terminal_drops_progress_columns_instead_of_cutting_them():
         reporter._progress.stop()
         text = shown.getvalue()
         assert "…" not in text and "22/125" in text and "epoch 2/10" in text, (width, text)
+
+
+def test_flipping_images_that_flips_relabel_is_one_warning(tmp_path, monkeypatch, capsys):
+    """augment=standard mirrors images left-right; on digits that makes a 2 that is no 2, so the run says so."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_in_process(["fit", "augment=standard", "trainer.dry_run=true"], capsys)
+    assert code == 0, err
+    (line,) = [w for w in err.splitlines() if "augment.hflip" in w]
+    assert line.startswith("cnntrain: warning: augment.hflip=0.5 mirrors mnist5k images") and "hflip=0" in line
+    code, _, err = cli_in_process(["fit", "augment=standard", "augment.hflip=0", "trainer.dry_run=true"], capsys)
+    assert code == 0 and "augment.hflip" not in err, err

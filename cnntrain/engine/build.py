@@ -57,6 +57,13 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
     )
     if note is not None and dist.main:
         warnings.warn(note, stacklevel=2)
+    if cfg.augment.hflip and cfg.dataset.flips_change_label and dist.main:
+        # A warning, not a refusal: the flips of augment=standard on digits are a mistake, not a crash.
+        warnings.warn(
+            f"augment.hflip={cfg.augment.hflip:g} mirrors {cfg.dataset.name} images, whose config says a flip "
+            "changes what they show (a mirrored digit is not that digit); set augment.hflip=0",
+            stacklevel=2,
+        )
     model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
     model = model.to(device)  # the layout is chosen below, once a resume's recorded choice is known
     optimizer = build_optimizer(model, cfg.optimizer, cfg.model)
