@@ -319,12 +319,7 @@ def main(argv: list[str]) -> None:
         for k in ("precision", "recall", "f1")
     }
     record = {
-        "checkpoint": str(trained.checkpoint),
-        "model": trained.label,
-        "dataset": data.name,
-        "source": data.source,
-        "split": args.split,
-        "images": len(y),
+        **_source(trained, data, args.split, len(y)),
         "loss": _num(res["loss"]),
         "acc": _num(res["acc"]),
         "top5_acc": _num(res["top5_acc"]) if res["top5_acc"] is not None else None,
@@ -333,13 +328,7 @@ def main(argv: list[str]) -> None:
         "macro_precision": macro["precision"],
         "macro_recall": macro["recall"],
         "macro_f1": macro["f1"],
-        "precision_mode": res["precision"],
-        "device": str(trained.device),
-        "tta": res["tta"],
-        "tta_views": res["views"],
-        "epoch": trained.progress.get("epoch"),
-        "global_step": trained.progress.get("global_step"),
-        "classes": classes,
+        **_how(res, trained, classes),
         "per_class": [
             {
                 "class": name,
@@ -429,23 +418,12 @@ def report_labels(
         for i, name in enumerate(classes)
     ]
     record = {
-        "checkpoint": str(trained.checkpoint),
-        "model": trained.label,
-        "dataset": data.name,
-        "source": data.source,
-        "split": args.split,
-        "images": len(y),
+        **_source(trained, data, args.split, len(y)),
         "task": "multilabel",
         "threshold": res["threshold"],
         "loss": _num(res["loss"]),
         **{m: _num(res[m]) for m in MULTILABEL_METRICS},
-        "precision_mode": res["precision"],
-        "device": str(trained.device),
-        "tta": res["tta"],
-        "tta_views": res["views"],
-        "epoch": trained.progress.get("epoch"),
-        "global_step": trained.progress.get("global_step"),
-        "classes": classes,
+        **_how(res, trained, classes),
         "per_label": per_label,
     }
     write_json(out / "metrics.json", record)
@@ -521,3 +499,28 @@ def _print_labels(record: dict[str, Any], where: str, source: str, trained: Any)
     con = console()
     con.print(head)
     con.print(table)
+
+
+def _source(trained: Any, data: Any, split: str, images: int) -> dict[str, Any]:
+    """metrics.json's first keys, for either task: which model was scored on which images."""
+    return {
+        "checkpoint": str(trained.checkpoint),
+        "model": trained.label,
+        "dataset": data.name,
+        "source": data.source,
+        "split": split,
+        "images": images,
+    }
+
+
+def _how(res: dict[str, Any], trained: Any, classes: list[str]) -> dict[str, Any]:
+    """metrics.json's keys after the metrics, for either task: how the scores were made, and the class names."""
+    return {
+        "precision_mode": res["precision"],
+        "device": str(trained.device),
+        "tta": res["tta"],
+        "tta_views": res["views"],
+        "epoch": trained.progress.get("epoch"),
+        "global_step": trained.progress.get("global_step"),
+        "classes": classes,
+    }
