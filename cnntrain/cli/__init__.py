@@ -11,7 +11,7 @@ import sys
 
 from cnntrain import __version__
 from cnntrain.errors import UserError, did_you_mean, user_path_error
-from cnntrain.io import cpus
+from cnntrain.io import cpus, malloc
 
 COMMANDS = {
     "fit": "train a CNN from the composed config (Hydra overrides, --multirun, --cfg job, --help)",
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, args = argv[0], argv[1:]
     cpus.mark_start()  # the default thread count looks at how busy the cores were while we started
+    malloc.keep_freed_memory()  # CPU steps and evaluation batches reuse memory instead of faulting it in anew
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'{did_you_mean(command, COMMANDS)}; commands: {', '.join(COMMANDS)}", 2)
     from cnntrain.io import logs

@@ -1,0 +1,67 @@
+"""Training steps reuse freed memory instead of faulting fresh pages in: the allocator settings every command
+makes at start (cnntrain.io.malloc). Counted in page faults, not timed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnntrain.io import malloc
+
+# Training steps of the seed CNN at batch 256; page faults per step once it has run a few.
+STEPS = r"""
+import json, resource, sys
+import torch
+if sys.argv[1] == "set":
+    from cnntrain.io.malloc import keep_freed_memory
+    took = keep_freed_memory()
+else:
+    took = None
+from cnntrain.models.zoo import simple_cnn
+
+torch.manual_seed(0)
+model = simple_cnn(1, (28, 28), 10)
+opt = torch.optim.Adam(model.parameters())
+x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+
+def step():
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+for _ in range(3):  # the heap grows to the step's peak
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(json.dumps({"took": took, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5}))
+"""
+
+glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc's allocator"
+)
+
+
+def _faults(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in malloc.ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout)
+
+
+@glibc
+def test_steps_reuse_their_memory_instead_of_faulting_it_in():
+    default, kept = _faults("default"), _faults("set")
+    first_map = 256 * 32 * 26 * 26 * 4 // 4096  # pages of the first convolution's output
+    assert default["faults"] > first_map, default  # what the settings are for
+    assert kept["took"] is True
+    assert kept["faults"] < first_map / 20, kept
+
+
+def test_the_users_own_allocator_settings_are_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert malloc.keep_freed_memory() is False
