@@ -109,9 +109,9 @@ def test_the_probe_times_once_and_the_second_run_uses_its_cache(tmp_path, cache,
     assert next(second.model.parameters()).is_contiguous(
         memory_format=torch.channels_last if first["channels_last"] else torch.contiguous_format
     )
-    # Deterministic runs never time: the fixed rule (fp32: contiguous, whole batch), whatever the cache says.
+    # Deterministic runs never time: the fixed rule (CPU: channels_last, whole batch), whatever the cache says.
     fixed = _build(tmp_path, "trainer.micro_batch=auto", "trainer.deterministic=true").progress.tuning
-    assert fixed == {"channels_last": False, "micro_batch": None, "how": "rule: deterministic runs do not time"}
+    assert fixed == {"channels_last": True, "micro_batch": None, "how": "rule: deterministic runs do not time"}
 
 
 def test_forced_values_are_not_timed_and_batch_norm_keeps_the_whole_batch(tmp_path, cache, monkeypatch):
@@ -206,24 +206,24 @@ def test_the_fastest_candidate_wins_only_by_a_clear_margin(tmp_path, cache, monk
     monkeypatch.setattr(tuning, "BUDGET_SHARE", 1.0)
     monkeypatch.setattr(tuning, "MIN_STEPS", 0)
     args = ("trainer.batch_size=128", "trainer.micro_batch=auto")  # chunks of 32 and 16 are timed
-    # fp32's rule says contiguous; channels_last is 20% faster, and in it chunks of 32 are 10% faster than the
+    # The CPU rule says channels_last; contiguous is 20% faster, and in it chunks of 32 are 10% faster than the
     # whole batch and chunks of 16 only 1% (within the margin, but slower than 32 anyway).
-    _fake_timing(monkeypatch, {(False, None): 0.012, (True, None): 0.010, (True, 32): 0.009, (True, 16): 0.0099})
+    _fake_timing(monkeypatch, {(True, None): 0.012, (False, None): 0.010, (False, 32): 0.009, (False, 16): 0.0099})
     run = _build(tmp_path, *args)
-    assert run.progress.tuning["channels_last"] is True and run.progress.tuning["micro_batch"] == 32
-    assert run.step.micro_batch == 32 and run.step.normalise.channels_last
+    assert run.progress.tuning["channels_last"] is False and run.progress.tuning["micro_batch"] == 32
+    assert run.step.micro_batch == 32 and not run.step.normalise.channels_last
     cache.unlink()
     # 2% faster is noise on a shared machine: the defaults stay.
-    _fake_timing(monkeypatch, {(False, None): 0.010, (True, None): 0.0098, (False, 32): 0.0098, (False, 16): 0.0098})
-    assert _build(tmp_path, *args).progress.tuning["channels_last"] is False
+    _fake_timing(monkeypatch, {(True, None): 0.010, (False, None): 0.0098, (True, 32): 0.0098, (True, 16): 0.0098})
+    assert _build(tmp_path, *args).progress.tuning["channels_last"] is True
     assert json.loads(cache.read_text()) and _build(tmp_path, *args).progress.tuning["micro_batch"] is None
 
 
 def test_a_run_too_short_for_the_probe_keeps_the_rule_and_caches_nothing(tmp_path, cache, monkeypatch):
-    _fake_timing(monkeypatch, {(False, None): 0.01, (True, None): 0.001})  # channels_last would win by far
+    _fake_timing(monkeypatch, {(True, None): 0.01, (False, None): 0.001})  # contiguous would win by far
     monkeypatch.setattr(tuning, "MIN_STEPS", 0)
     run = _build(tmp_path, "trainer.epochs=1")  # 32 steps: their 5% would not pay for two rounds of both layouts
-    assert run.progress.tuning["channels_last"] is False
+    assert run.progress.tuning["channels_last"] is True
     assert run.progress.tuning["how"].startswith("rule: too short a run to time (")  # found out by timing a step
     assert not cache.exists()
     monkeypatch.setattr(tuning, "MIN_STEPS", 200)

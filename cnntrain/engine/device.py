@@ -103,11 +103,16 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
 
 
 def resolve_channels_last(spec: str, device: torch.device, precision: Precision) -> bool:
-    """channels_last pays on GPUs with tensor cores and on CPUs running bf16 (oneDNN's native layout)."""
+    """The layout when nothing is timed (engine.tuning) and for evaluate/predict: channels_last on CPUs in
+    every precision (oneDNN's native layout) and on GPUs under autocast (tensor cores).
+
+    On CPUs it was measured in fp32 too: on a 2-core Xeon, training 1.05-1.5x and evaluation 1.1-2.9x faster
+    for each model of the zoo (the seed CNN 1.5x and 2.7x), and on a 2-core AVX2 EPYC the seed CNN trained
+    1.27-1.45x faster."""
     spec = spec.lower()  # a command-line true/false arrives as a boolean
     if spec in ("true", "false"):
         return spec == "true"
-    return precision.dtype is not None and device.type in ("cuda", "cpu")
+    return device.type == "cpu" or (precision.dtype is not None and device.type == "cuda")
 
 
 def configure_torch(
