@@ -228,7 +228,11 @@ def test_options_that_do_not_fit_the_task_are_refused():
         build_task(*cfg(**{"trainer.threshold": 0.7}), single)
     with pytest.raises(UserError, match="trainer.monitor=val/map is the mean average precision of multi-label runs"):
         build_task(*cfg(**{"trainer.monitor": "val/map"}), single)
-    task = build_task(*cfg(**{"trainer.threshold": 0.7}), multi)
+    # A validation split without a positive label: no mAP to pick the best epoch by (was a traceback after epoch 1).
+    with pytest.raises(UserError, match="none of the 4 validation images has any of the 3 labels"):
+        build_task(*cfg(), multi, val_y=torch.zeros(4, 3))
+    assert build_task(*cfg(**{"trainer.monitor": "val/loss"}), multi, val_y=torch.zeros(4, 3)).name == "multilabel"
+    task = build_task(*cfg(**{"trainer.threshold": 0.7}), multi, val_y=torch.eye(3))
     assert task.threshold == 0.7 and task.monitor("val/acc").name == "val/map"
     assert task.monitor("val/loss").name == "val/loss"
 

@@ -47,7 +47,7 @@ def build_run(cfg: FitConfig, run_dir: Path) -> Run:
     precision = resolve_precision(str(t.precision), device)
     threads_note = configure_torch(device, t.deterministic, t.num_threads, t.seed, auto_threads=not dist.enabled)
     data = take_fold(load_dataset(cfg.dataset), t.folds, t.fold, cfg.dataset.split_seed)
-    task = tasks.build_task(t, cfg.dataset, data.train_y)  # one class per image, or a set of labels (multi-hot)
+    task = tasks.build_task(t, cfg.dataset, data.train_y, data.val_y)  # one class per image, or multi-hot labels
     counts = balance.class_counts(data.train_y, data.num_classes)
     class_weights = task.loss_weights(t.class_weights, counts, len(data.train_y), data.classes)
     note = (

@@ -220,9 +220,9 @@ def _nan(v: float | None) -> float:
     return float("nan") if v is None else v
 
 
-def build_task(t: TrainerConfig, d: DatasetConfig, y: torch.Tensor) -> Task:
-    """The task of a run on training labels y, with the options that do not fit it refused (config validation
-    cannot: which task a run is follows from its data)."""
+def build_task(t: TrainerConfig, d: DatasetConfig, y: torch.Tensor, val_y: torch.Tensor | None = None) -> Task:
+    """The task of a run on training labels y (and validation labels val_y), with the options that do not fit it
+    refused (config validation cannot: which task a run is follows from its data)."""
     if task_of(y) == SINGLE:
         task: Task = SingleLabel()
         if t.threshold != 0.5:
@@ -238,7 +238,14 @@ def build_task(t: TrainerConfig, d: DatasetConfig, y: torch.Tensor) -> Task:
                 "image has none or several; use trainer.class_weights=balanced (it weighs each label's "
                 "positives) with dataset.sampler=shuffle"
             )
-    task.monitor(str(t.monitor))  # refuses val/map for single-label data
+    monitor = task.monitor(str(t.monitor))  # refuses val/map for single-label data
+    if monitor.key == "map" and val_y is not None and len(val_y) and not bool(val_y.any()):
+        # The mean is over the labels with a positive to rank: with none, there is no mAP to pick a best epoch by.
+        raise UserError(
+            f"trainer.monitor={monitor.name}: none of the {len(val_y):,} validation images has any of the "
+            f"{val_y.shape[1]} labels, so their mean average precision is undefined; use trainer.monitor=val/loss, "
+            "or a validation split with positive labels"
+        )
     return task
 
 
