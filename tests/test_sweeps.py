@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import sqlite3
@@ -119,6 +120,26 @@ def _fake_job(sweep: Path, name: str, overrides: list[str], **record) -> Path:
     OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
     (job / "summary.json").write_text(json.dumps(record))
     return job
+
+
+def test_report_shows_a_multilabel_sweep_s_test_map(tmp_path):
+    """Multi-label runs have no test accuracy: their column is the test mAP, in the table and the CSV."""
+    sweep = tmp_path / "sweep"
+    for i, (lr, val, test) in enumerate([("0.1", 0.81, 0.79), ("0.01", 0.93, 0.92)]):
+        _fake_job(sweep, f"{i}_lr={lr}", [f"lr={lr}"], status="completed", best_val_map=val, test_map=test)
+    proc = run_cli(["report", str(sweep), f"csv={tmp_path / 'out.csv'}"], tmp_path, env={"COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr
+    assert "test mAP" in proc.stdout and "test acc" not in proc.stdout
+    assert re.search(r"0\.9300\s.*0\.9200", proc.stdout), proc.stdout  # the best run first, its test mAP beside it
+    rows = _read_csv(tmp_path / "out.csv")
+    assert [(r["monitor"], r["test_map"], r["test_acc"]) for r in rows] == [
+        ("val/map", "0.92", ""),
+        ("val/map", "0.79", ""),
+    ]
+    # A report over single- and multi-label runs says which figure each test cell is.
+    _fake_job(sweep, "2_lr=1", ["lr=1"], status="completed", best_val_map=0.5, test_acc=0.88)
+    proc = run_cli(["report", str(sweep)], tmp_path, env={"COLUMNS": "120"})
+    assert "mAP 0.9200" in proc.stdout and "0.8800" in proc.stdout
 
 
 def test_report_sorts_best_first_writes_csv_and_lists_unfinished_jobs(tmp_path):

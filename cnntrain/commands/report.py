@@ -21,7 +21,7 @@ HELP = """\
 usage: cnntrain report DIR [csv=FILE] [sort=metric|job|time] [figures=true]
 
 One row per job of the sweep (or runs) under DIR: the overrides that differ between jobs, the
-best validation metric (trainer.monitor) and its epoch, test accuracy, training time and status,
+best validation metric (trainer.monitor) and its epoch, test accuracy (a multi-label run's test mAP), training time and status,
 best first; trials an Optuna pruner stopped (sweep.pruner) have status "pruned". For a k-fold
 sweep (trainer.folds=K), the mean ± std of each metric across the folds. Failed jobs are listed with their error and the command that runs them again;
 unfinished ones with the command that continues them. The table is also written as CSV
@@ -63,6 +63,7 @@ class Job:
     test_macro_f1: float | None = None
     error: str = ""
     next_command: str = ""
+    test_map: float | None = None  # a multi-label run's test metric, in place of test_acc
 
 
 def _job_dirs(root: Path) -> list[Path]:
@@ -127,6 +128,7 @@ def read_job(job_dir: Path) -> Job:
         summary.get("test_balanced_acc"),
         summary.get("test_macro_f1"),
         str(summary.get("error") or ""),
+        test_map=summary.get("test_map"),
     )
     if status not in ("completed", "pruned"):  # a pruned trial was stopped on purpose: nothing to continue
         if RunDir(run_dir).last.is_file():
@@ -211,6 +213,7 @@ def write_csv(path: Path, jobs: list[Job], keys: list[str]) -> None:
         "best_epoch",
         "epochs_done",
         "test_acc",
+        "test_map",
         "test_loss",
         "train_seconds",
         "error",
@@ -233,6 +236,7 @@ def write_csv(path: Path, jobs: list[Job], keys: list[str]) -> None:
                     j.best_epoch if j.best_epoch is not None else "",
                     j.epochs_done or "",
                     _fmt(j.test_acc, ".6g"),
+                    _fmt(j.test_map, ".6g"),
                     _fmt(j.test_loss, ".6g"),
                     _fmt(j.seconds, ".2f"),
                     j.error,
@@ -274,12 +278,24 @@ def _label(job: Job, root: Path, one_sweep: bool) -> str:
     return number if one_sweep and number.isdigit() else _relative(job.job_dir, root)
 
 
-def _cells(j: Job, keys: list[str]) -> list[str]:
+def test_header(jobs: list[Job]) -> str:
+    """The test column's name: `test acc` (single-label runs), `test mAP` (multi-label runs), `test` for both."""
+    kinds = {"mAP" if j.test_acc is None else "acc" for j in jobs if j.test_acc is not None or j.test_map is not None}
+    return f"test {kinds.pop()}" if len(kinds) == 1 else "test" if kinds else "test acc"
+
+
+def _test_cell(j: Job, header: str) -> str:
+    if j.test_acc is None and j.test_map is not None:
+        return _fmt(j.test_map) if header == "test mAP" else f"mAP {_fmt(j.test_map)}"
+    return _fmt(j.test_acc)
+
+
+def _cells(j: Job, keys: list[str], header: str = "test acc") -> list[str]:
     return [
         *(_short(_value(j, k)) for k in keys),
         _fmt(j.best),
         str(j.best_epoch or ""),
-        _fmt(j.test_acc),
+        _test_cell(j, header),
         f"{j.seconds:.1f}s" if j.seconds else "",
         j.status + ("*" if j.run_dir.resolve() != j.job_dir.resolve() else ""),
     ]
@@ -301,12 +317,13 @@ def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> N
     title = f"{root}  ({len(jobs)} jobs)"
     if common:
         out.print("common overrides: " + " ".join(common))
-    shown, left_out = _fit_columns(jobs, keys, root, one_sweep, metric, out.width)
+    test = test_header(jobs)
+    shown, left_out = _fit_columns(jobs, keys, root, one_sweep, metric, out.width, test)
     if shown is None:
-        _blocks(out, title, [[_label(j, root, one_sweep), *_cells(j, keys)] for j in jobs], keys, metric)
+        _blocks(out, title, [[_label(j, root, one_sweep), *_cells(j, keys, test)] for j in jobs], keys, metric, test)
     else:
-        headers = ["job", *short_names(shown).values(), f"best {metric}", "epoch", "test acc", "time", "status"]
-        _table(out, title, headers, [[_label(j, root, one_sweep), *_cells(j, shown)] for j in jobs], len(shown))
+        headers = ["job", *short_names(shown).values(), f"best {metric}", "epoch", test, "time", "status"]
+        _table(out, title, headers, [[_label(j, root, one_sweep), *_cells(j, shown, test)] for j in jobs], len(shown))
         if left_out:
             out.print(f"not shown, to fit {out.width} columns (they are in the CSV): {', '.join(left_out)}")
     if any(j.run_dir.resolve() != j.job_dir.resolve() for j in jobs):
@@ -319,14 +336,14 @@ def render(jobs: list[Job], common: list[str], keys: list[str], root: Path) -> N
 
 
 def _fit_columns(
-    jobs: list[Job], keys: list[str], root: Path, one_sweep: bool, metric: str, width: int
+    jobs: list[Job], keys: list[str], root: Path, one_sweep: bool, metric: str, width: int, test: str
 ) -> tuple[list[str] | None, list[str]]:
     """The override columns of a table whose every cell is whole within `width`, leaving out the widest
     first; None when not even the run names and results fit (then one block per run)."""
 
     def needed(shown: list[str]) -> int:
-        headers = ["job", *short_names(shown).values(), f"best {metric}", "epoch", "test acc", "time", "status"]
-        rows = [[_label(j, root, one_sweep), *_cells(j, shown)] for j in jobs]
+        headers = ["job", *short_names(shown).values(), f"best {metric}", "epoch", test, "time", "status"]
+        rows = [[_label(j, root, one_sweep), *_cells(j, shown, test)] for j in jobs]
         widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
         return sum(widths) + 3 * len(widths) + 1
 
@@ -351,7 +368,7 @@ def _table(out: Any, title: str, headers: list[str], rows: list[list[str]], n_ke
     out.print(table)
 
 
-def _blocks(out: Any, title: str, rows: list[list[str]], keys: list[str], metric: str) -> None:
+def _blocks(out: Any, title: str, rows: list[list[str]], keys: list[str], metric: str, test_name: str) -> None:
     """Too wide for a table: each run on its own lines, the name first and whole, then its values."""
     out.print(title)
     n = len(keys)
@@ -359,7 +376,7 @@ def _blocks(out: Any, title: str, rows: list[list[str]], keys: list[str], metric
         label, values, (best, epoch, test, seconds, status) = row[0], row[1 : n + 1], row[n + 1 :]
         out.print(f"{label}")
         result = f"  {status}" + (f"  best {metric} {best}" if best else "") + (f" (epoch {epoch})" if epoch else "")
-        out.print(result + (f"  test acc {test}" if test else "") + (f"  {seconds}" if seconds else ""))
+        out.print(result + (f"  {test_name} {test}" if test else "") + (f"  {seconds}" if seconds else ""))
         if keys:
             out.print("  " + "  ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True) if v))
 
