@@ -5,7 +5,7 @@ an evaluation batch does the same. glibc serves each block above its mmap thresh
 kernel and unmaps it on free, and it hands the heap's free top back above its trim threshold. So every step
 faults its activations in again, page by page, each page zeroed by the kernel first: 13,500 page faults per
 step of the seed CNN at batch 256 (fp32), none once the memory is kept. On a 2-core Xeon that made a bare fp32
-training loop of it 1.5-1.8x faster, and evaluation at batch 500 2.7x faster.
+training loop of it 1.45-1.9x faster, and evaluation at batch 500 2.7x faster.
 
 Raising both thresholds keeps freed blocks in the process for the next step. The resident size stays at the
 step's peak instead of falling back between steps; a block above MMAP_THRESHOLD is still returned on free.
