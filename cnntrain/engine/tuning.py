@@ -214,7 +214,7 @@ def _probe(
         budget = min(BUDGET_S, BUDGET_SHARE * step_s * total_steps)
         deadline = started + budget
         # Steps each race needs at least (a first step per new candidate, then two rounds), to share the time.
-        need_layout, need_chunks = 3 * len(layout_cands) - 1, 3 * len(chunks) + 1
+        need_layout, need_chunks = 3 * len(layout_cands) - 1, 3 * len(chunks) + 2
         if layout_cands:
             now = time.perf_counter()
             share = need_layout / (need_layout + need_chunks) if need_chunks > 1 else 1.0
@@ -291,26 +291,28 @@ class _Probe:
         return seconds
 
     def race(self, cands: list[Candidate], deadline: float, step_s: float) -> dict[Candidate, float] | None:
-        """The median step time of each candidate over two to five rounds that end by the deadline, a
-        candidate's earlier warm steps counting as its first; None when two rounds would not fit (then
-        nothing is run)."""
+        """The median step time of each candidate over two to five rounds that end by the deadline; None when
+        two rounds would not fit (then nothing is run).
+
+        Every candidate is timed afresh in the same rounds, a warm one too: its steps from an earlier race were
+        taken while the process was still settling (its heap growing, the other layout's copy allocating), and
+        counting them made the whole batch look slower than chunks that it beats by 13% in training.
+        """
         cold = [c for c in cands if c not in self.warm]
-        have = {c: len(self.warm.get(c, [])) for c in cands}
-        steps = len(cold) + sum(max(0, 2 - have[c]) for c in cands)
-        if time.perf_counter() + step_s * steps > deadline:
+        if time.perf_counter() + step_s * (len(cold) + 2 * len(cands)) > deadline:
             return None
         for c in cold:
             self.time(c)
-        rounds = min(have.values())
+        start = {c: len(self.warm[c]) for c in cands}
+        rounds = 0
         while rounds < 5:
-            estimate = sum(min(self.warm[c]) for c in cands) if rounds else step_s * len(cands)
+            estimate = sum(min(self.warm[c][start[c] :]) for c in cands) if rounds else step_s * len(cands)
             if rounds >= 2 and time.perf_counter() + estimate > deadline:
                 break
             for c in cands:
-                if len(self.warm[c]) <= rounds:
-                    self.time(c)
+                self.time(c)
             rounds += 1
-        return {c: statistics.median(self.warm[c]) for c in cands}
+        return {c: statistics.median(self.warm[c][start[c] :]) for c in cands}
 
 
 def _nothing() -> None:
