@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,28 @@ def test_multilabel_csv_cells_become_multi_hot_rows(tmp_path):
     for split in (data.train_y, data.val_y, data.test_y):
         assert {tuple(r) for r in split.tolist()} == {(1.0, 1.0), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0)}
     assert {row[1] for row in data.split_rows()} == {"a|b", "-", "a", "b"}
+
+
+def test_a_csv_made_multilabel_only_by_dashes_says_so(tmp_path):
+    # A single-label CSV whose class is literally `-` would silently train per-label scores: one warning says why.
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    rows = ["path,label"]
+    for i, cell in enumerate(["cat", "-", "dog"] * 10):
+        Image.fromarray(np.full((8, 8), 8 * i, dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{cell}")
+
+    def load() -> object:
+        (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+        return load_csv(DatasetConfig(name="csv", root=str(tmp_path), file="labels.csv"))
+
+    with pytest.warns(UserWarning, match=r"labels.csv: read as multi-label .* because 10 row\(s\) have the label -"):
+        assert load().multilabel
+    rows[1] = "img/0.png,cat|dog"  # a joined cell: multi-label beyond doubt, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load().multilabel
 
 
 def test_a_custom_dataset_of_multi_hot_targets_is_multilabel():

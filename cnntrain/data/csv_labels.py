@@ -82,7 +82,16 @@ def _read_rows(path: Path, root: Path, cfg: DatasetConfig) -> tuple[_Rows, bool]
         has_split = "split" in col
         lines = list(enumerate(reader, start=2))
     # Known before any row is checked, so an empty cell is described for the kind of CSV it is in.
-    multi = rows.multi = any(col["label"] < len(row) and _is_multi(row[col["label"]].strip()) for _, row in lines)
+    cells = [row[col["label"]].strip() for _, row in lines if col["label"] < len(row)]
+    multi = rows.multi = any(_is_multi(cell) for cell in cells)
+    if multi and not any(MULTI_SEPARATOR in cell for cell in cells):
+        # Only `-` made it multi-label: that may be a class named `-` in a single-label CSV.
+        warnings.warn(
+            f"csv {path}: read as multi-label (each image scored per label, by binary cross-entropy), because "
+            f"{cells.count(NO_LABELS)} row(s) have the label {NO_LABELS}, which means 'none of the labels'; "
+            f"if {NO_LABELS} is a class of a single-label dataset, rename it",
+            stacklevel=3,
+        )
     for line, row in lines:
         if not any(cell.strip() for cell in row):
             continue  # blank line
