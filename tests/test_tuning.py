@@ -195,8 +195,7 @@ def _fake_timing(monkeypatch, seconds):
     """Step times by candidate (channels_last, micro_batch), so the choice does not depend on this machine's noise."""
 
     def fake(self, cand):
-        self.warm.setdefault(cand, [])
-        self.warm[cand].append(seconds[cand])
+        self.seen.add(cand)
         return seconds[cand]
 
     monkeypatch.setattr(tuning._Probe, "time", fake)
@@ -228,10 +227,9 @@ def test_chunks_are_raced_against_fresh_steps_of_the_whole_batch(tmp_path, cache
     settled = {(True, None): 0.010, (False, None): 0.014, (True, 32): 0.0105, (True, 16): 0.0105}
 
     def fake(self, cand):
-        chunks_timed = any(micro is not None for _, micro in self.warm)
-        seconds = settled[cand] + (0.0 if chunks_timed else 0.003)
-        self.warm.setdefault(cand, []).append(seconds)
-        return seconds
+        chunks_timed = any(micro is not None for _, micro in self.seen)
+        self.seen.add(cand)
+        return settled[cand] + (0.0 if chunks_timed else 0.003)
 
     monkeypatch.setattr(tuning._Probe, "time", fake)
     run = _build(tmp_path, "trainer.batch_size=128", "trainer.micro_batch=auto")

@@ -268,7 +268,7 @@ class _Probe:
         self.x = torch.randn((batch, *shape), generator=gen).to(device)
         self.y = step.task.random_targets(num_classes, batch, gen).to(device)
         self.steps: dict[bool, TrainStep] = {}
-        self.warm: dict[Candidate, list[float]] = {}  # step times of candidates past their first step
+        self.seen: set[Candidate] = set()  # candidates past their first step, which carries one-off set-up
 
     def time(self, cand: Candidate) -> float:
         """Seconds of one optimisation step in this layout and chunk."""
@@ -284,10 +284,7 @@ class _Probe:
         step.train(x, self.y)
         sync()
         seconds = time.perf_counter() - t
-        if cand in self.warm:
-            self.warm[cand].append(seconds)
-        else:
-            self.warm[cand] = []
+        self.seen.add(cand)
         return seconds
 
     def race(self, cands: list[Candidate], deadline: float, step_s: float) -> dict[Candidate, float] | None:
@@ -298,21 +295,19 @@ class _Probe:
         taken while the process was still settling (its heap growing, the other layout's copy allocating), and
         counting them made the whole batch look slower than chunks that it beats by 13% in training.
         """
-        cold = [c for c in cands if c not in self.warm]
+        cold = [c for c in cands if c not in self.seen]
         if time.perf_counter() + step_s * (len(cold) + 2 * len(cands)) > deadline:
             return None
         for c in cold:
             self.time(c)
-        start = {c: len(self.warm[c]) for c in cands}
-        rounds = 0
-        while rounds < 5:
-            estimate = sum(min(self.warm[c][start[c] :]) for c in cands) if rounds else step_s * len(cands)
+        samples: dict[Candidate, list[float]] = {c: [] for c in cands}
+        for rounds in range(5):
+            estimate = sum(min(s) for s in samples.values()) if rounds else step_s * len(cands)
             if rounds >= 2 and time.perf_counter() + estimate > deadline:
                 break
             for c in cands:
-                self.time(c)
-            rounds += 1
-        return {c: statistics.median(self.warm[c][start[c] :]) for c in cands}
+                samples[c].append(self.time(c))
+        return {c: statistics.median(s) for c, s in samples.items()}
 
 
 def _nothing() -> None:
