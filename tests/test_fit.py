@@ -150,6 +150,8 @@ def test_default_recipe_reaches_the_seed_accuracy(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(tmp_path)
     s = summary(run_dir)
-    assert s["test_acc"] >= 0.95, s
+    # 500 test digits: one image is 0.002. Seeds 1-10 gave 0.948-0.968, and seed 0 across precision, layout and
+    # thread count 0.956-0.964, so 0.95 failed about one trajectory in ten; a learning rate 10x off gives 0.938-0.940.
+    assert s["test_acc"] >= 0.945, s
     cfg = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "lr: 0.001" in cfg and "batch_size: 32" in cfg and "epochs: 5" in cfg
