@@ -4,7 +4,8 @@ did not make training slower.
 Each round runs the fit once with each checkout's code, in turn and in alternating order (A B, B A, ...), in
 fresh processes on the same machine, so slow drift of a shared host falls on both alike. It reports the
 training images/s of the last epoch (what `benchmarks/run.py` calls steady), the wall time of the whole
-command, and B's median as a ratio of A's. Run it on a quiet machine.
+command, and B's median as a ratio of A's. Fits run with `trainer.figures=off` unless the overrides say
+otherwise: a background drawer would still be running during the next round. Run it on a quiet machine.
 
     python benchmarks/ab.py --a ../main-before --b . --rounds 4
     python benchmarks/ab.py --a ../before --b . -- experiment=smoke trainer.epochs=3   # another fit
@@ -38,9 +39,9 @@ def main() -> None:
     for name, path in checkouts.items():
         if not (path / "cnntrain" / "__init__.py").is_file():
             ap.error(f"--{name.lower()} {path}: no cnntrain package there")
-    figures: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+    measured: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
     print(f"machine: {suite.machine()}\nfit: {' '.join(fit)}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="cnntrain-ab-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cnntrain-ab-", ignore_cleanup_errors=True) as tmp:
         for r in range(args.rounds):
             for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
                 work = Path(tmp) / f"{name}{r}"
@@ -48,17 +49,17 @@ def main() -> None:
                 # Each checkout's own code, and its own empty probe cache, as on a first run.
                 env = {"PYTHONPATH": str(checkouts[name]), "XDG_CACHE_HOME": str(work / "cache")}
                 summary, rows, wall, _ = suite.cnntrain_fit(fit, work, env=env)
-                figures[name].append((suite.steady_ips(rows), wall))
+                measured[name].append((suite.steady_ips(rows), wall))
                 # The layout/chunk probe decides per run: a different verdict explains a different figure.
                 chose = ", ".join(f"{k} {v}" for k, v in summary.get("tuning", {}).items())
                 print(
-                    f"round {r + 1} {name}: {figures[name][-1][0]:,.0f} img/s, {wall:.1f} s wall ({chose})", flush=True
+                    f"round {r + 1} {name}: {measured[name][-1][0]:,.0f} img/s, {wall:.1f} s wall ({chose})", flush=True
                 )
-    med = {n: (statistics.median(f[0] for f in v), statistics.median(f[1] for f in v)) for n, v in figures.items()}
+    med = {n: (statistics.median(f[0] for f in v), statistics.median(f[1] for f in v)) for n, v in measured.items()}
     print(f"\nA {checkouts['A']}\nB {checkouts['B']}")
     for n in ("A", "B"):
         print(
-            f"{n}: median {med[n][0]:,.0f} img/s (rounds: {', '.join(f'{f[0]:,.0f}' for f in figures[n])}), "
+            f"{n}: median {med[n][0]:,.0f} img/s (rounds: {', '.join(f'{f[0]:,.0f}' for f in measured[n])}), "
             f"median wall {med[n][1]:.1f} s"
         )
     print(f"B/A: images/s {med['B'][0] / med['A'][0]:.3f}, wall {med['B'][1] / med['A'][1]:.3f}")

@@ -138,8 +138,13 @@ def cnntrain_fit(
     seconds, peak RSS MB."""
     before = set(work.rglob("summary.json"))
     forced = [f"trainer.precision={FORCED_PRECISION[0]}"] if FORCED_PRECISION else []
+    # No figures unless asked: the default background drawer outlives the command, so it would load the machine
+    # during the next timed fit and write into a run folder the caller may already be removing.
+    quiet = [] if any(a.startswith("trainer.figures=") for a in args) else ["trainer.figures=off"]
     _, wall, rss = run(
-        [PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *args, *QUICK_DATA, *forced], cwd=work, env=env
+        [PY, "-m", "cnntrain", "fit", "trainer.progress=plain", *quiet, *args, *QUICK_DATA, *forced],
+        cwd=work,
+        env=env,
     )
     (path,) = set(work.rglob("summary.json")) - before
     with open(path.parent / "metrics.csv", newline="") as f:
