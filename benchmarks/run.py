@@ -220,7 +220,8 @@ def peer_contenders(work: Path, quick: bool) -> tuple[list[Contender], dict]:
     contenders = [
         Contender(
             "cnntrain fit experiment=fashion_fast (every default)",
-            "epoch 2 of 2, logging and display included; layout and chunk as its probe chose",
+            "epoch 2 of 2, logging and display included; layout and chunk as its probe chose; end-of-run figures "
+            "off (drawn after training, they would only load the next contender)",
             fit,
         ),
         Contender(
@@ -358,7 +359,7 @@ STARTUP = [
     ("dynamo", '`python -c "import torch, torch._dynamo"`', ["-c", "import torch, torch._dynamo"], ""),
     ("smoke", "`cnntrain fit experiment=smoke`", SMOKE, "<= 2.0x, <= 150 MB beyond torch"),
     ("smoke_end", "... `trainer.figures=end` (drawn before it returns)", [*SMOKE, "trainer.figures=end"], ""),
-    ("smoke_off", "... `trainer.figures=off` (none drawn)", [*SMOKE, "trainer.figures=off", "name=smoke_off"], ""),
+    ("smoke_off", "... `trainer.figures=off` (none drawn)", [*SMOKE, "trainer.figures=off"], ""),
     ("predict", "`cnntrain predict` one image", None, ""),
     ("help", "`cnntrain --help`", ["-m", "cnntrain", "--help"], "<= 0.5 s"),
     ("fit_help", "`cnntrain fit --help`", ["-m", "cnntrain", "fit", "--help"], "<= 0.5 s"),
@@ -372,9 +373,11 @@ def _figures_done(work: Path, timeout: float = 300) -> float:
     """Wait until no run under work has figures pending (the background drawer of trainer.figures=background
     would otherwise load the machine during the next command); seconds waited."""
     t = time.perf_counter()
-    # trainer.figures=off leaves its figures pending for `cnntrain report RUN figures=true`: nobody draws those.
+    # Only runs whose drawer was started (it logs to figures/draw.log): a run with trainer.figures=off, as every
+    # cnntrain_fit is by default, leaves its figures pending for `cnntrain report RUN figures=true` and nobody
+    # draws them.
     while (
-        any(p for p in work.rglob("figures/.pending.npz") if "smoke_off" not in p.parts)
+        any((p.parent / "draw.log").exists() for p in work.rglob("figures/.pending.npz"))
         and time.perf_counter() - t < timeout
     ):
         time.sleep(0.05)

@@ -85,16 +85,34 @@ def test_ab_compares_two_checkouts_round_by_round():
     assert "B/A: images/s" in proc.stdout
 
 
+def _suite():
+    """benchmarks/run.py as a module."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return run
+
+
 @pytest.mark.slow
 def test_a_timed_fit_leaves_no_drawer_behind(tmp_path):
     """A background figure drawer outlives its fit: it would load the next timed fit and once wrote into ab.py's
     temporary folder while it was being removed (CI failed on it). Benchmark fits draw no figures unless asked."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import run as suite
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    suite = _suite()
     summary, _, _, _ = suite.cnntrain_fit(["experiment=smoke", "trainer.epochs=1"], tmp_path)
     figures = tmp_path / summary["run_dir"] / "figures"
     assert (figures / ".pending.npz").is_file()  # left for `cnntrain report RUN figures=true`
     assert not (figures / "draw.log").exists() and not list(figures.glob("*.png"))
+
+
+def test_the_startup_section_waits_for_a_started_drawer_only(tmp_path):
+    """Figures left pending by trainer.figures=off are drawn by nobody: waiting for them cost the quick suite its
+    whole 300 s timeout. A started drawer (it logs to figures/draw.log) is waited for."""
+    suite = _suite()
+    figures = tmp_path / "runs" / "fit" / "figures"
+    figures.mkdir(parents=True)
+    (figures / ".pending.npz").write_bytes(b"")
+    assert suite._figures_done(tmp_path, timeout=30) < 5
+    (figures / "draw.log").write_bytes(b"")
+    assert suite._figures_done(tmp_path, timeout=0.5) >= 0.5
