@@ -64,9 +64,15 @@ def _faults(mode: str) -> dict:
 
 @glibc
 def test_steps_reuse_their_memory_instead_of_faulting_it_in():
-    default, kept, command = _faults("default"), _faults("set"), _faults("cli")
     first_map = 256 * 32 * 26 * 26 * 4 // 4096  # pages of the first convolution's output
-    assert default["faults"] > first_map, default  # what the settings are for
+    # What the settings are for. glibc's own mmap threshold adapts to what the process freed first, so now and
+    # then a run of the default settles where it mostly reuses memory (2 of 52 here and one in CI: 0, 2,704 and
+    # 5,376 faults a step against 10,968-16,193 in the rest): a faulting run among up to five shows the cost.
+    tries = [_faults("default")]
+    while tries[-1]["faults"] <= first_map and len(tries) < 5:
+        tries.append(_faults("default"))
+    assert tries[-1]["faults"] > first_map, tries
+    kept, command = _faults("set"), _faults("cli")
     assert kept["took"] is True
     assert kept["faults"] < first_map / 20, kept
     assert command["faults"] < first_map / 20, command
