@@ -86,14 +86,15 @@ def _minority_recall(cwd: Path, option: str) -> tuple[float, dict, str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(ROOT).is_dir(), reason=f"Fashion-MNIST is not in {ROOT}")
 def test_balanced_weights_and_sampler_raise_the_minority_recall_on_a_10_to_1_subset(tmp_path):
-    # Measured (CPU, fp32, seed 0, 2 epochs): shirt recall 0.00 unweighted, 0.42 with balanced weights,
-    # 0.55 with the balanced sampler (balanced accuracy 0.629, 0.671, 0.764).
+    # Measured (CPU, fp32, 2 epochs, seeds 0-4): shirt recall 0.00 unweighted, 0.20-0.44 with balanced weights,
+    # 0.48-0.77 with the balanced sampler; balanced accuracy 0.628-0.637, 0.640-0.691 and 0.726-0.764. The
+    # floors sit below every seed: the layout probe and a busy worker change the trajectory as a seed would.
     plain, s_plain, _ = _minority_recall(tmp_path, "trainer.class_weights=null")
     weighted, s_weighted, _ = _minority_recall(tmp_path, "trainer.class_weights=balanced")
     sampled, s_sampled, _ = _minority_recall(tmp_path, "dataset.sampler=balanced")
     assert plain < 0.1
-    assert weighted >= plain + 0.15, (plain, weighted)
+    assert weighted >= plain + 0.1, (plain, weighted)
     assert sampled >= plain + 0.3, (plain, sampled)
     assert s_weighted["class_weights"] == {"t-shirt": 0.7, "pullover": 0.7, "shirt": 7.0}  # recorded
     assert s_sampled["sampler"] == "balanced" and "class_weights" not in s_plain
-    assert s_weighted["test_balanced_acc"] > s_plain["test_balanced_acc"]
+    assert s_sampled["test_balanced_acc"] > s_plain["test_balanced_acc"] + 0.05

@@ -342,7 +342,9 @@ def test_init_project_trains_with_no_flags_and_says_which_files_replace_builtins
     proc = run_cli(["fit", "experiment=example"], proj)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = run_dirs(proj)
-    assert summary(run_dir)["status"] == "completed" and summary(run_dir)["test_acc"] > 0.8
+    # Seeds 0-7 of the example recipe: test accuracy 0.776-0.928 on the 500 test digits (chance 0.1); a floor
+    # below every trajectory, since the layout probe and a busy worker change the trajectory as a seed would.
+    assert summary(run_dir)["status"] == "completed" and summary(run_dir)["test_acc"] > 0.7
     assert "models.ExampleNet" in proc.stdout
     (proj / "configs" / "trainer").mkdir()
     (proj / "configs" / "trainer" / "default.yaml").write_text("# my trainer defaults\nbatch_size: 64\n")
