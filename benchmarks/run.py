@@ -370,8 +370,8 @@ STARTUP = [
 
 
 def _figures_done(work: Path, timeout: float = 300) -> float:
-    """Wait until no run under work has figures pending (the background drawer of trainer.figures=background
-    would otherwise load the machine during the next command); seconds waited."""
+    """Wait until no figure drawer started under work is still at work (the background drawer of
+    trainer.figures=background would otherwise load the machine during the next command); seconds waited."""
     t = time.perf_counter()
     # Only runs whose drawer was started (it logs to figures/draw.log): a run with trainer.figures=off, as every
     # cnntrain_fit is by default, leaves its figures pending for `cnntrain report RUN figures=true` and nobody
